@@ -1,0 +1,117 @@
+"""Dense-backprop estimators: give the router a gradient for experts a token did not use.
+
+- `DefaultVectors` (Default MoE, Panda et al. 2025, methods.md §1.2-1.5): a per-expert EMA of the
+  expert's routed outputs stands in for every expert a token did not compute:
+  ``y = sum_{computed} w_i E_i(x) + sum_{not computed} pi_i * ema_i``. The forward *is* changed (the
+  paper's ablation prefers it over a backward-only injection). The EMA is updated under no_grad,
+  *before* use, from this batch's routed outputs (mean, or probability-weighted mean); experts with no
+  routed rows keep their value; sums and counts are all-reduced over the data-parallel group so every
+  rank holds the same vectors; nothing is updated in eval mode. ``pi`` is the full router distribution
+  (not renormalised), as in the paper.
+- `expert_group_term` (expert-group approximation, methods.md §1.9): for a missing expert i of token x,
+  ``E_i(x) ~ mean_{j in G(x)} A[j, i]`` where ``A[j, i]`` is the mean output of expert i over this
+  batch's rows routed to i whose top-``Kg`` group contains j. ``"forward"`` mode adds the term
+  (``y + y'``); ``"backward"`` mode keeps the forward value (``y + y' - sg(y')``). Expert outputs that
+  build A are detached.
+- `dense_oracle_term`: runs *every* expert on every row; returns ``r - sg(r)`` with
+  ``r = sum_i pi_i sg(E_i(x))``. Added to the sparse output computed with *detached* combine weights,
+  the forward value stays sparse, the experts get their usual sparse gradient, and the router gets the
+  exact dense gradient ``dL/dpi_i = <dL/dy, E_i(x)>`` for all i (the upper bound the estimators
+  approximate).
+
+"Computed" means a kept slot: in capacity mode a dropped slot's expert also falls back to its default
+vector / group approximation.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from .dispatch import DispatchPlan
+
+
+def _all_reduce_(*ts: Tensor, group=None) -> None:
+    if group is not None and dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1:
+        for t in ts:
+            dist.all_reduce(t, group=group)
+
+
+def computed_mask(plan: DispatchPlan, num_rows: int, num_experts: int) -> Tensor:
+    """``[T, E]`` bool: expert e was computed for row t."""
+    m = torch.zeros(num_rows, num_experts, dtype=torch.bool, device=plan.token.device)
+    m[plan.token, plan.expert] = True
+    return m
+
+
+class DefaultVectors(nn.Module):
+    """The per-expert default vectors of one MoE layer (a buffer, saved in the state dict)."""
+
+    def __init__(self, num_experts: int, dim: int, beta: float, weighted: bool = False) -> None:
+        super().__init__()
+        self.beta, self.weighted = beta, weighted
+        self.register_buffer("vectors", torch.zeros(num_experts, dim))
+
+    @torch.no_grad()
+    def update(self, y_slots: Tensor, plan: DispatchPlan, probs: Tensor, group=None) -> None:
+        """EMA update from this batch's kept slots (``y_slots`` sorted as in ``plan``)."""
+        E, D = self.vectors.shape
+        y = y_slots.detach().float()
+        if self.weighted:
+            p = probs.detach().float()[plan.token, plan.expert]
+            sums = torch.zeros(E, D, device=y.device).index_add_(0, plan.expert, y * p.unsqueeze(-1))
+            denom = torch.zeros(E, device=y.device).index_add_(0, plan.expert, p)
+        else:
+            sums = torch.zeros(E, D, device=y.device).index_add_(0, plan.expert, y)
+            denom = plan.counts.float().clone()
+        _all_reduce_(sums, denom, group=group)
+        hit = denom > 0
+        mean = sums / denom.clamp_min(1e-12).unsqueeze(-1)
+        new = self.beta * self.vectors + (1.0 - self.beta) * mean
+        self.vectors.copy_(torch.where(hit.unsqueeze(-1), new, self.vectors))
+
+    def term(self, probs: Tensor, computed: Tensor) -> Tensor:
+        """``sum_{i not computed} pi_i * ema_i``: ``[T, D]``, differentiable w.r.t. ``probs`` only."""
+        return probs.float().masked_fill(computed, 0.0) @ self.vectors
+
+
+def expert_group_term(y_slots: Tensor, plan: DispatchPlan, probs: Tensor, computed: Tensor, group_k: int,
+                      group=None) -> Tensor:
+    """The expert-group approximation ``y'(x) = sum_{i not computed} pi_i * mean_{j in G(x)} A[j, i]``."""
+    T, E = probs.shape
+    D = y_slots.shape[-1]
+    G = probs.detach().topk(group_k, dim=-1).indices  # [T, Kg]
+    y = y_slots.detach().float()
+    sums = torch.zeros(E * E, D, device=y.device)
+    cnt = torch.zeros(E * E, device=y.device)
+    ones = torch.ones(plan.token.numel(), device=y.device)
+    for g in range(group_k):
+        key = G[plan.token, g] * E + plan.expert  # pair (j, i)
+        sums.index_add_(0, key, y)
+        cnt.index_add_(0, key, ones)
+    _all_reduce_(sums, cnt, group=group)
+    A = (sums / cnt.clamp_min(1.0).unsqueeze(-1)).view(E, E, D)  # A[j, i]
+    pm = probs.float().masked_fill(computed, 0.0)  # [T, E]
+    out = torch.zeros(T, D, device=y.device, dtype=torch.float32)
+    for g in range(group_k):
+        j = G[:, g]
+        order = torch.argsort(j, stable=True)
+        counts = torch.bincount(j, minlength=E)
+        parts = []
+        for jj, rows in zip(range(E), pm[order].split(counts.tolist())):
+            if rows.shape[0]:
+                parts.append(rows @ A[jj])
+        out = out.index_add(0, order, torch.cat(parts, 0))
+    return out / group_k
+
+
+def dense_oracle_term(experts: nn.Module, h: Tensor, probs: Tensor) -> Tensor:
+    """``r - sg(r)`` with ``r = sum_i pi_i sg(E_i(h))``: zero value, exact dense router gradient."""
+    T, E = probs.shape
+    with torch.no_grad():
+        rows = h.detach().repeat(E, 1)  # expert-major: E blocks of the T rows
+        counts = torch.full((E,), T, dtype=torch.long, device=h.device)
+        y_all = experts(rows, counts, [T] * E).float().view(E, T, -1)
+    r = torch.einsum("te,etd->td", probs.float(), y_all)
+    return r - r.detach()

@@ -1,0 +1,137 @@
+"""Experts with stacked parameters: ``w1 [E, D, H]``, ``w2 [E, H, D]`` (+ ``w3`` for SwiGLU).
+
+Two compute paths over rows already sorted by expert:
+- ``grouped``: ``torch._grouped_mm`` (one call per matrix for all experts);
+- ``loop``: one matmul per non-empty expert over contiguous row blocks.
+`expert_forward(i, h)` is the plain per-expert reference used by tests and users.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def _grouped_mm_ok(device: torch.device, dtype: torch.dtype) -> bool:
+    if not hasattr(torch, "_grouped_mm"):
+        return False
+    if device.type == "cuda":
+        # CUDA grouped GEMM needs bf16 on sm90+ in current torch; fp32 falls back to the loop
+        return dtype == torch.bfloat16 and torch.cuda.get_device_capability(device)[0] >= 9
+    return device.type == "cpu"
+
+
+class Experts(nn.Module):
+    """E independent MLPs ``D -> H -> D`` (GELU) or SwiGLU ``(silu(x W1) * x W3) W2``."""
+
+    def __init__(self, num_experts: int, dim: int, hidden: int, activation: str = "gelu", bias: bool = True,
+                 mode: str = "auto") -> None:
+        super().__init__()
+        self.num_experts, self.dim, self.hidden = num_experts, dim, hidden
+        self.activation, self.mode = activation, mode
+        self.w1 = nn.Parameter(torch.empty(num_experts, dim, hidden))
+        self.w2 = nn.Parameter(torch.empty(num_experts, hidden, dim))
+        self.w3 = nn.Parameter(torch.empty(num_experts, dim, hidden)) if activation == "swiglu" else None
+        self.b1 = nn.Parameter(torch.zeros(num_experts, hidden)) if bias else None
+        self.b2 = nn.Parameter(torch.zeros(num_experts, dim)) if bias else None
+        self.b3 = nn.Parameter(torch.zeros(num_experts, hidden)) if bias and activation == "swiglu" else None
+        self.reset_parameters()
+        for p in self.parameters():
+            p.expert = True  # marks expert-parallel parameters (not all-reduced across the expert group)
+
+    def reset_parameters(self) -> None:
+        # same distribution as nn.Linear (kaiming uniform, a=sqrt(5)) applied per expert
+        for w, fan_in in ((self.w1, self.dim), (self.w2, self.hidden), (self.w3, self.dim)):
+            if w is not None:
+                bound = 1.0 / math.sqrt(fan_in)
+                nn.init.uniform_(w, -bound, bound)
+
+    # ---------------------------------------------------------------- reference path
+    def expert_forward(self, i: int, h: Tensor) -> Tensor:
+        """Expert ``i`` applied to rows ``h [n, D]``."""
+        def lin(x, w, b):
+            y = x @ w[i].to(x.dtype)
+            return y + b[i].to(y.dtype) if b is not None else y
+
+        a = lin(h, self.w1, self.b1)
+        if self.activation == "swiglu":
+            a = F.silu(a) * lin(h, self.w3, self.b3)
+        else:
+            a = F.gelu(a)
+        return lin(a, self.w2, self.b2)
+
+    # ---------------------------------------------------------------- batched paths
+    def forward(self, x: Tensor, counts: Tensor, counts_list: list[int] | None = None) -> Tensor:
+        """Rows ``x [S, D]`` sorted by expert, ``counts [E]`` rows per expert -> ``[S, D]``."""
+        mode = self.mode
+        if mode == "auto":
+            dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+            mode = "grouped" if _grouped_mm_ok(x.device, dtype) else "loop"
+        if mode == "grouped":
+            return self._grouped(x, counts)
+        if counts_list is None:
+            counts_list = counts.tolist()
+        return self._loop(x, counts_list)
+
+    def _grouped(self, x: Tensor, counts: Tensor) -> Tensor:
+        if torch.is_autocast_enabled(x.device.type):
+            dt = torch.get_autocast_dtype(x.device.type)
+        else:
+            dt = x.dtype
+        x = x.to(dt)
+        offs = torch.cumsum(counts, 0).to(torch.int32)
+        need_bias = self.b1 is not None
+        expert_of_row = torch.repeat_interleave(torch.arange(self.num_experts, device=x.device), counts,
+                                                output_size=x.shape[0]) if need_bias else None
+
+        def lin(inp, w, b):
+            with torch.autocast(x.device.type, enabled=False):
+                y = torch._grouped_mm(inp, w.to(dt), offs)
+            if b is not None:
+                y = y + b.to(dt)[expert_of_row]
+            return y
+
+        a = lin(x, self.w1, self.b1)
+        if self.activation == "swiglu":
+            a = F.silu(a) * lin(x, self.w3, self.b3)
+        else:
+            a = F.gelu(a)
+        return lin(a.contiguous(), self.w2, self.b2)
+
+    def _loop(self, x: Tensor, counts_list: list[int]) -> Tensor:
+        out = []
+        w1, w2 = self.w1.unbind(0), self.w2.unbind(0)
+        w3 = self.w3.unbind(0) if self.w3 is not None else None
+        b1 = self.b1.unbind(0) if self.b1 is not None else None
+        b2 = self.b2.unbind(0) if self.b2 is not None else None
+        b3 = self.b3.unbind(0) if self.b3 is not None else None
+        for i, xs in enumerate(x.split(counts_list)):
+            if xs.shape[0] == 0:
+                continue
+            a = F.linear(xs, w1[i].t(), b1[i] if b1 is not None else None)
+            if w3 is not None:
+                a = F.silu(a) * F.linear(xs, w3[i].t(), b3[i] if b3 is not None else None)
+            else:
+                a = F.gelu(a)
+            out.append(F.linear(a, w2[i].t(), b2[i] if b2 is not None else None))
+        if not out:
+            return x.new_zeros(0, self.dim)
+        return torch.cat(out, 0)
+
+
+class MLP(nn.Module):
+    """A dense MLP (the shared experts): GELU or SwiGLU."""
+
+    def __init__(self, dim: int, hidden: int, activation: str = "gelu", bias: bool = True) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden, bias=bias)
+        self.fc3 = nn.Linear(dim, hidden, bias=bias) if activation == "swiglu" else None
+        self.fc2 = nn.Linear(hidden, dim, bias=bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        a = self.fc1(x)
+        a = F.silu(a) * self.fc3(x) if self.fc3 is not None else F.gelu(a)
+        return self.fc2(a)

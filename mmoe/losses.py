@@ -1,0 +1,79 @@
+"""Auxiliary router losses as pure functions of a `Routing`.
+
+All take fp32 tensors. ``group`` is an optional data-parallel process group: the expert-assignment
+fractions are all-reduced over it (no gradient flows through them), so the balance loss balances the
+*global* batch (GShard/Switch as used by Default MoE and GRIN), while the gradient flows through the
+local mean probabilities.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from .routing import Routing
+
+
+def _all_reduce(t: Tensor, group) -> Tensor:
+    if group is not None and dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1:
+        t = t.clone()
+        dist.all_reduce(t, group=group)
+    return t
+
+
+def expert_counts(indices: Tensor, num_experts: int) -> Tensor:
+    """Slots assigned to each expert (``-1`` slots ignored): ``[E]`` float."""
+    flat = indices.reshape(-1)
+    flat = flat[flat >= 0]
+    return torch.bincount(flat, minlength=num_experts).float()
+
+
+def switch_balance_loss(r: Routing, group=None) -> Tensor:
+    """GShard/Switch load-balance loss ``E * sum_e f_e * P_e``.
+
+    ``f_e`` = fraction of (valid) slots assigned to expert e before any capacity drop, over the global
+    batch when ``group`` is given; ``P_e`` = local mean routing probability. Equals 1 at perfect balance.
+    """
+    probs = r.balance_probs if r.balance_probs is not None else r.probs
+    E = probs.shape[-1]
+    counts = _all_reduce(expert_counts(r.indices, E), group)
+    f = counts / counts.sum().clamp_min(1.0)
+    return E * (f * probs.float().mean(0)).sum()
+
+
+def z_loss(r: Routing) -> Tensor:
+    """Router z-loss (ST-MoE): ``mean_t logsumexp(logits_t)^2``."""
+    return torch.logsumexp(r.logits.float(), dim=-1).pow(2).mean()
+
+
+def _cv_squared(v: Tensor) -> Tensor:
+    v = v.float()
+    if v.numel() <= 1:
+        return v.new_zeros(())
+    return v.var(unbiased=False) / v.mean().pow(2).clamp_min(1e-10)
+
+
+def importance_loss(r: Routing) -> Tensor:
+    """V-MoE importance loss: squared coefficient of variation of the summed gates per expert."""
+    return _cv_squared(r.probs.sum(0))
+
+
+def load_loss(r: Routing, top_k: int, noise_std: float) -> Tensor:
+    """V-MoE load loss: CV^2 of each expert's probability of being selected under re-sampled noise.
+
+    For token t and expert e, the threshold is the k-th largest *noisy* logit among the other experts
+    (the (k+1)-th overall when e is itself in the top k); ``P(select) = 1 - Phi((thr - clean_e)/sigma)``.
+    """
+    clean = r.clean_logits if r.clean_logits is not None else r.logits
+    noisy = r.logits
+    E = noisy.shape[-1]
+    kk = min(top_k + 1, E)
+    top = noisy.topk(kk, dim=-1).values
+    thr_in = top[:, kk - 1 : kk] if kk > top_k else top[:, -1:]  # threshold for experts in the top k
+    thr_out = top[:, top_k - 1 : top_k]  # threshold for experts outside it
+    in_top = noisy >= thr_out
+    thr = torch.where(in_top, thr_in, thr_out).detach()
+    normal = torch.distributions.Normal(0.0, 1.0)
+    p = 1.0 - normal.cdf((thr - clean) / noise_std)
+    return _cv_squared(p.sum(0))

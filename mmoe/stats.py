@@ -1,0 +1,56 @@
+"""Routing statistics over time and the expert-load heatmap."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .layer import LayerStats, routing_stats
+
+
+def expert_load_matrix(stats: dict[str, LayerStats] | nn.Module) -> tuple[list[str], torch.Tensor]:
+    """Layer names and a ``[layers, E]`` matrix of load fractions (rows sum to 1)."""
+    if isinstance(stats, nn.Module):
+        stats = routing_stats(stats)
+    if not stats:
+        raise ValueError("no routing statistics: run a forward pass through the model first")
+    names = list(stats)
+    E = max(s.tokens_per_expert.numel() for s in stats.values())
+    mat = torch.zeros(len(names), E)
+    for i, n in enumerate(names):
+        load = stats[n].load.float().cpu()
+        mat[i, : load.numel()] = load
+    return names, mat
+
+
+def plot_expert_load(stats: dict[str, LayerStats] | nn.Module, path: str | Path, title: str | None = None) -> Path:
+    """Write a heatmap PNG of expert load per layer (rows: layers, columns: experts).
+
+    Colour = fraction of the layer's routed slots that went to the expert; a perfectly balanced
+    layer is uniformly ``1/E``. Returns the path written.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names, mat = expert_load_matrix(stats)
+    L, E = mat.shape
+    fig, ax = plt.subplots(figsize=(max(4.0, min(0.25 * E + 2.5, 24.0)), max(2.0, 0.35 * L + 1.2)))
+    im = ax.imshow(mat.numpy(), aspect="auto", cmap="viridis", vmin=0.0, interpolation="nearest")
+    ax.set_xlabel("expert")
+    ax.set_yticks(range(L))
+    ax.set_yticklabels(names, fontsize=7)
+    step = max(1, E // 16)
+    ax.set_xticks(range(0, E, step))
+    cb = fig.colorbar(im, ax=ax)
+    cb.set_label(f"load fraction (balanced = 1/{E} = {1 / E:.3f})")
+    ax.set_title(title or "expert load per layer")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
