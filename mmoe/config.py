@@ -76,7 +76,8 @@ class MoEConfig:
             exact dense router gradient; computes every expert, for experiments).
         default_beta: EMA decay of the default vectors.
         default_weighted: probability-weighted EMA update (methods.md §1.3 reading (a)).
-        expert_group_k: experts per token used to group tokens (default ``top_k``).
+        expert_group_k: experts per token used to group tokens (default ``max(top_k, 2)``; with 1 the
+            table only relates an expert to itself and the approximation is zero).
         expert_group_mode: ``"forward"`` (y + y') or ``"backward"`` (y + y' - sg(y'), forward unchanged).
 
     Losses
@@ -141,7 +142,8 @@ class MoEConfig:
 
     @property
     def group_k(self) -> int:
-        return self.expert_group_k if self.expert_group_k is not None else self.top_k
+        # with top-1 routing a group of one expert holds only the token's own expert: use pairs
+        return self.expert_group_k if self.expert_group_k is not None else min(max(2, self.top_k), self.num_experts)
 
     # ------------------------------------------------------------------ validation
     def validate(self) -> None:

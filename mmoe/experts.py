@@ -32,6 +32,11 @@ class Experts(nn.Module):
         super().__init__()
         self.num_experts, self.dim, self.hidden = num_experts, dim, hidden
         self.activation, self.mode = activation, mode
+        # torch's grouped GEMM needs 16-byte aligned row strides (fp32: multiples of 4, bf16: of 8)
+        self.grouped_shapes_ok = dim % 8 == 0 and hidden % 8 == 0
+        if mode == "grouped" and not self.grouped_shapes_ok:
+            raise ValueError(f"MoEConfig.grouped_mm='grouped' needs expert dim ({dim}) and expert_hidden ({hidden}) "
+                             "to be multiples of 8; use 'auto' or 'loop'")
         self.w1 = nn.Parameter(torch.empty(num_experts, dim, hidden))
         self.w2 = nn.Parameter(torch.empty(num_experts, hidden, dim))
         self.w3 = nn.Parameter(torch.empty(num_experts, dim, hidden)) if activation == "swiglu" else None
@@ -69,7 +74,7 @@ class Experts(nn.Module):
         mode = self.mode
         if mode == "auto":
             dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
-            mode = "grouped" if _grouped_mm_ok(x.device, dtype) else "loop"
+            mode = "grouped" if self.grouped_shapes_ok and _grouped_mm_ok(x.device, dtype) else "loop"
         if mode == "grouped":
             return self._grouped(x, counts)
         if counts_list is None:

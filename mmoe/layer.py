@@ -96,7 +96,18 @@ class MoE(nn.Module):
             self.balance_bias = self.balance_load = None
         self._aux: dict[str, Tensor] = {}
         self.last_stats: LayerStats | None = None
+        # set True to keep the latest `Routing` (with its autograd graph) in `last_routing`, e.g. to read
+        # router gradients ``last_routing.probs.grad`` after ``retain_grad()`` in analyses and tests
+        self.record_routing = False
         self.last_routing: Routing | None = None
+
+    def __getstate__(self):
+        # the latest aux losses / routing hold autograd graphs: never copy or pickle them (deepcopy of a
+        # model after a forward, e.g. for an EMA teacher, must work)
+        state = self.__dict__.copy()
+        state["_aux"] = {}
+        state["last_routing"] = None
+        return state
 
     # ------------------------------------------------------------------ public helpers
     @property
@@ -166,12 +177,15 @@ class MoE(nn.Module):
         h = self.to_rows(x)  # [T, dh]
         T = h.shape[0]
         r = self._route_rows(h, t)
+        if self.record_routing:
+            self.last_routing = r
         priority = r.probs.max(-1).values if cfg.batch_prioritized else None
         plan = make_plan(r.indices, cfg.num_experts, self.capacity(T, t), priority)
         y_slots = self.experts(h[plan.token], plan.counts)  # [S, dh]
         weights = r.weights.detach() if cfg.dense_backprop == "dense_oracle" else r.weights
         y = combine(y_slots, plan, weights, T, r.scale)  # [T, dh]
-        y = y + self._dense_backprop(h, r, plan, y_slots).to(y.dtype)
+        if cfg.dense_backprop != "none":
+            y = y + self._dense_backprop(h, r, plan, y_slots).to(y.dtype)
         out = self.from_rows(y, shape)
         if self.shared is not None:
             out = out + self.shared(x.reshape(-1, cfg.dim)).reshape(shape).to(out.dtype)
@@ -200,8 +214,6 @@ class MoE(nn.Module):
     def _dense_backprop(self, h: Tensor, r: Routing, plan: DispatchPlan, y_slots: Tensor) -> Tensor:
         cfg = self.cfg
         mode = cfg.dense_backprop
-        if mode == "none":
-            return h.new_zeros(())
         T, E = r.probs.shape
         if mode == "dense_oracle":
             return dense_oracle_term(self.experts, h, r.probs)

@@ -1,0 +1,628 @@
+"""``mmoe bench layer``: one MoE layer against a dense FFN and DeepSpeed's MoE, side by side in one run.
+
+For every cell (E experts, top-k) the bench builds all variants on the same input ``x [T, dim]``:
+
+    dense             GELU MLP dim -> k*H -> dim: the active compute of a top-k MoE whose experts have hidden H
+    mmoe_dropless     mmoe.MoE(MoEConfig(dim, E, k, H))
+    mmoe_cf1.25       the same with capacity_factor=1.25 (dropped slots are counted)
+    deepspeed_cf1.25  deepspeed.moe.layer.MoE(..., capacity_factor=1.25, ep_size=1) in a gloo world of one
+
+and one overhead group at a single (E, k): plain top-k (dropless) vs MH-MoE heads=4 matched in FLOPs,
+``dense_backprop="default"`` and ``dense_backprop="expert_group"``.
+
+One measured call is forward + loss + backward, loss = ``y.float().pow(2).mean()`` plus the layer's aux
+loss; gradients are cleared (untimed) before each call. Variants of a group are measured interleaved:
+each repetition runs every variant once, rotating the order, and the reported time is the median over
+repetitions, so drift in machine load touches every variant alike and the ratios stay comparable.
+
+Peak memory is measured in a separate, untimed call per variant: on CUDA ``max_memory_allocated`` above
+what was allocated before the call; on CPU the growth of the resident set size, read from the kernel's
+high-water mark (``VmHWM``, reset through ``/proc/self/clear_refs``) or, where that reset is not allowed,
+by a thread sampling ``/proc/self/statm``. Freed heap is returned to the system (``malloc_trim``) first,
+so memory cached by an earlier call is not mistaken for headroom.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import gc
+import io
+import json
+import math
+import os
+import platform
+import socket
+import statistics
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from functools import partial
+from typing import Any, Callable
+
+import torch
+from torch import Tensor, nn
+
+from mmoe.cli import CLIError
+
+CAPACITY_FACTOR = 1.25
+DS_MIN_CAPACITY = 4
+
+DENSE = "dense"
+DROPLESS = "mmoe_dropless"
+CAPACITY = "mmoe_cf1.25"
+DEEPSPEED = "deepspeed_cf1.25"
+# overhead group
+PLAIN = "topk"
+MULTIHEAD = "mh_moe_h4_flops"
+DEFAULT_MOE = "dense_backprop_default"
+EXPERT_GROUP = "dense_backprop_expert_group"
+
+LABELS = {
+    DENSE: "dense FFN",
+    DROPLESS: "mmoe dropless",
+    CAPACITY: "mmoe cf 1.25",
+    DEEPSPEED: "DeepSpeed cf 1.25",
+    PLAIN: "top-k, dropless",
+    MULTIHEAD: "MH-MoE heads=4, FLOP-matched",
+    DEFAULT_MOE: "dense_backprop=default",
+    EXPERT_GROUP: "dense_backprop=expert_group",
+}
+
+QUICK = dict(tokens=1024, dim=128, experts=[4, 8], topk=[1, 2], repeats=2)
+FULL = dict(tokens=8192, dim=512, experts=[8, 32, 128], topk=[1, 2], repeats=5)
+
+
+@dataclass
+class LayerBenchSettings:
+    tokens: int
+    dim: int
+    expert_hidden: int
+    experts: list[int]
+    topk: list[int]
+    repeats: int
+    device: str  # "cpu" | "cuda"
+    bf16: bool = False
+    deepspeed: bool = True
+    seed: int = 0
+    json_path: str | None = None
+
+
+def layer_settings_from_args(args: argparse.Namespace) -> LayerBenchSettings:
+    """Resolve ``mmoe bench layer`` flags: explicit flags > ``--quick`` sizes > full sizes."""
+    sizes = dict(QUICK if args.quick else FULL)
+    sizes.update({name: getattr(args, name) for name in sizes if getattr(args, name) is not None})
+    settings = LayerBenchSettings(
+        **sizes,
+        expert_hidden=args.expert_hidden or 2 * sizes["dim"],
+        device=_resolve_device(args.device),
+        bf16=args.bf16,
+        deepspeed=not args.no_deepspeed,
+        seed=args.seed,
+        json_path=args.json,
+    )
+    if max(settings.topk) > min(settings.experts):
+        raise CLIError(f"--topk {max(settings.topk)} is more than --experts {min(settings.experts)}")
+    if settings.bf16 and settings.device == "cpu" and not _cpu_bf16_ok():
+        raise CLIError("--bf16 autocast is not supported on this CPU build of torch")
+    return settings
+
+
+def _resolve_device(name: str) -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise CLIError("--device cuda was asked for, but torch sees no CUDA device")
+    return name
+
+
+def _cpu_bf16_ok() -> bool:
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            torch.ones(2, 2) @ torch.ones(2, 2)
+        return True
+    except Exception:
+        return False
+
+
+def _one_line(err: BaseException) -> str:
+    text = " ".join(str(err).split()) or "(no message)"
+    return f"{type(err).__name__}: {text[:300]}"
+
+
+# ------------------------------------------------------------------------------------------------
+# Variants
+
+
+@dataclass
+class Variant:
+    """One layer under test. ``forward_loss`` runs forward + loss (the runner adds backward)."""
+
+    name: str
+    module: nn.Module | None = None
+    forward_loss: Callable[[], Tensor] | None = None
+    dropped: Callable[[], float | None] = lambda: None  # dropped-slot fraction of the latest call
+    error: str | None = None  # set -> "n/a" in the tables
+    times_s: list[float] = field(default_factory=list)
+    peak_bytes: int | None = None
+    dropped_fracs: list[float] = field(default_factory=list)
+
+    @property
+    def median_s(self) -> float | None:
+        return statistics.median(self.times_s) if self.times_s and self.error is None else None
+
+    @property
+    def peak_mib(self) -> float | None:
+        return None if self.peak_bytes is None or self.error else self.peak_bytes / 2**20
+
+    def result(self) -> dict[str, Any]:
+        ok = self.error is None and bool(self.times_s)
+        return {
+            "label": LABELS.get(self.name, self.name),
+            "error": self.error,
+            "params": sum(p.numel() for p in self.module.parameters()) if self.module is not None else None,
+            "times_ms": [t * 1e3 for t in self.times_s] if ok else [],
+            "median_ms": self.median_s * 1e3 if ok else None,
+            "min_ms": min(self.times_s) * 1e3 if ok else None,
+            "max_ms": max(self.times_s) * 1e3 if ok else None,
+            "peak_mib": self.peak_mib,
+            "dropped_frac": statistics.fmean(self.dropped_fracs) if ok and self.dropped_fracs else None,
+        }
+
+
+def _failed(name: str, err: BaseException | str) -> Variant:
+    return Variant(name, error=err if isinstance(err, str) else _one_line(err))
+
+
+def _gelu_mlp(dim: int, hidden: int) -> nn.Module:
+    return nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
+
+
+def _dense_variant(x: Tensor, hidden: int) -> Variant:
+    mlp = _gelu_mlp(x.shape[-1], hidden).to(x.device)
+    return Variant(DENSE, mlp, lambda: mlp(x).float().pow(2).mean())
+
+
+def _mmoe_variant(name: str, x: Tensor, make_config: Callable[[], Any]) -> Variant:
+    """A `mmoe.MoE` built from ``make_config()``; any failure (missing option, bad config) -> n/a."""
+    import mmoe
+
+    try:
+        moe = mmoe.MoE(make_config()).to(x.device)
+    except Exception as err:
+        return _failed(name, err)
+
+    def forward_loss() -> Tensor:
+        return moe(x).float().pow(2).mean() + mmoe.aux_loss(moe)
+
+    return Variant(name, moe, forward_loss, dropped=lambda: _mmoe_dropped_frac(moe))
+
+
+def _mmoe_dropped_frac(moe: nn.Module) -> float | None:
+    """Mean ``dropped_frac`` over the layers reported by `mmoe.routing_stats`, None if it is not there."""
+    import mmoe
+
+    try:
+        stats = mmoe.routing_stats(moe)
+    except Exception:
+        return None
+    fracs = []
+    for layer in stats.values() if isinstance(stats, dict) else ():
+        frac = layer.get("dropped_frac") if isinstance(layer, dict) else getattr(layer, "dropped_frac", None)
+        if frac is not None:
+            fracs.append(float(frac))
+    return statistics.fmean(fracs) if fracs else None
+
+
+class _DeepSpeed:
+    """DeepSpeed's MoE class, loaded once; ``error`` says in one line why it is unavailable."""
+
+    def __init__(self, device: str) -> None:
+        self.moe_class: type | None = None
+        self.error: str | None = None
+        self.version: str | None = None
+        self._owns_process_group = False
+        try:
+            self._load(device)
+        except Exception as err:
+            self.error = _one_line(err)
+
+    def _load(self, device: str) -> None:
+        if device == "cpu":
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        import torch.distributed as dist
+
+        if not dist.is_available():
+            raise RuntimeError("torch.distributed is not available in this torch build")
+        import deepspeed
+        from deepspeed.moe.layer import MoE
+
+        if not dist.is_initialized():
+            port = _free_port()
+            os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", LOCAL_RANK="0",
+                              WORLD_SIZE="1")
+            dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+            self._owns_process_group = True
+        with contextlib.redirect_stdout(io.StringIO()):  # "DeepSpeed ... op built successfully"
+            deepspeed.init_distributed(dist_backend="gloo")
+        self.moe_class, self.version = MoE, deepspeed.__version__
+
+    def variant(self, x: Tensor, num_experts: int, top_k: int, hidden: int) -> Variant:
+        if self.moe_class is None:
+            return _failed(DEEPSPEED, self.error or "DeepSpeed is not loaded")
+        try:
+            moe = self.moe_class(hidden_size=x.shape[-1], expert=_gelu_mlp(x.shape[-1], hidden),
+                                 num_experts=num_experts, ep_size=1, k=top_k, capacity_factor=CAPACITY_FACTOR,
+                                 eval_capacity_factor=CAPACITY_FACTOR, min_capacity=DS_MIN_CAPACITY).to(x.device)
+        except Exception as err:
+            return _failed(DEEPSPEED, err)
+        last_counts: list[Tensor] = []
+
+        def forward_loss() -> Tensor:
+            out, l_aux, exp_counts = moe(x)
+            last_counts[:] = [exp_counts]
+            return out.float().pow(2).mean() + l_aux
+
+        def dropped() -> float | None:
+            # DeepSpeed's exp_counts are the slots routed to each expert before the capacity cut; every
+            # gating function (top-1 RTS, top-2, top-k) then keeps min(count, capacity) per expert with
+            # capacity = max(ceil(T / E * capacity_factor * k), min_capacity).
+            if not last_counts:
+                return None
+            tokens = x.shape[0]
+            capacity = max(math.ceil(tokens / num_experts * CAPACITY_FACTOR * top_k), DS_MIN_CAPACITY)
+            over = (last_counts[0].float() - capacity).clamp_min(0).sum().item()
+            return over / (tokens * top_k)
+
+        return Variant(DEEPSPEED, moe, forward_loss, dropped)
+
+    def close(self) -> None:
+        if self._owns_process_group:
+            import torch.distributed as dist
+
+            with contextlib.suppress(Exception):
+                dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+# ------------------------------------------------------------------------------------------------
+# Measurement
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class _Runner:
+    """Runs one forward+loss+backward of a variant under the chosen precision."""
+
+    def __init__(self, x: Tensor, bf16: bool) -> None:
+        self.x = x
+        self.device = x.device
+        self.bf16 = bf16
+
+    def call(self, v: Variant) -> None:
+        assert v.forward_loss is not None and v.module is not None
+        for p in v.module.parameters():  # untimed: clear gradients so no call accumulates into another
+            p.grad = None
+        self.x.grad = None
+        _sync(self.device)
+        start = time.perf_counter()
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            loss = v.forward_loss()
+        loss.backward()
+        _sync(self.device)
+        v.times_s.append(time.perf_counter() - start)
+
+    def peak_bytes(self, v: Variant) -> int | None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            base = torch.cuda.memory_allocated(self.device)
+            self.call(v)
+            return torch.cuda.max_memory_allocated(self.device) - base
+        return _cpu_peak_rss_growth(lambda: self.call(v))
+
+
+def measure_interleaved(variants: list[Variant], runner: _Runner, repeats: int) -> None:
+    """Peak memory (one untimed call each), one warm-up round, then ``repeats`` timed rounds.
+
+    Each round runs every variant once; the order rotates by one variant per round. A variant that raises
+    is marked n/a with the reason and leaves the rounds; the others go on.
+    """
+
+    def attempt(v: Variant, fn: Callable[[], Any]) -> Any:
+        try:
+            return fn()
+        except Exception as err:
+            v.error = _one_line(err)
+            print(f"  {v.name}: n/a ({v.error})", file=sys.stderr)
+            return None
+
+    def live() -> list[Variant]:
+        return [v for v in variants if v.error is None]
+
+    for v in live():
+        v.peak_bytes = attempt(v, lambda: runner.peak_bytes(v))
+    for v in live():
+        attempt(v, lambda: runner.call(v))
+    for v in variants:
+        v.times_s.clear()
+    for r in range(repeats):
+        order = live()
+        shift = r % max(len(order), 1)
+        for v in order[shift:] + order[:shift]:
+            attempt(v, lambda: runner.call(v))
+            frac = v.dropped() if v.error is None else None  # untimed
+            if frac is not None:
+                v.dropped_fracs.append(frac)
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _hwm_bytes() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise OSError("no VmHWM in /proc/self/status")
+
+
+def _reset_hwm() -> bool:
+    """Reset the kernel's peak-RSS mark to the current RSS (Linux >= 4.0); False where not allowed."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return _hwm_bytes() <= _rss_bytes() + 2**20
+    except OSError:
+        return False
+
+
+def _malloc_trim() -> None:
+    with contextlib.suppress(Exception):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+def _cpu_peak_rss_growth(fn: Callable[[], None]) -> int | None:
+    """Peak growth of this process's resident set during ``fn()``; None without Linux /proc."""
+    if not os.path.exists("/proc/self/statm"):
+        fn()
+        return None
+    gc.collect()
+    _malloc_trim()
+    base = _rss_bytes()
+    if _reset_hwm():
+        fn()
+        return max(_hwm_bytes() - base, 0)
+    peak = base
+    stop = threading.Event()
+
+    def sample() -> None:
+        nonlocal peak
+        while not stop.is_set():
+            peak = max(peak, _rss_bytes())
+            stop.wait(0.0005)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        fn()
+    finally:
+        stop.set()
+        sampler.join()
+    return max(peak, _rss_bytes()) - base
+
+
+# ------------------------------------------------------------------------------------------------
+# The bench
+
+
+def _input(settings: LayerBenchSettings, seed: int) -> Tensor:
+    torch.manual_seed(seed)
+    return torch.randn(settings.tokens, settings.dim, device=settings.device, requires_grad=True)
+
+
+def _bench_cell(settings: LayerBenchSettings, ds: _DeepSpeed | None, num_experts: int, top_k: int,
+                seed: int) -> dict[str, Any]:
+    import mmoe
+
+    x = _input(settings, seed)
+    hidden = settings.expert_hidden
+    config = partial(mmoe.MoEConfig, dim=settings.dim, num_experts=num_experts, top_k=top_k, expert_hidden=hidden)
+    variants = [
+        _dense_variant(x, top_k * hidden),
+        _mmoe_variant(DROPLESS, x, config),
+        _mmoe_variant(CAPACITY, x, partial(config, capacity_factor=CAPACITY_FACTOR)),
+    ]
+    if ds is not None:
+        variants.append(ds.variant(x, num_experts, top_k, hidden))
+    for v in variants:
+        if v.error and v.name != DEEPSPEED:  # DeepSpeed's reason is printed once, at start
+            print(f"  {v.name}: n/a ({v.error})", file=sys.stderr)
+    measure_interleaved(variants, _Runner(x, settings.bf16), settings.repeats)
+    results = {v.name: v.result() for v in variants}
+    dense = results[DENSE]
+    for name, r in results.items():
+        r["ratio_vs_dense"] = _ratio(r["median_ms"], dense["median_ms"])
+        r["mem_ratio_vs_dense"] = _ratio(r["peak_mib"], dense["peak_mib"])
+    return {"experts": num_experts, "top_k": top_k, "dense_hidden": top_k * hidden, "variants": results}
+
+
+def _bench_overhead(settings: LayerBenchSettings, num_experts: int, top_k: int, seed: int) -> dict[str, Any]:
+    import mmoe
+
+    x = _input(settings, seed)
+    config = partial(mmoe.MoEConfig, dim=settings.dim, num_experts=num_experts, top_k=top_k,
+                     expert_hidden=settings.expert_hidden)
+
+    def multihead_config() -> Any:
+        if not hasattr(mmoe, "mh_moe_config"):
+            raise RuntimeError("mmoe.mh_moe_config is missing")
+        return mmoe.mh_moe_config(config(), heads=4, match="flops")
+
+    variants = [
+        _mmoe_variant(PLAIN, x, config),
+        _mmoe_variant(MULTIHEAD, x, multihead_config),
+        _mmoe_variant(DEFAULT_MOE, x, partial(config, dense_backprop="default")),
+        _mmoe_variant(EXPERT_GROUP, x, partial(config, dense_backprop="expert_group")),
+    ]
+    for v in variants:
+        if v.error:
+            print(f"  {v.name}: n/a ({v.error})", file=sys.stderr)
+    measure_interleaved(variants, _Runner(x, settings.bf16), settings.repeats)
+    results = {v.name: v.result() for v in variants}
+    plain = results[PLAIN]["median_ms"]
+    for r in results.values():
+        ratio = _ratio(r["median_ms"], plain)
+        r["overhead_pct"] = None if ratio is None else (ratio - 1.0) * 100.0
+    return {"experts": num_experts, "top_k": top_k, "variants": results}
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
+
+
+def run_layer_bench(settings: LayerBenchSettings) -> int:
+    """Run ``mmoe bench layer`` with resolved settings: print the tables, write JSON if asked; exit code."""
+    try:
+        import mmoe  # noqa: F401
+    except Exception as err:
+        raise CLIError(f"the mmoe core does not import: {_one_line(err)}") from err
+
+    print(_header(settings))
+    ds = None
+    if settings.deepspeed:
+        ds = _DeepSpeed(settings.device)
+        print(f"DeepSpeed {ds.version}" if ds.error is None else f"DeepSpeed: n/a ({ds.error})")
+    try:
+        cells = []
+        seed = settings.seed
+        for num_experts in settings.experts:
+            for top_k in settings.topk:
+                print(f"[bench] E={num_experts} k={top_k}", file=sys.stderr, flush=True)
+                cells.append(_bench_cell(settings, ds, num_experts, top_k, seed))
+                seed += 1
+                gc.collect()
+        oh_e = 8 if 8 in settings.experts else settings.experts[0]
+        oh_k = 2 if 2 in settings.topk else settings.topk[0]
+        print(f"[bench] overhead at E={oh_e} k={oh_k}", file=sys.stderr, flush=True)
+        overhead = _bench_overhead(settings, oh_e, oh_k, seed)
+    finally:
+        if ds is not None:
+            ds.close()
+
+    _print_tables(settings, cells, overhead)
+    if settings.json_path:
+        report = {"settings": asdict(settings), "environment": _environment(settings, ds), "cells": cells,
+                  "overhead": overhead}
+        try:
+            with open(settings.json_path, "w") as f:
+                json.dump(report, f, indent=2)
+        except OSError as err:
+            raise CLIError(f"cannot write --json {settings.json_path}: {err.strerror}") from err
+        print(f"raw numbers: {settings.json_path}")
+    return 0
+
+
+def _environment(settings: LayerBenchSettings, ds: _DeepSpeed | None) -> dict[str, Any]:
+    import mmoe
+
+    device = torch.cuda.get_device_name() if settings.device == "cuda" else platform.processor() or "cpu"
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "mmoe": getattr(mmoe, "__version__", None),
+        "deepspeed": ds.version if ds is not None else None,
+        "deepspeed_error": ds.error if ds is not None else None,
+        "device": device,
+        "torch_threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+def _header(s: LayerBenchSettings) -> str:
+    precision = "bf16 autocast" if s.bf16 else "fp32"
+    return (f"mmoe bench layer: {s.tokens} tokens, dim {s.dim}, expert hidden {s.expert_hidden}, "
+            f"E {','.join(map(str, s.experts))}, k {','.join(map(str, s.topk))}, median of {s.repeats} "
+            f"interleaved repeats, fwd+bwd, {precision}, {s.device} ({torch.get_num_threads()} threads)")
+
+
+# ------------------------------------------------------------------------------------------------
+# Output
+
+
+def _fmt(value: float | None, spec: str, suffix: str = "") -> str:
+    return "n/a" if value is None else f"{value:{spec}}{suffix}"
+
+
+def _print_tables(settings: LayerBenchSettings, cells: list[dict], overhead: dict) -> None:
+    names = [DROPLESS, CAPACITY] + ([DEEPSPEED] if settings.deepspeed else [])
+    capacity_names = {CAPACITY, DEEPSPEED}
+
+    headers = ["E", "k", "dense ms"]
+    for name in names:
+        headers.append(f"{LABELS[name]} x")
+        if name in capacity_names:
+            headers.append("dropped")
+    rows = []
+    for cell in cells:
+        v = cell["variants"]
+        row = [str(cell["experts"]), str(cell["top_k"]), _fmt(v[DENSE]["median_ms"], ".1f")]
+        for name in names:
+            row.append(_fmt(v[name]["ratio_vs_dense"], ".2f", "x"))
+            if name in capacity_names:
+                frac = v[name]["dropped_frac"]
+                row.append(_fmt(None if frac is None else 100 * frac, ".1f", "%"))
+        rows.append(row)
+    _table("fwd+bwd time: dense FFN (hidden k*H) in ms, MoE layers as ratio to it", headers, rows)
+
+    headers = ["E", "k", "dense MiB"] + [f"{LABELS[name]} MiB" for name in names]
+    rows = []
+    for cell in cells:
+        v = cell["variants"]
+        row = [str(cell["experts"]), str(cell["top_k"]), _fmt(v[DENSE]["peak_mib"], ".1f")]
+        for name in names:
+            mib, ratio = v[name]["peak_mib"], v[name]["mem_ratio_vs_dense"]
+            row.append(_fmt(mib, ".1f") + ("" if ratio is None else f" ({ratio:.2f}x)"))
+        rows.append(row)
+    _table("peak memory of one fwd+bwd (growth above the parameters)", headers, rows)
+
+    rows = []
+    for name, r in overhead["variants"].items():
+        rows.append([LABELS[name], _fmt(r["median_ms"], ".1f"), _fmt(r["overhead_pct"], "+.1f", "%"),
+                     _fmt(r["peak_mib"], ".1f")])
+    _table(f"overhead over plain top-k at E={overhead['experts']} k={overhead['top_k']} (same interleaved run)",
+           ["variant", "ms", "overhead", "peak MiB"], rows)
+
+
+def _table(title: str, headers: list[str], rows: list[list[str]]) -> None:
+    try:
+        from rich.console import Console
+        from rich.table import Table
+    except ImportError:
+        widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
+        print(f"\n{title}")
+        for line in [headers, *rows]:
+            print("  ".join(cell.rjust(w) for cell, w in zip(line, widths)))
+        return
+    table = Table(title=title, title_justify="left")
+    for i, h in enumerate(headers):
+        table.add_column(h, justify="left" if i == 0 else "right")
+    for row in rows:
+        table.add_row(*row)
+    console = Console()
+    if not console.is_terminal:  # pipes and files: do not squeeze columns to 80 characters
+        console = Console(width=200)
+    console.print(table)

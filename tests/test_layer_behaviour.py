@@ -1,0 +1,260 @@
+"""Capacity accounting, equivariance, state dicts, configuration errors, losses, balancing, stats."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import mmoe
+from mmoe import losses
+from mmoe.dispatch import make_plan
+
+
+def test_capacity_accounting_and_top1_priority():
+    # 4 tokens all want expert 0 first, expert 1 second; capacity 2 per expert
+    idx = torch.tensor([[0, 1], [0, 1], [0, 1], [0, 1]])
+    plan = make_plan(idx, num_experts=3, capacity=2)
+    assert plan.num_valid == 8 and plan.num_dropped == 4
+    assert plan.counts.tolist() == [2, 2, 0] and plan.routed.tolist() == [4, 4, 0]
+    # first choices of tokens 0,1 kept for expert 0; expert 1 takes the 2nd choices of tokens 0,1
+    assert plan.kept.tolist() == [[True, True], [True, True], [False, False], [False, False]]
+    # top-1 before top-2: expert 1 is the first choice of token 3 -> it wins over 2nd choices
+    idx = torch.tensor([[0, 1], [0, 1], [2, 1], [1, 0]])
+    plan = make_plan(idx, num_experts=3, capacity=1)
+    assert plan.kept.tolist() == [[True, False], [False, False], [True, False], [True, False]]
+    # batch priority: token 2 has the highest priority and takes expert 0
+    idx = torch.tensor([[0], [0], [0]])
+    plan = make_plan(idx, 1, capacity=1, priority=torch.tensor([0.1, 0.2, 0.9]))
+    assert plan.kept[:, 0].tolist() == [False, False, True]
+
+
+def test_dropped_fraction_reported():
+    torch.manual_seed(0)
+    moe = mmoe.MoE(mmoe.MoEConfig(dim=8, num_experts=4, top_k=2, capacity_factor=0.5))
+    moe(torch.randn(32, 8))
+    s = mmoe.routing_stats(moe)["moe"]
+    cap = math.ceil(0.5 * 32 * 2 / 4)
+    assert s.kept_per_expert.max() <= cap
+    expect = 1 - s.kept_per_expert.sum().item() / s.tokens_per_expert.sum().item()
+    assert s.dropped_frac == pytest.approx(expect) and s.dropped_frac >= 0.5
+    dropless = mmoe.MoE(mmoe.MoEConfig(dim=8, num_experts=4, top_k=2))
+    dropless(torch.randn(32, 8))
+    assert mmoe.routing_stats(dropless)["moe"].dropped_frac == 0.0
+
+
+def test_eval_capacity_factor():
+    moe = mmoe.MoE(mmoe.MoEConfig(dim=8, num_experts=4, top_k=2, capacity_factor=1.0, eval_capacity_factor=2.0))
+    assert moe.capacity(16) == 8
+    moe.eval()
+    assert moe.capacity(16) == 16
+
+
+@pytest.mark.parametrize("heads", [1, 4])
+@pytest.mark.parametrize("router", ["softmax", "xmoe", "sparsemixer"])
+def test_dropless_permutation_equivariance(router, heads):
+    torch.manual_seed(0)
+    moe = mmoe.MoE(mmoe.MoEConfig(dim=16, num_experts=8, top_k=2, router=router, heads=heads)).eval()
+    x = torch.randn(40, 16)
+    perm = torch.randperm(40)
+    torch.testing.assert_close(moe(x)[perm], moe(x[perm]), rtol=1e-5, atol=1e-6)
+
+
+def test_state_dict_round_trip_with_buffers():
+    torch.manual_seed(0)
+    cfg = mmoe.MoEConfig(dim=8, num_experts=4, top_k=2, dense_backprop="default", balance_bias_rate=0.1,
+                         num_tasks=2, router="xmoe", heads=2)
+    a = mmoe.MoE(cfg).train()
+    for _ in range(3):
+        a(torch.randn(12, 8), task=0)
+        mmoe.update_balance_bias(a)
+    a.set_top_k(3, task=1)
+    sd = a.state_dict()
+    assert {"default.vectors", "balance_bias", "balance_load", "task_top_k", "routers.0.log_tau"} <= set(sd)
+    assert sd["default.vectors"].abs().sum() > 0 and sd["balance_bias"].abs().sum() > 0
+    b = mmoe.MoE(cfg)
+    b.load_state_dict(sd)
+    for k, v in b.state_dict().items():
+        assert torch.equal(v, sd[k]), k
+    assert b.top_k(1) == 3
+    a.eval(), b.eval()
+    x = torch.randn(5, 8)
+    torch.testing.assert_close(a(x, task=1), b(x, task=1))
+
+
+@pytest.mark.parametrize(
+    "kwargs,field",
+    [
+        (dict(top_k=9), "top_k"),
+        (dict(dim=10, heads=4), "heads"),
+        (dict(router="hash"), "router"),
+        (dict(dense_backprop="ega"), "dense_backprop"),
+        (dict(activation="relu"), "activation"),
+        (dict(capacity_factor=-1.0), "capacity_factor"),
+        (dict(batch_prioritized=True), "batch_prioritized"),
+        (dict(balance_loss="vmoe"), "balance_loss"),
+        (dict(router="sparsemixer", score_func="sigmoid"), "score_func"),
+        (dict(router="expert_choice", balance_bias_rate=0.1), "balance_bias_rate"),
+        (dict(default_beta=1.0), "default_beta"),
+        (dict(num_experts=0), "num_experts"),
+        (dict(eval_capacity_factor=1.0), "eval_capacity_factor"),
+        (dict(grouped_mm="grouped", expert_hidden=6), "grouped_mm"),
+    ],
+)
+def test_bad_config_names_the_field(kwargs, field):
+    with pytest.raises(ValueError, match=field):
+        mmoe.MoE(mmoe.MoEConfig(**{"dim": 8, "num_experts": 8, **kwargs}))
+
+
+def test_replace_rejects_unknown_field():
+    with pytest.raises(ValueError, match="top_kk"):
+        mmoe.MoEConfig(dim=8).replace(top_kk=1)
+
+
+def test_non_finite_logits_raise_clear_error():
+    moe = mmoe.MoE(mmoe.MoEConfig(dim=8))
+    x = torch.randn(4, 8)
+    x[2, 3] = float("nan")
+    with pytest.raises(FloatingPointError, match="non-finite logits for 1 of 4 tokens"):
+        moe(x)
+
+
+def test_switch_loss_is_one_at_balance_and_z_loss():
+    E, T = 4, 8
+    logits = torch.zeros(T, E)
+    idx = torch.arange(T).remainder(E)[:, None]
+    r = mmoe.Routing(idx, torch.full((T, 1), 0.25), logits.softmax(-1), logits)
+    assert losses.switch_balance_loss(r).item() == pytest.approx(1.0)
+    skew = mmoe.Routing(torch.zeros(T, 1, dtype=torch.long), torch.ones(T, 1), torch.eye(E)[[0] * T], logits)
+    assert losses.switch_balance_loss(skew).item() == pytest.approx(E)
+    z = torch.randn(T, E)
+    rz = mmoe.Routing(idx, torch.ones(T, 1), z.softmax(-1), z)
+    assert losses.z_loss(rz).item() == pytest.approx((torch.logsumexp(z, -1) ** 2).mean().item())
+
+
+def test_aux_loss_collects_every_layer_and_trains_balance():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        mmoe.MoE(mmoe.MoEConfig(dim=8, num_experts=4, top_k=1, aux_loss_weight=1.0)),
+        mmoe.MoE(mmoe.MoEConfig(dim=8, num_experts=4, top_k=1, aux_loss_weight=1.0, z_loss_weight=0.1)),
+    )
+    for m in model:  # start from a skewed router
+        m.router.weight.data[0] += 2.0
+    x = torch.randn(64, 8) + 1.0
+    model(x)
+    total = mmoe.aux_loss(model)
+    assert total.item() == pytest.approx(sum(m.aux_loss().item() for m in model))
+    assert set(mmoe.routing_stats(model)) == {"0", "1"} and "z" in model[1].last_stats.aux
+    first = model[0].aux_loss().item()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    for _ in range(50):
+        opt.zero_grad()
+        model(x)
+        mmoe.aux_loss(model).backward()
+        opt.step()
+    model(x)
+    assert model[0].aux_loss().item() < first
+
+
+def test_vmoe_losses_are_differentiable():
+    torch.manual_seed(0)
+    moe = mmoe.MoE(mmoe.MoEConfig(dim=8, num_experts=4, top_k=2, router_noise_std=0.25, balance_loss="vmoe")).train()
+    moe(torch.randn(32, 8))
+    assert set(moe.last_stats.aux) == {"importance", "load"}
+    moe.aux_loss().backward()
+    assert moe.router.weight.grad.abs().sum() > 0
+
+
+def test_aux_loss_free_bias_balances_load():
+    torch.manual_seed(0)
+    moe = mmoe.MoE(mmoe.MoEConfig(dim=8, num_experts=4, top_k=1, balance_bias_rate=0.002, aux_loss_weight=0.0)).train()
+    moe.router.weight.data[0] += 1.5
+    x = torch.randn(256, 8)
+    moe(x)
+    skew0 = moe.last_stats.load.max().item()
+    w0 = moe.router.weight.detach().clone()
+    for _ in range(300):
+        moe(x)
+        mmoe.update_balance_bias(moe)
+    moe(x)
+    assert torch.equal(moe.router.weight, w0)  # only the selection bias moved
+    assert skew0 > 0.45 and moe.last_stats.load.max().item() < 0.32
+    # the bias changes selection only: weights are the unbiased probabilities
+    r = moe.route(x)
+    torch.testing.assert_close(r.weights, r.probs.gather(-1, r.indices))
+
+
+def test_expert_choice_capacity():
+    torch.manual_seed(0)
+    moe = mmoe.MoE(mmoe.MoEConfig(dim=8, num_experts=4, top_k=2, router="expert_choice", capacity_factor=1.0))
+    r = moe.route(torch.randn(10, 8))
+    counts = torch.bincount(r.indices[r.indices >= 0], minlength=4)
+    assert counts.tolist() == [5, 5, 5, 5]  # ceil(1.0 * 10 * 2 / 4)
+
+
+def test_mh_moe_activation_stat():
+    torch.manual_seed(0)
+    cfg = mmoe.MoEConfig(dim=16, num_experts=8, top_k=1, heads=4)
+    moe = mmoe.MoE(cfg)
+    x = torch.randn(20, 16)
+    moe(x)
+    r = moe.route(x)
+    sub = r.indices.view(20, 4)
+    want = sum(len(set(row.tolist())) for row in sub) / 20 / 8
+    assert moe.last_stats.activation == pytest.approx(want)
+    assert 1 / 8 < moe.last_stats.activation <= 4 / 8
+    p = r.probs.detach()
+    assert moe.last_stats.entropy == pytest.approx(float(-(p * p.log()).sum(-1).mean()), rel=1e-5)
+
+
+def test_plot_expert_load(tmp_path):
+    model = torch.nn.Sequential(*[mmoe.MoE(mmoe.MoEConfig(dim=8, num_experts=6, top_k=2)) for _ in range(3)])
+    model(torch.randn(30, 8))
+    names, mat = mmoe.expert_load_matrix(model)
+    assert names == ["0", "1", "2"] and mat.shape == (3, 6)
+    torch.testing.assert_close(mat.sum(1), torch.ones(3))
+    path = mmoe.plot_expert_load(model, tmp_path / "load.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 1000
+    with pytest.raises(ValueError, match="forward"):
+        mmoe.plot_expert_load(torch.nn.Sequential(mmoe.MoE(mmoe.MoEConfig(dim=8))), tmp_path / "x.png")
+
+
+def test_mh_moe_sizing_reproduces_paper_configs():
+    base = mmoe.MoEConfig(dim=768, num_experts=8, top_k=1, expert_hidden=2048, activation="swiglu")
+    h2 = mmoe.mh_moe_config(base, heads=2, match="flops")
+    assert (h2.expert_hidden, h2.top_k, h2.num_experts) == (768, 2, 40)
+    h3 = mmoe.mh_moe_config(base, heads=3, match="flops")
+    assert (h3.expert_hidden, h3.top_k, h3.num_experts) == (512, 3, 96)
+    c0, c3 = mmoe.moe_cost(base), mmoe.moe_cost(h3)
+    assert c3["macs_per_token"] == c0["macs_per_token"]
+    assert abs(c3["params"] - c0["params"]) / c0["params"] < 0.05
+    hp = mmoe.mh_moe_config(base, heads=4, match="params")
+    cp = mmoe.moe_cost(hp)
+    assert (hp.num_experts, hp.top_k) == (8, 1)
+    assert abs(cp["params"] - c0["params"]) / c0["params"] < 0.01
+    assert cp["macs_per_token"] > 3 * c0["macs_per_token"]  # v1 regime: ~h x the FLOPs
+
+
+def test_bf16_autocast_router_in_fp32():
+    torch.manual_seed(0)
+    for heads in (1, 2):
+        moe = mmoe.MoE(mmoe.MoEConfig(dim=16, num_experts=4, top_k=2, heads=heads, dense_backprop="default"))
+        moe.record_routing = True
+        x = torch.randn(3, 8, 16)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = moe(x)
+        assert moe.last_routing.logits.dtype == torch.float32
+        (y.float().sum() + mmoe.aux_loss(moe)).backward()
+        ref = moe.eval()(x)
+        assert (y.float() - ref).abs().max() < 0.1 * ref.abs().max()
+        assert moe.experts.w1.grad is not None and torch.isfinite(moe.experts.w1.grad).all()
+
+
+def test_deepcopy_after_forward():
+    import copy
+
+    moe = mmoe.MoE(mmoe.MoEConfig(dim=8))
+    moe(torch.randn(4, 8))
+    twin = copy.deepcopy(moe)
+    assert torch.equal(twin.experts.w1, moe.experts.w1) and twin.aux_loss().item() == 0.0
