@@ -24,6 +24,21 @@ def _grouped_mm_ok(device: torch.device, dtype: torch.dtype) -> bool:
     return device.type == "cpu"
 
 
+class _ExpertBias(torch.autograd.Function):
+    """``y + b[expert of row]`` for rows sorted by expert; the bias gradient is a segment sum (no scatter)."""
+
+    @staticmethod
+    def forward(ctx, y: Tensor, b: Tensor, counts: Tensor) -> Tensor:
+        ctx.save_for_backward(counts)
+        return y + torch.repeat_interleave(b.to(y.dtype), counts, dim=0, output_size=y.shape[0])
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        (counts,) = ctx.saved_tensors
+        gb = torch.segment_reduce(g.float(), "sum", lengths=counts, axis=0, unsafe=True)
+        return g, gb, None
+
+
 class Experts(nn.Module):
     """E independent MLPs ``D -> H -> D`` (GELU) or SwiGLU ``(silu(x W1) * x W3) W2``."""
 
@@ -88,16 +103,11 @@ class Experts(nn.Module):
             dt = x.dtype
         x = x.to(dt)
         offs = torch.cumsum(counts, 0).to(torch.int32)
-        need_bias = self.b1 is not None
-        expert_of_row = torch.repeat_interleave(torch.arange(self.num_experts, device=x.device), counts,
-                                                output_size=x.shape[0]) if need_bias else None
 
         def lin(inp, w, b):
             with torch.autocast(x.device.type, enabled=False):
                 y = torch._grouped_mm(inp, w.to(dt), offs)
-            if b is not None:
-                y = y + b.to(dt)[expert_of_row]
-            return y
+            return _ExpertBias.apply(y, b, counts) if b is not None else y
 
         a = lin(x, self.w1, self.b1)
         if self.activation == "swiglu":

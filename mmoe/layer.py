@@ -181,7 +181,7 @@ class MoE(nn.Module):
             self.last_routing = r
         priority = r.probs.max(-1).values if cfg.batch_prioritized else None
         plan = make_plan(r.indices, cfg.num_experts, self.capacity(T, t), priority)
-        y_slots = self.experts(h[plan.token], plan.counts)  # [S, dh]
+        y_slots = self.experts(h.index_select(0, plan.token), plan.counts)  # [S, dh]
         weights = r.weights.detach() if cfg.dense_backprop == "dense_oracle" else r.weights
         y = combine(y_slots, plan, weights, T, r.scale)  # [T, dh]
         if cfg.dense_backprop != "none":
