@@ -7,7 +7,7 @@ For every cell (E experts, top-k) the bench builds all variants on the same inpu
     mmoe_cf1.25       the same with capacity_factor=1.25 (dropped slots are counted)
     deepspeed_cf1.25  deepspeed.moe.layer.MoE(..., capacity_factor=1.25, ep_size=1) in a gloo world of one
 
-and one overhead group at a single (E, k): plain top-k (dropless) vs MH-MoE heads=4 matched in FLOPs,
+and one overhead group at a single (E, k): plain top-k (dropless) vs MH-MoE (--heads, default 2) matched in FLOPs,
 ``dense_backprop="default"`` and ``dense_backprop="expert_group"``.
 
 One measured call is forward + loss + backward, loss = ``y.float().pow(2).mean()`` plus the layer's aux
@@ -30,6 +30,7 @@ import ctypes
 import gc
 import io
 import json
+import logging
 import math
 import os
 import platform
@@ -45,7 +46,8 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
-from mmoe.cli import CLIError
+import mmoe
+from mmoe.cli import BENCH_LAYER_FULL, BENCH_LAYER_QUICK, CLIError
 
 CAPACITY_FACTOR = 1.25
 DS_MIN_CAPACITY = 4
@@ -66,13 +68,10 @@ LABELS = {
     CAPACITY: "mmoe cf 1.25",
     DEEPSPEED: "DeepSpeed cf 1.25",
     PLAIN: "top-k, dropless",
-    MULTIHEAD: "MH-MoE heads=4, FLOP-matched",
+    MULTIHEAD: "MH-MoE, FLOP-matched",
     DEFAULT_MOE: "dense_backprop=default",
     EXPERT_GROUP: "dense_backprop=expert_group",
 }
-
-QUICK = dict(tokens=1024, dim=128, experts=[4, 8], topk=[1, 2], repeats=2)
-FULL = dict(tokens=8192, dim=512, experts=[8, 32, 128], topk=[1, 2], repeats=5)
 
 
 @dataclass
@@ -87,12 +86,14 @@ class LayerBenchSettings:
     bf16: bool = False
     deepspeed: bool = True
     seed: int = 0
+    threads: int | None = None  # torch intra-op threads; None keeps torch's default
     json_path: str | None = None
+    heads: int = 2  # MH-MoE heads of the FLOP-matched overhead row (MH-MoE v2's smallest config)
 
 
 def layer_settings_from_args(args: argparse.Namespace) -> LayerBenchSettings:
     """Resolve ``mmoe bench layer`` flags: explicit flags > ``--quick`` sizes > full sizes."""
-    sizes = dict(QUICK if args.quick else FULL)
+    sizes = dict(BENCH_LAYER_QUICK if args.quick else BENCH_LAYER_FULL)
     sizes.update({name: getattr(args, name) for name in sizes if getattr(args, name) is not None})
     settings = LayerBenchSettings(
         **sizes,
@@ -101,12 +102,14 @@ def layer_settings_from_args(args: argparse.Namespace) -> LayerBenchSettings:
         bf16=args.bf16,
         deepspeed=not args.no_deepspeed,
         seed=args.seed,
+        threads=args.threads,
         json_path=args.json,
+        heads=args.heads,
     )
+    if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
+        raise CLIError(f"--json {args.json}: its folder does not exist")
     if max(settings.topk) > min(settings.experts):
         raise CLIError(f"--topk {max(settings.topk)} is more than --experts {min(settings.experts)}")
-    if settings.bf16 and settings.device == "cpu" and not _cpu_bf16_ok():
-        raise CLIError("--bf16 autocast is not supported on this CPU build of torch")
     return settings
 
 
@@ -116,15 +119,6 @@ def _resolve_device(name: str) -> str:
     if name == "cuda" and not torch.cuda.is_available():
         raise CLIError("--device cuda was asked for, but torch sees no CUDA device")
     return name
-
-
-def _cpu_bf16_ok() -> bool:
-    try:
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            torch.ones(2, 2) @ torch.ones(2, 2)
-        return True
-    except Exception:
-        return False
 
 
 def _one_line(err: BaseException) -> str:
@@ -187,8 +181,6 @@ def _dense_variant(x: Tensor, hidden: int) -> Variant:
 
 def _mmoe_variant(name: str, x: Tensor, make_config: Callable[[], Any]) -> Variant:
     """A `mmoe.MoE` built from ``make_config()``; any failure (missing option, bad config) -> n/a."""
-    import mmoe
-
     try:
         moe = mmoe.MoE(make_config()).to(x.device)
     except Exception as err:
@@ -202,8 +194,6 @@ def _mmoe_variant(name: str, x: Tensor, make_config: Callable[[], Any]) -> Varia
 
 def _mmoe_dropped_frac(moe: nn.Module) -> float | None:
     """Mean ``dropped_frac`` over the layers reported by `mmoe.routing_stats`, None if it is not there."""
-    import mmoe
-
     try:
         stats = mmoe.routing_stats(moe)
     except Exception:
@@ -245,8 +235,15 @@ class _DeepSpeed:
                               WORLD_SIZE="1")
             dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
             self._owns_process_group = True
-        with contextlib.redirect_stdout(io.StringIO()):  # "DeepSpeed ... op built successfully"
-            deepspeed.init_distributed(dist_backend="gloo")
+        # DeepSpeed builds a CPU comm op here and says so on stdout; torch warns about CUDA_HOME on the way.
+        build_log = logging.getLogger("torch.utils.cpp_extension")
+        level = build_log.level
+        build_log.setLevel(logging.ERROR)
+        try:
+            with contextlib.redirect_stdout(io.StringIO()):
+                deepspeed.init_distributed(dist_backend="gloo")
+        finally:
+            build_log.setLevel(level)
         self.moe_class, self.version = MoE, deepspeed.__version__
 
     def variant(self, x: Tensor, num_experts: int, top_k: int, hidden: int) -> Variant:
@@ -310,17 +307,21 @@ class _Runner:
         self.bf16 = bf16
 
     def call(self, v: Variant) -> None:
+        """One timed call. Gradients are freed after it (untimed), so that no call accumulates into
+        another and every call, the memory pass included, starts from the parameters alone."""
         assert v.forward_loss is not None and v.module is not None
-        for p in v.module.parameters():  # untimed: clear gradients so no call accumulates into another
-            p.grad = None
-        self.x.grad = None
         _sync(self.device)
         start = time.perf_counter()
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-            loss = v.forward_loss()
-        loss.backward()
-        _sync(self.device)
-        v.times_s.append(time.perf_counter() - start)
+        try:
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+                loss = v.forward_loss()
+            loss.backward()
+            _sync(self.device)
+            v.times_s.append(time.perf_counter() - start)
+        finally:
+            for p in v.module.parameters():
+                p.grad = None
+            self.x.grad = None
 
     def peak_bytes(self, v: Variant) -> int | None:
         if self.device.type == "cuda":
@@ -333,10 +334,12 @@ class _Runner:
 
 
 def measure_interleaved(variants: list[Variant], runner: _Runner, repeats: int) -> None:
-    """Peak memory (one untimed call each), one warm-up round, then ``repeats`` timed rounds.
+    """A warm-up round, peak memory (one call each), a second warm-up round, then ``repeats`` timed rounds.
 
-    Each round runs every variant once; the order rotates by one variant per round. A variant that raises
-    is marked n/a with the reason and leaves the rounds; the others go on.
+    The first warm-up takes one-time allocations and lazy initialisation out of the memory numbers; the
+    second faults back in the heap that the memory pass returned to the system. Each round runs every
+    variant once, the order rotating by one variant per round. A variant that raises is marked n/a with
+    the reason and leaves the rounds; the others go on.
     """
 
     def attempt(v: Variant, fn: Callable[[], Any]) -> Any:
@@ -350,6 +353,8 @@ def measure_interleaved(variants: list[Variant], runner: _Runner, repeats: int) 
     def live() -> list[Variant]:
         return [v for v in variants if v.error is None]
 
+    for v in live():
+        attempt(v, lambda: runner.call(v))
     for v in live():
         v.peak_bytes = attempt(v, lambda: runner.peak_bytes(v))
     for v in live():
@@ -433,10 +438,17 @@ def _input(settings: LayerBenchSettings, seed: int) -> Tensor:
     return torch.randn(settings.tokens, settings.dim, device=settings.device, requires_grad=True)
 
 
+def _measure_group(variants: list[Variant], x: Tensor, settings: LayerBenchSettings) -> dict[str, dict[str, Any]]:
+    """Measure variants that share the input ``x`` interleaved; their results by name."""
+    for v in variants:
+        if v.error and v.name != DEEPSPEED:  # DeepSpeed's reason is printed once, at start
+            print(f"  {v.name}: n/a ({v.error})", file=sys.stderr)
+    measure_interleaved(variants, _Runner(x, settings.bf16), settings.repeats)
+    return {v.name: v.result() for v in variants}
+
+
 def _bench_cell(settings: LayerBenchSettings, ds: _DeepSpeed | None, num_experts: int, top_k: int,
                 seed: int) -> dict[str, Any]:
-    import mmoe
-
     x = _input(settings, seed)
     hidden = settings.expert_hidden
     config = partial(mmoe.MoEConfig, dim=settings.dim, num_experts=num_experts, top_k=top_k, expert_hidden=hidden)
@@ -447,21 +459,15 @@ def _bench_cell(settings: LayerBenchSettings, ds: _DeepSpeed | None, num_experts
     ]
     if ds is not None:
         variants.append(ds.variant(x, num_experts, top_k, hidden))
-    for v in variants:
-        if v.error and v.name != DEEPSPEED:  # DeepSpeed's reason is printed once, at start
-            print(f"  {v.name}: n/a ({v.error})", file=sys.stderr)
-    measure_interleaved(variants, _Runner(x, settings.bf16), settings.repeats)
-    results = {v.name: v.result() for v in variants}
+    results = _measure_group(variants, x, settings)
     dense = results[DENSE]
-    for name, r in results.items():
+    for r in results.values():
         r["ratio_vs_dense"] = _ratio(r["median_ms"], dense["median_ms"])
         r["mem_ratio_vs_dense"] = _ratio(r["peak_mib"], dense["peak_mib"])
     return {"experts": num_experts, "top_k": top_k, "dense_hidden": top_k * hidden, "variants": results}
 
 
 def _bench_overhead(settings: LayerBenchSettings, num_experts: int, top_k: int, seed: int) -> dict[str, Any]:
-    import mmoe
-
     x = _input(settings, seed)
     config = partial(mmoe.MoEConfig, dim=settings.dim, num_experts=num_experts, top_k=top_k,
                      expert_hidden=settings.expert_hidden)
@@ -469,7 +475,7 @@ def _bench_overhead(settings: LayerBenchSettings, num_experts: int, top_k: int, 
     def multihead_config() -> Any:
         if not hasattr(mmoe, "mh_moe_config"):
             raise RuntimeError("mmoe.mh_moe_config is missing")
-        return mmoe.mh_moe_config(config(), heads=4, match="flops")
+        return mmoe.mh_moe_config(config(), heads=settings.heads, match="flops")
 
     variants = [
         _mmoe_variant(PLAIN, x, config),
@@ -477,11 +483,7 @@ def _bench_overhead(settings: LayerBenchSettings, num_experts: int, top_k: int, 
         _mmoe_variant(DEFAULT_MOE, x, partial(config, dense_backprop="default")),
         _mmoe_variant(EXPERT_GROUP, x, partial(config, dense_backprop="expert_group")),
     ]
-    for v in variants:
-        if v.error:
-            print(f"  {v.name}: n/a ({v.error})", file=sys.stderr)
-    measure_interleaved(variants, _Runner(x, settings.bf16), settings.repeats)
-    results = {v.name: v.result() for v in variants}
+    results = _measure_group(variants, x, settings)
     plain = results[PLAIN]["median_ms"]
     for r in results.values():
         ratio = _ratio(r["median_ms"], plain)
@@ -495,11 +497,8 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 
 def run_layer_bench(settings: LayerBenchSettings) -> int:
     """Run ``mmoe bench layer`` with resolved settings: print the tables, write JSON if asked; exit code."""
-    try:
-        import mmoe  # noqa: F401
-    except Exception as err:
-        raise CLIError(f"the mmoe core does not import: {_one_line(err)}") from err
-
+    if settings.threads is not None:
+        torch.set_num_threads(settings.threads)
     print(_header(settings))
     ds = None
     if settings.deepspeed:
@@ -536,8 +535,6 @@ def run_layer_bench(settings: LayerBenchSettings) -> int:
 
 
 def _environment(settings: LayerBenchSettings, ds: _DeepSpeed | None) -> dict[str, Any]:
-    import mmoe
-
     device = torch.cuda.get_device_name() if settings.device == "cuda" else platform.processor() or "cpu"
     return {
         "python": platform.python_version(),
@@ -556,7 +553,7 @@ def _header(s: LayerBenchSettings) -> str:
     precision = "bf16 autocast" if s.bf16 else "fp32"
     return (f"mmoe bench layer: {s.tokens} tokens, dim {s.dim}, expert hidden {s.expert_hidden}, "
             f"E {','.join(map(str, s.experts))}, k {','.join(map(str, s.topk))}, median of {s.repeats} "
-            f"interleaved repeats, fwd+bwd, {precision}, {s.device} ({torch.get_num_threads()} threads)")
+            f"interleaved repeats, fwd+bwd, {precision}, {s.device}, torch threads {torch.get_num_threads()}")
 
 
 # ------------------------------------------------------------------------------------------------

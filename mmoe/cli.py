@@ -17,6 +17,10 @@ from typing import Callable, NamedTuple, NoReturn, Sequence
 
 PROG = "mmoe"
 
+# `mmoe bench layer` sizes: the full run and --quick (explicit flags override either).
+BENCH_LAYER_FULL = dict(tokens=8192, dim=512, experts=[8, 32, 128], topk=[1, 2], repeats=5)
+BENCH_LAYER_QUICK = dict(tokens=1024, dim=128, experts=[4, 8], topk=[1, 2], repeats=2)
+
 
 class CLIError(Exception):
     """A mistake or missing prerequisite on the user's side; printed as one line, exit status 1."""
@@ -60,7 +64,12 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _csv(values: list[int]) -> str:
+    return ",".join(map(str, values))
+
+
 def _add_bench_args(parser: argparse.ArgumentParser) -> None:
+    full, quick = BENCH_LAYER_FULL, BENCH_LAYER_QUICK
     targets = parser.add_subparsers(dest="target", metavar="TARGET", required=True, parser_class=_Parser)
     layer = targets.add_parser(
         "layer",
@@ -72,18 +81,26 @@ def _add_bench_args(parser: argparse.ArgumentParser) -> None:
         "over plain top-k at one setting.",
     )
     layer.add_argument("--quick", action="store_true",
-                       help="small run: --tokens 1024 --dim 128 --experts 4,8 --topk 1,2 --repeats 2")
-    layer.add_argument("--experts", type=_int_list, metavar="E,E,..", help="expert counts (default 8,32,128)")
-    layer.add_argument("--topk", type=_int_list, metavar="K,K,..", help="experts per token (default 1,2)")
-    layer.add_argument("--tokens", type=_positive_int, help="tokens per batch (default 8192)")
-    layer.add_argument("--dim", type=_positive_int, help="model width (default 512)")
+                       help=f"small run: --tokens {quick['tokens']} --dim {quick['dim']} --experts "
+                       f"{_csv(quick['experts'])} --topk {_csv(quick['topk'])} --repeats {quick['repeats']}")
+    layer.add_argument("--experts", type=_int_list, metavar="E,E,..",
+                       help=f"expert counts (default {_csv(full['experts'])})")
+    layer.add_argument("--topk", type=_int_list, metavar="K,K,..",
+                       help=f"experts per token (default {_csv(full['topk'])})")
+    layer.add_argument("--tokens", type=_positive_int, help=f"tokens per batch (default {full['tokens']})")
+    layer.add_argument("--dim", type=_positive_int, help=f"model width (default {full['dim']})")
     layer.add_argument("--expert-hidden", type=_positive_int, metavar="H",
                        help="hidden width of one expert (default 2*dim); the dense FFN gets k*H")
-    layer.add_argument("--repeats", type=_positive_int, metavar="N", help="timed repetitions (default 5)")
+    layer.add_argument("--repeats", type=_positive_int, metavar="N",
+                       help=f"timed repetitions (default {full['repeats']})")
     layer.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                        help="where to run (default: cuda if available, else cpu)")
     layer.add_argument("--bf16", action="store_true", help="run forward and loss under bf16 autocast")
     layer.add_argument("--no-deepspeed", action="store_true", help="leave DeepSpeed's MoE out")
+    layer.add_argument("--threads", type=_positive_int, metavar="N",
+                       help="torch intra-op threads (default: torch's own choice)")
+    layer.add_argument("--heads", type=_positive_int, default=2,
+                       help="MH-MoE heads of the FLOP-matched overhead row (default 2)")
     layer.add_argument("--seed", type=int, default=0, help="seed for weights and inputs (default 0)")
     layer.add_argument("--json", metavar="PATH", help="also write every raw number to this JSON file")
 

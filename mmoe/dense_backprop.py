@@ -110,7 +110,7 @@ def dense_oracle_term(experts: nn.Module, h: Tensor, probs: Tensor) -> Tensor:
     """``r - sg(r)`` with ``r = sum_i pi_i sg(E_i(h))``: zero value, exact dense router gradient."""
     T, E = probs.shape
     with torch.no_grad():
-        rows = h.detach().repeat(E, 1)  # expert-major: E blocks of the T rows
+        rows = h.detach().to(experts.w1.dtype).repeat(E, 1)  # expert-major: E blocks of the T rows
         counts = torch.full((E,), T, dtype=torch.long, device=h.device)
         y_all = experts(rows, counts, [T] * E).float().view(E, T, -1)
     r = torch.einsum("te,etd->td", probs.float(), y_all)

@@ -185,7 +185,8 @@ class MoE(nn.Module):
         weights = r.weights.detach() if cfg.dense_backprop == "dense_oracle" else r.weights
         y = combine(y_slots, plan, weights, T, r.scale)  # [T, dh]
         if cfg.dense_backprop != "none":
-            y = y + self._dense_backprop(h, r, plan, y_slots).to(y.dtype)
+            with torch.autocast(h.device.type, enabled=False):  # estimator math in fp32
+                y = y + self._dense_backprop(h, r, plan, y_slots).to(y.dtype)
         out = self.from_rows(y, shape)
         if self.shared is not None:
             out = out + self.shared(x.reshape(-1, cfg.dim)).reshape(shape).to(out.dtype)

@@ -236,10 +236,11 @@ def test_mh_moe_sizing_reproduces_paper_configs():
     assert cp["macs_per_token"] > 3 * c0["macs_per_token"]  # v1 regime: ~h x the FLOPs
 
 
-def test_bf16_autocast_router_in_fp32():
+@pytest.mark.parametrize("estimator", ["none", "default", "expert_group", "dense_oracle"])
+def test_bf16_autocast_router_in_fp32(estimator):
     torch.manual_seed(0)
     for heads in (1, 2):
-        moe = mmoe.MoE(mmoe.MoEConfig(dim=16, num_experts=4, top_k=2, heads=heads, dense_backprop="default"))
+        moe = mmoe.MoE(mmoe.MoEConfig(dim=16, num_experts=4, top_k=2, heads=heads, dense_backprop=estimator))
         moe.record_routing = True
         x = torch.randn(3, 8, 16)
         with torch.autocast("cpu", dtype=torch.bfloat16):

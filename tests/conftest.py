@@ -1,0 +1,17 @@
+"""Shared test setup: DeepSpeed on its CPU accelerator, and a fixed torch seed for every test."""
+
+from __future__ import annotations
+
+import os
+
+# Before anything imports deepspeed: without a GPU it would otherwise probe for one and warn.
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _seed_torch() -> None:
+    """Every test starts from the same torch RNG state, whatever ran before it."""
+    torch.manual_seed(0)

@@ -1,0 +1,79 @@
+"""The ``mmoe`` command line: help, one-line errors, and a tiny ``mmoe bench layer`` run."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+
+def _mmoe(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "mmoe", *args], capture_output=True, text=True, timeout=timeout)
+
+
+def test_help_lists_subcommands():
+    proc = _mmoe("--help")
+    assert proc.returncode == 0, proc.stderr
+    assert "bench" in proc.stdout
+
+
+def test_bench_layer_help_lists_flags():
+    proc = _mmoe("bench", "layer", "--help")
+    assert proc.returncode == 0, proc.stderr
+    for flag in ("--quick", "--experts", "--topk", "--tokens", "--dim", "--repeats", "--no-deepspeed", "--json"):
+        assert flag in proc.stdout
+
+
+def test_unknown_subcommand_is_one_clear_line():
+    proc = _mmoe("frobnicate")
+    assert proc.returncode != 0
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert "frobnicate" in lines[0] and "error" in lines[0]
+
+
+def test_bad_list_value_is_one_clear_line():
+    proc = _mmoe("bench", "layer", "--experts", "8,many")
+    assert proc.returncode != 0
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert "--experts" in lines[0] and "8,many" in lines[0]
+
+
+def test_topk_above_experts_is_one_clear_line():
+    proc = _mmoe("bench", "layer", "--experts", "2", "--topk", "4", "--no-deepspeed")
+    assert proc.returncode != 0
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert "--topk" in lines[0]
+
+
+def test_bench_layer_tiny_writes_ratios(tmp_path: Path):
+    out = tmp_path / "bench.json"
+    proc = _mmoe("bench", "layer", "--tokens", "64", "--dim", "32", "--experts", "4", "--topk", "1",
+                 "--repeats", "1", "--no-deepspeed", "--json", str(out), timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    report = json.loads(out.read_text())
+
+    assert report["settings"]["tokens"] == 64 and report["settings"]["expert_hidden"] == 64
+    (cell,) = report["cells"]
+    assert (cell["experts"], cell["top_k"], cell["dense_hidden"]) == (4, 1, 64)
+    variants = cell["variants"]
+    assert set(variants) == {"dense", "mmoe_dropless", "mmoe_cf1.25"}  # no DeepSpeed column asked for
+    assert variants["dense"]["median_ms"] > 0
+    assert variants["dense"]["ratio_vs_dense"] == 1.0
+    for name in ("mmoe_dropless", "mmoe_cf1.25"):
+        v = variants[name]
+        assert v["error"] is None, v["error"]
+        assert len(v["times_ms"]) == 1
+        assert v["ratio_vs_dense"] > 0
+        assert v["ratio_vs_dense"] == v["median_ms"] / variants["dense"]["median_ms"]
+    assert variants["mmoe_dropless"]["dropped_frac"] in (None, 0.0)
+    dropped = variants["mmoe_cf1.25"]["dropped_frac"]
+    assert dropped is None or 0.0 <= dropped <= 1.0
+
+    overhead = report["overhead"]
+    assert (overhead["experts"], overhead["top_k"]) == (4, 1)
+    assert overhead["variants"]["topk"]["overhead_pct"] == 0.0
+    assert "mmoe dropless x" in proc.stdout  # the table reached stdout
