@@ -26,16 +26,10 @@ vector / group approximation.
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 
 from .dispatch import DispatchPlan
-
-
-def _all_reduce_(*ts: Tensor, group=None) -> None:
-    if group is not None and dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1:
-        for t in ts:
-            dist.all_reduce(t, group=group)
+from .losses import all_reduce_
 
 
 def computed_mask(plan: DispatchPlan, num_rows: int, num_experts: int) -> Tensor:
@@ -65,7 +59,7 @@ class DefaultVectors(nn.Module):
         else:
             sums = torch.zeros(E, D, device=y.device).index_add_(0, plan.expert, y)
             denom = plan.counts.float().clone()
-        _all_reduce_(sums, denom, group=group)
+        all_reduce_(sums, denom, group=group)
         hit = denom > 0
         mean = sums / denom.clamp_min(1e-12).unsqueeze(-1)
         new = self.beta * self.vectors + (1.0 - self.beta) * mean
@@ -90,7 +84,7 @@ def expert_group_term(y_slots: Tensor, plan: DispatchPlan, probs: Tensor, comput
         key = G[plan.token, g] * E + plan.expert  # pair (j, i)
         sums.index_add_(0, key, y)
         cnt.index_add_(0, key, ones)
-    _all_reduce_(sums, cnt, group=group)
+    all_reduce_(sums, cnt, group=group)
     A = (sums / cnt.clamp_min(1.0).unsqueeze(-1)).view(E, E, D)  # A[j, i]
     pm = probs.float().masked_fill(computed, 0.0)  # [T, E]
     out = torch.zeros(T, D, device=y.device, dtype=torch.float32)

@@ -87,20 +87,16 @@ class Experts(nn.Module):
     def forward(self, x: Tensor, counts: Tensor, counts_list: list[int] | None = None) -> Tensor:
         """Rows ``x [S, D]`` sorted by expert, ``counts [E]`` rows per expert -> ``[S, D]``."""
         mode = self.mode
+        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
         if mode == "auto":
-            dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
             mode = "grouped" if self.grouped_shapes_ok and _grouped_mm_ok(x.device, dtype) else "loop"
         if mode == "grouped":
-            return self._grouped(x, counts)
+            return self._grouped(x, counts, dtype)
         if counts_list is None:
             counts_list = counts.tolist()
         return self._loop(x, counts_list)
 
-    def _grouped(self, x: Tensor, counts: Tensor) -> Tensor:
-        if torch.is_autocast_enabled(x.device.type):
-            dt = torch.get_autocast_dtype(x.device.type)
-        else:
-            dt = x.dtype
+    def _grouped(self, x: Tensor, counts: Tensor, dt: torch.dtype) -> Tensor:
         x = x.to(dt)
         offs = torch.cumsum(counts, 0).to(torch.int32)
 

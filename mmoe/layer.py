@@ -300,8 +300,7 @@ def update_balance_bias(model: nn.Module) -> None:
         if m.balance_bias is None:
             continue
         load = m.balance_load.clone()
-        if m.dp_group is not None and torch.distributed.is_initialized():
-            torch.distributed.all_reduce(load, group=m.dp_group)
+        losses.all_reduce_(load, group=m.dp_group)
         used = load.sum(-1, keepdim=True) > 0
         delta = m.cfg.balance_bias_rate * torch.sign(load.mean(-1, keepdim=True) - load)
         m.balance_bias += torch.where(used, delta, torch.zeros_like(delta))

@@ -15,8 +15,20 @@ from torch import Tensor
 from .routing import Routing
 
 
+def dp_active(group) -> bool:
+    """True when ``group`` is a process group with more than one rank."""
+    return group is not None and dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
+
+
+def all_reduce_(*ts: Tensor, group=None) -> None:
+    """In-place sum over ``group``; a no-op without one (the layer never needs torch.distributed)."""
+    if dp_active(group):
+        for t in ts:
+            dist.all_reduce(t, group=group)
+
+
 def _all_reduce(t: Tensor, group) -> Tensor:
-    if group is not None and dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1:
+    if dp_active(group):
         t = t.clone()
         dist.all_reduce(t, group=group)
     return t
