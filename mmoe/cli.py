@@ -113,8 +113,25 @@ def _run_bench(args: argparse.Namespace) -> int:
     raise CLIError(f"unknown bench target {args.target!r}")
 
 
+def _lazy(module: str, attr: str) -> Callable:
+    """A function that imports ``module`` only when called (keeps ``mmoe --help`` fast)."""
+
+    def call(*args, **kwargs):
+        import importlib
+
+        return getattr(importlib.import_module(module), attr)(*args, **kwargs)
+
+    return call
+
+
 COMMANDS: dict[str, Command] = {
     "bench": Command(_add_bench_args, _run_bench, "benchmarks (mmoe bench layer)"),
+    "shards": Command(_lazy("mmoe.data.cli", "add_args"), _lazy("mmoe.data.cli", "run"),
+                      "write WebDataset shards (image folder, COCO, text, image-text pairs) and verify them"),
+    "train": Command(_lazy("mmoe.train.cli", "add_train_args"), _lazy("mmoe.train.cli", "run_train"),
+                     "train a model from a YAML config (mmoe train CONFIG [key.sub=value ...])"),
+    "eval": Command(_lazy("mmoe.train.cli", "add_eval_args"), _lazy("mmoe.train.cli", "run_eval"),
+                    "evaluate a checkpoint (mmoe eval CONFIG --checkpoint PATH)"),
 }
 
 

@@ -1,0 +1,1 @@
+"""WebDataset shards: writers, manifest, reader with exact resume."""

@@ -1,0 +1,1 @@
+"""The training engine (DeepSpeed), checkpoints and tasks."""
