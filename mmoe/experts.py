@@ -46,6 +46,7 @@ class Experts(nn.Module):
                  mode: str = "auto") -> None:
         super().__init__()
         self.num_experts, self.dim, self.hidden = num_experts, dim, hidden
+        self.expert_offset = 0  # global id of local expert 0 (non-zero when sharded by expert parallelism)
         self.activation, self.mode = activation, mode
         # torch's grouped GEMM needs 16-byte aligned row strides (fp32: multiples of 4, bf16: of 8)
         self.grouped_shapes_ok = dim % 8 == 0 and hidden % 8 == 0
@@ -71,7 +72,13 @@ class Experts(nn.Module):
 
     # ---------------------------------------------------------------- reference path
     def expert_forward(self, i: int, h: Tensor) -> Tensor:
-        """Expert ``i`` applied to rows ``h [n, D]``."""
+        """Expert ``i`` (global id) applied to rows ``h [n, D]``."""
+        j = i - self.expert_offset
+        if not 0 <= j < self.num_experts:
+            raise ValueError(f"expert {i} is not held by this rank (local experts "
+                             f"{self.expert_offset}..{self.expert_offset + self.num_experts - 1})")
+        i = j
+
         def lin(x, w, b):
             y = x @ w[i].to(x.dtype)
             return y + b[i].to(y.dtype) if b is not None else y

@@ -19,6 +19,7 @@ from .config import MoEConfig
 from .dense_backprop import DefaultVectors, computed_mask, dense_oracle_term, expert_group_term
 from .dispatch import DispatchPlan, combine, expert_capacity, make_plan
 from .experts import MLP, Experts
+from .distributed import expert_parallel_forward
 from .routing import Routing, build_router
 
 
@@ -72,6 +73,9 @@ class MoE(nn.Module):
         cfg.validate()
         self.cfg = cfg
         self.dp_group = dp_group
+        # expert parallelism: set by `mmoe.distributed.shard_experts` (None / 1 = every expert local)
+        self.ep_group = None
+        self.ep_size = 1
         D, dh, E = cfg.dim, cfg.expert_dim, cfg.num_experts
         if cfg.heads > 1 and cfg.head_projections:
             self.head_proj = nn.Linear(D, D)
@@ -181,7 +185,11 @@ class MoE(nn.Module):
             self.last_routing = r
         priority = r.probs.max(-1).values if cfg.batch_prioritized else None
         plan = make_plan(r.indices, cfg.num_experts, self.capacity(T, t), priority)
-        y_slots = self.experts(h.index_select(0, plan.token), plan.counts)  # [S, dh]
+        x_slots = h.index_select(0, plan.token)
+        if self.ep_group is not None:
+            y_slots = expert_parallel_forward(self.experts, x_slots, plan.counts, self.ep_group)
+        else:
+            y_slots = self.experts(x_slots, plan.counts)  # [S, dh]
         weights = r.weights.detach() if cfg.dense_backprop == "dense_oracle" else r.weights
         y = combine(y_slots, plan, weights, T, r.scale)  # [T, dh]
         if cfg.dense_backprop != "none":
