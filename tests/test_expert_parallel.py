@@ -23,7 +23,7 @@ VARIANTS = {
     "expert_group": dict(dense_backprop="expert_group"),
     "xmoe_k1": dict(router="xmoe", top_k=1),
     # skewed routing: some experts (and so some ranks) get no rows at all
-    "skewed": dict(top_k=1, _skew=True),
+    "skewed": dict(top_k=1, balance_bias_rate=1e-3, _skew=True),
 }
 
 
@@ -44,9 +44,8 @@ def _model(opts):
     torch.manual_seed(0)
     m = mmoe.MoE(_cfg(opts))
     if opts.get("_skew"):
-        with torch.no_grad():  # a router that prefers experts 0 and 1, both held by rank 0
-            m.routers[0].weight[2:] -= 5.0 * m.routers[0].weight[2:].abs()
-            m.routers[0].weight[:, :] += torch.tensor([3.0, 3.0, -3.0, -3.0]).unsqueeze(1) / 16
+        with torch.no_grad():  # selection bias: every token picks expert 0 or 1, both held by rank 0
+            m.balance_bias[0] = torch.tensor([50.0, 50.0, -50.0, -50.0])
     return m
 
 
