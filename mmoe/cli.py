@@ -149,6 +149,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``mmoe`` console script and of ``python -m mmoe``."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # DeepSpeed's launcher puts --local_rank=N before the subcommand; the rank is in LOCAL_RANK too
+    argv = [a for a in argv if not a.startswith("--local_rank=")]
     args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.command].run(args)

@@ -115,6 +115,11 @@ class MoE(nn.Module):
 
     # ------------------------------------------------------------------ public helpers
     @property
+    def num_experts(self) -> int:
+        """Experts of the layer over all expert-parallel ranks (``cfg.num_experts``)."""
+        return self.cfg.num_experts
+
+    @property
     def router(self) -> nn.Module:
         """The router of task 0 (the only one when ``num_tasks == 1``)."""
         return self.routers[0]

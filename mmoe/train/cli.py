@@ -1,18 +1,106 @@
-"""``mmoe train`` / ``mmoe eval`` (placeholder, being written)."""
+"""``mmoe train CONFIG [key.sub=value ...]`` and ``mmoe eval CONFIG --checkpoint PATH``.
+
+Both run as one process, or under DeepSpeed's launcher for several ranks::
+
+    mmoe train configs/tiny.yaml
+    deepspeed --num_gpus 2 --module mmoe train configs/tiny.yaml dist.ep_size=2
+
+(on a CPU-only machine, ``DS_ACCELERATOR=cpu`` makes the launcher start CPU ranks with gloo).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
 
 
-def add_train_args(parser):
-    pass
+def add_train_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", help="YAML config file")
+    parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
+    parser.add_argument("--resume", nargs="?", const="latest", default=None, metavar="CHECKPOINT",
+                        help="resume from the latest complete checkpoint of the run (or from CHECKPOINT)")
+    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # DeepSpeed launcher
 
 
-def add_eval_args(parser):
-    pass
+def add_eval_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", help="YAML config file (the run's config.yaml works)")
+    parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
+    parser.add_argument("--checkpoint", required=True,
+                        help="a checkpoint folder (step_NNNNNNN), or a run's checkpoints folder (its latest)")
+    parser.add_argument("--split", default=None, help="shards to evaluate (default: data.val)")
+    parser.add_argument("--json", default=None, help="also write the metrics to this JSON file")
+    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
 
 
-def run_train(args):
-    from mmoe.cli import CLIError
+def _setup_env() -> None:
+    import torch
 
-    raise CLIError("mmoe train is not built yet")
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
-run_eval = run_train
+def _load(args):
+    from ..cli import CLIError
+    from ..configs import ConfigError
+    from .config import load_train_config
+
+    if not os.path.isfile(args.config):
+        raise CLIError(f"config file not found: {args.config}")
+    try:
+        return load_train_config(args.config, args.overrides)
+    except ConfigError as err:
+        raise CLIError(str(err)) from None
+
+
+def run_train(args) -> int:
+    _setup_env()
+    from ..cli import CLIError
+    from ..configs import ConfigError
+    from ..data import DataError
+    from .engine import Trainer, TrainingError
+
+    cfg = _load(args)
+    try:
+        trainer = Trainer(cfg, config_source=args.config,
+                          resume=(True if args.resume == "latest" else args.resume) if args.resume else False)
+        if args.resume and getattr(trainer, "_resumed_from", None) is None and trainer.rank == 0:
+            print(f"mmoe: no checkpoint under {trainer.ckpt_dir} yet; starting from step 0", file=sys.stderr)
+        metrics = trainer.fit()
+    except (TrainingError, ConfigError, DataError) as err:
+        raise CLIError(str(err)) from None
+    if trainer.rank == 0:
+        print(json.dumps({"step": trainer.step, **{f"val_{k}": v for k, v in metrics.items()}}))
+    return 0
+
+
+def run_eval(args) -> int:
+    _setup_env()
+    from pathlib import Path
+
+    from ..cli import CLIError
+    from ..configs import ConfigError
+    from ..data import DataError
+    from . import checkpoint as ckpt_lib
+    from .engine import Trainer, TrainingError
+
+    cfg = _load(args)
+    path = Path(args.checkpoint)
+    if not (path / "meta.json").is_file():
+        latest = ckpt_lib.find_latest(path)
+        if latest is None:
+            raise CLIError(f"{path}: no complete checkpoint there")
+        path = latest
+    try:
+        trainer = Trainer(cfg, config_source=args.config, train=False)
+        trainer.load_weights(path)
+        metrics = trainer.evaluate(split=args.split)
+    except (TrainingError, ConfigError, DataError, ckpt_lib.CheckpointError) as err:
+        raise CLIError(str(err)) from None
+    if trainer.rank == 0:
+        out = {"checkpoint": str(path), **metrics}
+        print(json.dumps(out))
+        if args.json:
+            Path(args.json).write_text(json.dumps(out, indent=1))
+    return 0

@@ -1,0 +1,100 @@
+"""The training config: one YAML file validated against these dataclasses.
+
+```yaml
+task: digits_mlp            # a registered task (mmoe.train.tasks); it validates `model` itself
+model: {dim: 64, depth: 2, moe: {num_experts: 8, top_k: 2}}
+data: {train: data/digits/train-{000000..000003}.tar, val: data/digits/val-000000.tar, batch_size: 64}
+optim: {lr: 3.0e-3, weight_decay: 0.05, warmup_steps: 20, schedule: cosine}
+train: {max_steps: 300, log_every: 10, eval_every: 100, save_every: 100}
+dist: {zero_stage: 0, ep_size: 1}
+run: {dir: runs/tiny, seed: 0}
+```
+Unknown keys and wrong types are errors naming the key and the file (`mmoe.configs`); any key can be
+overridden on the command line with ``key.sub=value``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+
+@dataclass
+class DataConfig:
+    train: str = ""  # shard URL pattern, list file, directory or manifest (see mmoe.data.ShardLoader)
+    val: str | None = None
+    batch_size: int = 32  # per rank and micro-batch
+    eval_batch_size: int | None = None
+    shuffle_buffer: int = 1000
+    num_workers: int = 0
+    resampled: bool = False
+    on_error: Literal["fail", "skip"] = "fail"  # bad shard / sample: stop with its name, or skip and count
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    decay_norm_and_bias: bool = False  # weight decay on norms and biases (usually off)
+    decay_router: bool = False  # weight decay on router parameters (usually off)
+    router_lr_scale: float = 1.0
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.0  # final lr = min_lr_ratio * lr
+
+
+@dataclass
+class TrainLoopConfig:
+    max_steps: int = 100  # optimizer steps
+    grad_accum: int = 1
+    grad_clip: float = 1.0  # 0 = off
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on CUDA with bf16 support, else fp32
+    log_every: int = 10
+    eval_every: int = 0  # 0 = only at the end
+    eval_batches: int | None = None  # cap on validation batches (None = the whole split)
+    save_every: int = 0  # 0 = only at the end
+    keep_last: int = 3
+    stats_every: int = 50  # routing statistics + expert-load heatmap (0 = off)
+    max_bad_steps: int = 5  # stop after this many consecutive non-finite losses
+    progress: bool = True
+
+
+@dataclass
+class DistConfig:
+    zero_stage: Literal[0, 1, 2] = 0
+    ep_size: int = 1  # expert-parallel group size (divides the world size and num_experts)
+    backend: Literal["auto", "gloo", "nccl"] = "auto"
+
+
+@dataclass
+class RunConfig:
+    dir: str = "runs/default"
+    seed: int = 0
+    tensorboard: bool = True
+
+
+@dataclass
+class TrainConfig:
+    task: str = ""
+    model: dict[str, Any] = field(default_factory=dict)
+    task_options: dict[str, Any] = field(default_factory=dict)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainLoopConfig = field(default_factory=TrainLoopConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+
+def load_train_config(path, overrides=()) -> TrainConfig:
+    from ..configs import ConfigError, load_config
+
+    cfg = load_config(TrainConfig, path, overrides)
+    if not cfg.task:
+        raise ConfigError(f"{path}: task: required (one of the registered tasks)")
+    for name, value in (("train.max_steps", cfg.train.max_steps), ("train.grad_accum", cfg.train.grad_accum),
+                        ("data.batch_size", cfg.data.batch_size), ("dist.ep_size", cfg.dist.ep_size)):
+        if value < 1:
+            raise ConfigError(f"{path}: {name}: must be >= 1, got {value}")
+    return cfg

@@ -1,0 +1,464 @@
+"""The training engine: one trainer for every task, on DeepSpeed.
+
+`Trainer(cfg)` sets up ``torch.distributed`` (gloo on CPU, NCCL on GPUs), the expert-parallel groups,
+the task's model with its experts sharded (`mmoe.distributed.shard_experts`), MoE-aware parameter
+groups (weight decay off for norms, biases and routers unless configured; expert parameters in
+DeepSpeed "moe" groups so they are reduced over the expert-data-parallel group only), a DeepSpeed
+engine (ZeRO 0/1/2, gradient clipping and accumulation, bf16 where the device has it), the shard
+loaders with exact resume, checkpoints, and logging. ``Trainer.fit()`` trains; ``Trainer.evaluate()``
+evaluates.
+
+DeepSpeed finds MoE layers by ``isinstance(module, deepspeed.moe.layer.MoE)``; `_teach_deepspeed` adds
+`mmoe.MoE` to that check so its expert-parallel bookkeeping (expert groups, no cross-group all-reduce,
+no broadcast of rank 0's experts over the others) applies to our layers.
+
+Non-finite losses: the decision is global (all ranks agree, so expert-parallel collectives stay in
+step). A micro-batch whose loss is NaN/inf is dropped before backward — DeepSpeed never sees it, so the
+optimizer step waits for a good micro-batch and nothing it did leaks into the weights; it is logged as
+an event, and ``train.max_bad_steps`` consecutive bad micro-batches stop the run with a clear message.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ..layer import MoE, aux_loss, moe_layers, routing_stats, update_balance_bias
+from . import checkpoint as ckpt_lib
+from .config import TrainConfig
+from .tasks import Task, get_task
+
+
+class TrainingError(RuntimeError):
+    """A run that cannot go on (diverged, bad setup); the message says why."""
+
+
+# ---------------------------------------------------------------------------------------- setup
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed(backend: str = "auto") -> None:
+    """Initialise torch.distributed through DeepSpeed (a single process gets a world of one)."""
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
+
+    if dist.is_available() and dist.is_initialized():
+        return
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(_free_port()))
+    if backend == "auto":
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+
+
+def _teach_deepspeed() -> None:
+    import deepspeed.runtime.engine as ds_engine
+
+    current = ds_engine.MoE
+    if isinstance(current, tuple):
+        if MoE in current:
+            return
+        ds_engine.MoE = current + (MoE,)
+    else:
+        ds_engine.MoE = (current, MoE)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def param_groups(model: nn.Module, cfg) -> list[dict]:
+    """AdamW groups: decay / no decay (norms, biases, routers as configured) x router lr x expert (moe)."""
+    groups: dict[tuple, dict] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        is_router = ".routers." in f".{name}" or name.startswith("routers.")
+        is_norm_or_bias = p.ndim <= 1 or name.endswith(".bias") or "norm" in name.lower()
+        if getattr(p, "expert", False) and name.split(".")[-1].startswith("b"):
+            is_norm_or_bias = True  # stacked expert biases b1/b2/b3 are [E, H]
+        decay = not ((is_norm_or_bias and not cfg.decay_norm_and_bias) or (is_router and not cfg.decay_router))
+        lr_scale = cfg.router_lr_scale if is_router else 1.0
+        moe_name = getattr(p, "group_name", None) if getattr(p, "allreduce", True) is False else None
+        key = (decay, lr_scale, moe_name)
+        if key not in groups:
+            g = {"params": [], "weight_decay": cfg.weight_decay if decay else 0.0, "lr_scale": lr_scale,
+                 "name": f"{'decay' if decay else 'no_decay'}_lr{lr_scale:g}" + (f"_{moe_name}" if moe_name else "")}
+            if moe_name:
+                g["moe"] = True
+                g["name"] = moe_name
+            groups[key] = g
+        groups[key]["params"].append(p)
+    return list(groups.values())
+
+
+def lr_lambda(cfg, max_steps: int):
+    warm = cfg.warmup_steps
+    floor = cfg.min_lr_ratio
+
+    def f(step: int) -> float:
+        if warm and step < warm:
+            return (step + 1) / warm
+        if cfg.schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - warm) / max(1, max_steps - warm))
+        if cfg.schedule == "linear":
+            return floor + (1 - floor) * (1 - progress)
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return f
+
+
+class SyntheticLoader:
+    """Deterministic batches from ``task.synthetic_example(global_index)`` for tests and benchmarks.
+
+    Rank ``r`` of ``W`` at step ``s`` gets global samples ``[(s*W + r)*B, (s*W + r + 1)*B)``, so a run on
+    W ranks with batch B sees exactly the samples of one rank with batch W*B.
+    """
+
+    def __init__(self, task: Task, batch_size: int, rank: int, world: int) -> None:
+        self.task, self.B, self.rank, self.world, self.step = task, batch_size, rank, world, 0
+        self.errors: dict[str, int] = {}
+
+    def __iter__(self):
+        while True:
+            start = (self.step * self.world + self.rank) * self.B
+            self.step += 1
+            yield self.task.collate([self.task.synthetic_example(start + i) for i in range(self.B)])
+
+    def state_dict(self) -> dict:
+        return {"step": self.step}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step = int(state["step"])
+
+
+# ---------------------------------------------------------------------------------------- trainer
+class Trainer:
+    def __init__(self, cfg: TrainConfig, *, config_source: str = "<config>", resume: bool | str = False,
+                 train: bool = True) -> None:
+        from ..configs import from_dict, save_config
+
+        self.cfg = cfg
+        init_distributed(cfg.dist.backend)
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        ep = cfg.dist.ep_size
+        if self.world % ep:
+            raise TrainingError(f"dist.ep_size={ep} does not divide the world size {self.world}")
+        self.run_dir = Path(cfg.run.dir)
+        self.ckpt_dir = self.run_dir / "checkpoints"
+
+        try:
+            task_cls = get_task(cfg.task)
+        except KeyError as err:
+            raise TrainingError(f"{config_source}: task: {err.args[0]}") from None
+        model_cfg = from_dict(task_cls.ModelConfig, cfg.model, source=config_source, path="model")
+        self.task: Task = task_cls(model_cfg, cfg.task_options)
+
+        # the same seed on every rank: identical full model, then each rank keeps its experts
+        seed_everything(cfg.run.seed)
+        model = self.task.build_model()
+        from deepspeed.utils import groups
+
+        from ..distributed import shard_experts
+
+        groups._create_expert_and_data_parallel(ep)
+        self.ep_group = groups._get_expert_parallel_group(f"ep_size_{ep}")
+        self.ep_rank = dist.get_rank(self.ep_group)
+        self.expert_dp_rank = dist.get_rank(groups._get_expert_data_parallel_group(f"ep_size_{ep}"))
+        shard_experts(model, self.ep_group)
+        for _, m in moe_layers(model):
+            m.dp_group = dist.group.WORLD if self.world > 1 else None
+        model.to(self.device)
+        self.model = model
+
+        self.bf16 = cfg.train.precision == "bf16" or (
+            cfg.train.precision == "auto" and self.device.type == "cuda" and torch.cuda.is_bf16_supported())
+        if self.bf16 and self.device.type == "cpu":
+            raise TrainingError("train.precision=bf16 needs a GPU here; use fp32 (or auto) on CPU")
+        groups_ = param_groups(model, cfg.optim)
+        opt = torch.optim.AdamW(groups_, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
+        for g in opt.param_groups:
+            g["lr"] = cfg.optim.lr * g.get("lr_scale", 1.0)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.optim, cfg.train.max_steps))
+        ds_config = {
+            "train_micro_batch_size_per_gpu": cfg.data.batch_size,
+            "gradient_accumulation_steps": cfg.train.grad_accum,
+            # ZeRO 0 clips with a per-rank norm that misses the other ranks' experts (ranks would diverge
+            # under expert parallelism): we clip ourselves there (`_clip_grads`); ZeRO 1/2 get it right
+            "gradient_clipping": cfg.train.grad_clip if cfg.dist.zero_stage > 0 else 0.0,
+            "zero_optimization": {"stage": cfg.dist.zero_stage},
+            "bf16": {"enabled": self.bf16},
+            "steps_per_print": 10**9,
+            "wall_clock_breakdown": False,
+            "zero_allow_untested_optimizer": True,
+        }
+        _teach_deepspeed()
+        import deepspeed
+
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=model, optimizer=opt, lr_scheduler=sched, config=ds_config, dist_init_required=False)
+
+        # per-rank randomness for dropout / jitter / sampling from here on
+        seed_everything(cfg.run.seed + 1_000_003 * self.rank)
+        self.step = 0
+        self.train_loader = self._make_loader(train=True) if train else None
+        self.logger = None
+        if train:
+            if self.rank == 0:
+                self.run_dir.mkdir(parents=True, exist_ok=True)
+                save_config(cfg, self.run_dir / "config.yaml")
+            if resume:
+                where = resume if isinstance(resume, str) else None
+                self.resume(where)
+
+    # ------------------------------------------------------------------ data
+    def _make_loader(self, train: bool, split: str | None = None):
+        d = self.cfg.data
+        urls = d.train if train else (split or d.val)
+        if urls == "synthetic":
+            if not hasattr(self.task, "synthetic_example"):
+                raise TrainingError(f"data: task {self.cfg.task!r} has no synthetic data")
+            return SyntheticLoader(self.task, d.batch_size, self.rank, self.world)
+        if not urls:
+            raise TrainingError("data.train: no training shards given" if train else "data.val: no validation shards given")
+        from ..data import ShardLoader
+
+        return ShardLoader(urls, batch_size=d.batch_size if train else (d.eval_batch_size or d.batch_size),
+                           decode=self.task.decode, collate=self.task.collate,
+                           shuffle_buffer=d.shuffle_buffer if train else 0, seed=self.cfg.run.seed,
+                           rank=self.rank, world_size=self.world, num_workers=d.num_workers,
+                           resampled=d.resampled if train else False, epochs=None if train else 1,
+                           drop_last=train, on_error=d.on_error)
+
+    def _to_device(self, batch: Any) -> Any:
+        if isinstance(batch, torch.Tensor):
+            return batch.to(self.device, non_blocking=True)
+        if isinstance(batch, (list, tuple)):
+            return type(batch)(self._to_device(b) for b in batch)
+        if isinstance(batch, dict):
+            return {k: self._to_device(v) for k, v in batch.items()}
+        return batch
+
+    # ------------------------------------------------------------------ checkpoints
+    def _barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
+
+    def save(self) -> Path:
+        meta = {"zero_stage": self.cfg.dist.zero_stage, "scheduler": self.scheduler.state_dict(),
+                "task_state": self.task.state_dict(), "task": self.cfg.task,
+                "ds_global_steps": self.engine.global_steps, "ds_global_samples": self.engine.global_samples}
+        rank_state = {"loader": self.train_loader.state_dict() if self.train_loader is not None else None}
+        path = ckpt_lib.save_checkpoint(
+            self.ckpt_dir, self.step, model=self.engine.module, optimizer=self.optimizer, rank=self.rank,
+            world_size=self.world, ep_rank=self.ep_rank, ep_size=self.cfg.dist.ep_size,
+            expert_writer=self.expert_dp_rank == 0, rank_state=rank_state, meta=meta, barrier=self._barrier,
+            keep_last=self.cfg.train.keep_last)
+        if self.logger:
+            self.logger.event(self.step, "checkpoint", f"saved {path}")
+        return path
+
+    def load_weights(self, path: str | Path) -> dict:
+        ckpt_lib.load_model_state(self.engine.module, path, ep_rank=self.ep_rank, ep_size=self.cfg.dist.ep_size)
+        return ckpt_lib.read_meta(path)
+
+    def resume(self, path: str | Path | None = None) -> bool:
+        """Restore the latest complete checkpoint (or ``path``); False when there is none."""
+        path = Path(path) if path else ckpt_lib.find_latest(self.ckpt_dir)
+        if path is None:
+            return False
+        meta = self.load_weights(path)
+        same_topology = (meta.get("world_size") == self.world and meta.get("ep_size") == self.cfg.dist.ep_size
+                         and meta.get("zero_stage") == self.cfg.dist.zero_stage)
+        if same_topology:
+            ckpt_lib.load_optimizer_state(self.optimizer, path, self.rank)
+            rs = ckpt_lib.load_rank_state(path, self.rank)
+            ckpt_lib.set_rng_state(rs["rng"])
+            if rs.get("loader") is not None:
+                self.train_loader.load_state_dict(rs["loader"])
+        else:
+            import warnings
+
+            warnings.warn(f"{path}: saved with world_size={meta.get('world_size')}, ep_size={meta.get('ep_size')}, "
+                          f"zero_stage={meta.get('zero_stage')}; running with {self.world}/{self.cfg.dist.ep_size}/"
+                          f"{self.cfg.dist.zero_stage}: weights, schedule and step are restored, the optimizer "
+                          "state, RNG and data position start fresh")
+        self.scheduler.load_state_dict(meta["scheduler"])
+        self.task.load_state_dict(meta.get("task_state", {}))
+        self.step = int(meta["step"])
+        self.engine.global_steps = int(meta.get("ds_global_steps", self.step))
+        self.engine.global_samples = int(meta.get("ds_global_samples", 0))
+        self._resumed_from = path
+        return True
+
+    # ------------------------------------------------------------------ training
+    def _all_finite(self, value: torch.Tensor) -> bool:
+        flag = torch.tensor([1.0 if bool(torch.isfinite(value.detach()).all()) else 0.0])
+        if self.world > 1:
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        return bool(flag.item() > 0)
+
+    @torch.no_grad()
+    def _clip_grads(self, max_norm: float) -> float:
+        """Clip by the global gradient norm (ZeRO 0): replicated parameters once, every expert once.
+
+        Called after DeepSpeed's gradient all-reduce, so replicated gradients are identical on every rank;
+        expert gradients differ per expert-parallel rank and their squares are summed over the group.
+        """
+        dense = torch.zeros((), dtype=torch.float64, device=self.device)
+        expert = torch.zeros((), dtype=torch.float64, device=self.device)
+        params = [p for p in self.engine.module.parameters() if p.grad is not None]
+        for p in params:
+            sq = p.grad.detach().double().pow(2).sum()
+            if getattr(p, "allreduce", True) is False:
+                expert += sq
+            else:
+                dense += sq
+        if self.cfg.dist.ep_size > 1:
+            dist.all_reduce(expert, group=self.ep_group)
+        norm = float((dense + expert).sqrt())
+        coef = max_norm / (norm + 1e-6)
+        if coef < 1.0:
+            for p in params:
+                p.grad.mul_(coef)
+        return norm
+
+    def _mean_over_ranks(self, values: dict[str, float]) -> dict[str, float]:
+        if self.world == 1 or not values:
+            return values
+        keys = sorted(values)
+        t = torch.tensor([values[k] for k in keys], dtype=torch.float64)
+        dist.all_reduce(t)
+        return {k: float(v) / self.world for k, v in zip(keys, t.tolist())}
+
+    def fit(self) -> dict[str, float]:
+        from ..runlog import RunLogger
+
+        cfg = self.cfg
+        tl = cfg.train
+        self.logger = RunLogger(self.run_dir, total_steps=tl.max_steps, start_step=self.step,
+                                enabled=self.rank == 0, tensorboard=cfg.run.tensorboard,
+                                progress=tl.progress, unit=self.task.unit, desc=f"train {cfg.task}")
+        engine = self.engine
+        it = iter(self.train_loader)
+        bad_in_a_row = 0
+        last_eval: dict[str, float] = {}
+        try:
+            while self.step < tl.max_steps:
+                t0 = time.perf_counter()
+                lr = self.optimizer.param_groups[0]["lr"]  # the lr this step uses
+                engine.train()
+                sums: dict[str, float] = {}
+                units = 0
+                good = 0
+                while good < tl.grad_accum:
+                    batch = self._to_device(next(it))
+                    loss, scalars, n = self.task.loss(engine, batch)
+                    aux = aux_loss(engine.module)
+                    total = loss + aux
+                    if not self._all_finite(total):
+                        bad_in_a_row += 1
+                        msg = (f"non-finite loss ({float(loss.detach())}, aux {float(aux.detach())}) at step "
+                               f"{self.step}: micro-batch skipped ({bad_in_a_row} in a row)")
+                        self.logger.event(self.step, "nonfinite_loss", msg, loss=float(loss.detach()))
+                        if bad_in_a_row >= tl.max_bad_steps:
+                            raise TrainingError(f"{bad_in_a_row} consecutive non-finite losses at step {self.step}: "
+                                                "training stopped (lower optim.lr, check the data, or raise "
+                                                "train.max_bad_steps)")
+                        continue
+                    bad_in_a_row = 0
+                    engine.backward(total)
+                    if cfg.dist.zero_stage == 0 and tl.grad_clip > 0 and engine.is_gradient_accumulation_boundary():
+                        self._grad_norm = self._clip_grads(tl.grad_clip)
+                    engine.step()
+                    good += 1
+                    units += n
+                    for k, v in {"loss": float(loss.detach()), "aux_loss": float(aux.detach()), **scalars}.items():
+                        sums[k] = sums.get(k, 0.0) + v / tl.grad_accum
+                update_balance_bias(engine.module)
+                self.step += 1
+                self.task.after_step(engine.module, self.step)
+                dt = time.perf_counter() - t0
+                if self.step % tl.log_every == 0 or self.step == tl.max_steps:
+                    vals = self._mean_over_ranks(sums)
+                    gn = engine.get_global_grad_norm() if cfg.dist.zero_stage > 0 else getattr(self, "_grad_norm", None)
+                    if gn is not None:
+                        vals["grad_norm"] = _safe_float(gn)
+                    self.logger.log(self.step, **vals, lr=lr, throughput=units * self.world / max(dt, 1e-9))
+                if tl.stats_every and (self.step % tl.stats_every == 0 or self.step == tl.max_steps):
+                    stats = routing_stats(engine.module)
+                    if stats:
+                        self.logger.log_routing(self.step, stats)
+                errors = getattr(self.train_loader, "errors", None)
+                if errors and sum(errors.values()) != getattr(self, "_logged_errors", 0):
+                    self._logged_errors = sum(errors.values())
+                    self.logger.event(self.step, "data_skipped", f"skipped so far: {dict(errors)}", **errors)
+                if self.cfg.data.val and tl.eval_every and self.step % tl.eval_every == 0 and self.step < tl.max_steps:
+                    last_eval = self.evaluate()
+                if tl.save_every and self.step % tl.save_every == 0 and self.step < tl.max_steps:
+                    self.save()
+            self.save()
+            if self.cfg.data.val:
+                last_eval = self.evaluate()
+        finally:
+            self.logger.close()
+        return last_eval
+
+    @torch.no_grad()
+    def evaluate(self, split: str | None = None) -> dict[str, float]:
+        engine = self.engine
+        engine.eval()
+        loader = self._make_loader(train=False, split=split)
+        sums: dict[str, float] = {}
+        cap = self.cfg.train.eval_batches
+        # every rank must take part in each expert-parallel forward: run the same number of batches
+        batches = iter(loader)
+        i = 0
+        while True:
+            batch = next(batches, None)
+            more = torch.tensor([0.0 if batch is None or (cap is not None and i >= cap) else 1.0])
+            if self.world > 1:
+                dist.all_reduce(more, op=dist.ReduceOp.MIN)
+            if more.item() == 0:
+                break
+            for k, v in self.task.eval_step(engine, self._to_device(batch)).items():
+                sums[k] = sums.get(k, 0.0) + float(v)
+            i += 1
+        if self.world > 1:
+            keys = sorted(sums)
+            t = torch.tensor([sums[k] for k in keys], dtype=torch.float64)
+            dist.all_reduce(t)
+            sums = dict(zip(keys, t.tolist()))
+        metrics = self.task.eval_metrics(sums) if sums else {}
+        if self.logger is not None and metrics:
+            self.logger.log(self.step, **{f"val/{k}": v for k, v in metrics.items()})
+        engine.train()
+        return metrics
+
+
+def _safe_float(x) -> float:
+    try:
+        return float(x) if x is not None else float("nan")
+    except (TypeError, ValueError):
+        return float("nan")

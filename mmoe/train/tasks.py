@@ -1,0 +1,92 @@
+"""Tasks: what a model family plugs into the engine.
+
+A task supplies a model, how to decode and batch shard samples, a loss and evaluation metrics; the
+engine (`mmoe.train.engine.Trainer`) does everything else (DeepSpeed, expert parallelism, data order,
+checkpoints, logging). Register one with ``@register_task("name")``; a config selects it with
+``task: name`` and its ``model:`` section is validated against ``Task.ModelConfig``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from torch import Tensor, nn
+
+TASKS: dict[str, type["Task"]] = {}
+
+
+def register_task(name: str) -> Callable[[type["Task"]], type["Task"]]:
+    def deco(cls: type[Task]) -> type[Task]:
+        cls.name = name
+        TASKS[name] = cls
+        return cls
+
+    return deco
+
+
+def get_task(name: str) -> type["Task"]:
+    _import_builtin_tasks()
+    if name not in TASKS:
+        raise KeyError(f"unknown task {name!r}; registered tasks: {', '.join(sorted(TASKS)) or 'none'}")
+    return TASKS[name]
+
+
+def _import_builtin_tasks() -> None:
+    # task families register themselves on import; missing optional families are fine
+    import importlib
+
+    for mod in ("mmoe.train.toy", "vision.tasks", "language.tasks", "multimodal.tasks"):
+        try:
+            importlib.import_module(mod)
+        except ModuleNotFoundError as err:
+            if err.name is None or not mod.startswith(err.name):
+                raise
+
+
+class Task:
+    """Base class. Subclasses set ``ModelConfig`` (a dataclass) and implement the methods below."""
+
+    name = "task"
+    ModelConfig: type = dict
+    unit = "samples"  # throughput unit for the progress bar ("samples", "tokens", "images")
+
+    def __init__(self, model_cfg: Any, options: dict[str, Any] | None = None) -> None:
+        self.model_cfg = model_cfg
+        self.options = dict(options or {})
+
+    # -- model
+    def build_model(self) -> nn.Module:
+        raise NotImplementedError
+
+    # -- data
+    def decode(self, sample: dict) -> Any:
+        """A raw shard sample (``__key__``, ``__url__``, bytes fields) -> one decoded example."""
+        return sample
+
+    def collate(self, examples: list) -> Any:
+        return torch.utils.data.default_collate(examples)
+
+    # -- loss / metrics
+    def loss(self, model: nn.Module, batch: Any) -> tuple[Tensor, dict[str, float], int]:
+        """(loss for backward, scalars to log, number of units in the batch for throughput)."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def eval_step(self, model: nn.Module, batch: Any) -> dict[str, float]:
+        """Sums over the batch (e.g. ``loss_sum``, ``correct``, ``count``); the engine adds them over
+        batches and ranks and passes the totals to `eval_metrics`."""
+        raise NotImplementedError
+
+    def eval_metrics(self, sums: dict[str, float]) -> dict[str, float]:
+        return dict(sums)
+
+    # -- extra state that must survive a resume (e.g. an adaptive controller)
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+    def after_step(self, model: nn.Module, step: int) -> None:
+        """Called after every optimizer step (e.g. controllers)."""
