@@ -136,6 +136,14 @@ class MoE(nn.Module):
         else:
             self.task_top_k[self._task(task)] = k
 
+    def set_check_finite(self, enabled: bool) -> None:
+        """Turn the router's non-finite-logits error on or off (the training engine turns it off: it
+        detects a non-finite loss on every rank together and skips the batch, which a per-rank error
+        inside an expert-parallel forward could not do without leaving the other ranks waiting)."""
+        self.cfg = self.cfg.replace(check_finite=enabled)
+        for r in self.routers:
+            r.cfg = self.cfg
+
     def to_rows(self, x: Tensor) -> Tensor:
         """``[..., D]`` -> routed rows ``[T, D/h]`` (head projection and token split when heads > 1)."""
         x = x.reshape(-1, self.cfg.dim)

@@ -1,1 +1,48 @@
-"""WebDataset shards: writers, manifest, reader with exact resume."""
+"""WebDataset shards: writers, manifest, reader with exact resume.
+
+Writing (`mmoe.data.writers`): `write_shards` for any iterable of WebDataset-style sample dicts, and
+`write_imagefolder`, `write_coco`, `write_text`, `write_pairs` for the common layouts (also as
+``mmoe shards ...`` on the command line). Each output directory gets a ``manifest.json``
+(`Manifest`, layout in `mmoe.data.manifest`); `verify_shards` re-checks it.
+
+Reading (`mmoe.data.reader`): `ShardLoader`, batches with seeded shuffling, rank/worker splitting,
+``on_error="fail" | "skip"`` and exact resume through ``state_dict()`` / ``load_state_dict()``;
+`decode_image`, `decode_json`, `decode_text`, `decode_label` decode raw samples.
+
+Bad data raises `DataError` (a `RuntimeError`) naming the file or shard, the sample key and the cause,
+or, when skipping, warns with `DataWarning`.
+
+The names are imported lazily, so ``import mmoe.data`` (and ``mmoe --help``) stays cheap.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from .errors import DataError, DataWarning
+
+_EXPORTS = {
+    "Manifest": "manifest", "ShardInfo": "manifest", "SplitInfo": "manifest", "verify_shards": "manifest",
+    "write_shards": "writers", "write_imagefolder": "writers", "write_coco": "writers", "write_text": "writers",
+    "write_pairs": "writers", "ShardSource": "writers", "ImageFolderSource": "writers", "CocoSource": "writers",
+    "TextSource": "writers", "PairsSource": "writers", "make_key": "writers", "parse_size": "writers",
+    "split_for_key": "writers",
+    "ShardLoader": "reader", "resolve_urls": "reader",
+    "decode_image": "decode", "decode_json": "decode", "decode_text": "decode", "decode_label": "decode",
+}
+
+__all__ = ["DataError", "DataWarning", *_EXPORTS]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

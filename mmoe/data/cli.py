@@ -1,11 +1,179 @@
-"""``mmoe shards`` (placeholder, being written)."""
+"""``mmoe shards``: write WebDataset shards from an image folder, COCO, text or image-text pairs, and
+verify a shard directory against its manifest.
+
+::
+
+    mmoe shards imagefolder SRC OUT
+    mmoe shards coco ANNOTATIONS.json IMAGE_DIR OUT
+    mmoe shards text SRC OUT [--unit line|file] [--lang xx]
+    mmoe shards pairs LIST.jsonl|LIST.tsv OUT [--image-field image] [--caption-field caption]
+    mmoe shards verify DIR
+
+Writers share ``--samples-per-shard``, ``--max-shard-size`` (``64MB``, ``512MiB``, bytes), ``--val-fraction``,
+``--prefix``, ``--on-error fail|skip`` and ``--quiet``. Module-level imports stay light (``mmoe --help``).
+"""
+
+from __future__ import annotations
+
+import argparse
 
 
-def add_args(parser):
-    pass
+def _size(text: str) -> int:
+    from .writers import parse_size
+
+    try:
+        return parse_size(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err))
 
 
-def run(args):
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1), got {text!r}")
+    return value
+
+
+def _add_common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--samples-per-shard", type=_positive_int, default=1000, metavar="N",
+                        help="at most N samples per shard (default 1000)")
+    parser.add_argument("--max-shard-size", type=_size, metavar="SIZE",
+                        help="at most SIZE bytes per shard: 64MB (powers of 1000), 512MiB or 512M (powers of "
+                        "1024), or a byte count (default: no limit)")
+    parser.add_argument("--val-fraction", type=_fraction, default=0.0, metavar="F",
+                        help="put a fraction F of the samples, chosen by a hash of their key, into val-* "
+                        "shards and the rest into train-* (default 0: one split)")
+    parser.add_argument("--prefix", help="shard file prefix (default 'shard', or 'train'/'val' with "
+                        "--val-fraction; with both, PREFIX-train/PREFIX-val)")
+    parser.add_argument("--on-error", choices=("fail", "skip"), default="fail",
+                        help="bad input files or lines: stop with an error (default) or skip them with a "
+                        "warning (counted in the manifest)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def add_args(parser: argparse.ArgumentParser) -> None:
+    """Fill the ``mmoe shards`` parser (one sub-parser per source, plus ``verify``)."""
+    sub = parser.add_subparsers(dest="source", metavar="SOURCE", required=True, parser_class=type(parser))
+
+    p = sub.add_parser("imagefolder", help="SRC/<class_name>/<images> (class index = sorted class names)",
+                       description="Shard an image folder SRC/<class_name>/<images>: each sample holds the "
+                       "original image bytes, 'cls' (index in the sorted class names) and 'json' "
+                       "{label, path}.")
+    p.add_argument("src", metavar="SRC", help="root folder with one sub-folder per class")
+    p.add_argument("out", metavar="OUT", help="output directory (shards + manifest.json)")
+    _add_common(p)
+
+    p = sub.add_parser("coco", help="COCO instances json + image directory (one sample per image)",
+                       description="Shard a COCO detection set: per image, its bytes and 'json' {image, "
+                       "annotations: [{id, bbox, category_id, segmentation, area, iscrowd}]}; categories "
+                       "go into the manifest.")
+    p.add_argument("annotations", metavar="ANNOTATIONS", help="instances_*.json")
+    p.add_argument("image_dir", metavar="IMAGE_DIR", help="folder of the images named in the json")
+    p.add_argument("out", metavar="OUT", help="output directory (shards + manifest.json)")
+    _add_common(p)
+
+    p = sub.add_parser("text", help="a .txt file or a folder of them (one document per line or per file)",
+                       description="Shard text: one document per non-empty line (--unit line) or per file "
+                       "(--unit file), each with a language tag from --lang, the file stem (en.txt) or the "
+                       "parent folder (de/news.txt). Each sample holds 'txt' and 'json' {lang, source}.")
+    p.add_argument("src", metavar="SRC", help=".txt file or folder searched recursively for .txt files")
+    p.add_argument("out", metavar="OUT", help="output directory (shards + manifest.json)")
+    p.add_argument("--unit", choices=("line", "file"), default="line", help="one document per line (default) "
+                   "or per file")
+    p.add_argument("--lang", metavar="XX", help="language tag of every document (default: from file names)")
+    _add_common(p)
+
+    p = sub.add_parser("pairs", help="image-text pairs from a .jsonl or .tsv list",
+                       description="Shard image-text pairs listed in LIST (.jsonl objects with an image "
+                       "path and a caption, or .tsv lines path<TAB>caption); image paths are relative to "
+                       "LIST's folder. Each sample holds the image bytes, 'txt' (caption) and 'json'.")
+    p.add_argument("list", metavar="LIST", help=".jsonl or .tsv list file")
+    p.add_argument("out", metavar="OUT", help="output directory (shards + manifest.json)")
+    p.add_argument("--image-field", default="image", help="jsonl field with the image path (default image)")
+    p.add_argument("--caption-field", default="caption", help="jsonl field with the caption (default caption)")
+    _add_common(p)
+
+    p = sub.add_parser("verify", help="re-check shard sizes, checksums and sample counts against manifest.json",
+                       description="Re-check every shard listed in DIR/manifest.json: present, same size, "
+                       "same SHA-256, same number of samples. Exit status 1 if any shard fails.")
+    p.add_argument("dir", metavar="DIR", help="shard directory (or its manifest.json)")
+
+
+def _human_bytes(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    raise AssertionError
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``mmoe shards SOURCE ...``; user mistakes and bad data become one-line `CLIError`s."""
     from mmoe.cli import CLIError
 
-    raise CLIError("mmoe shards is not built yet")
+    from .errors import DataError
+
+    try:
+        if args.source == "verify":
+            return _verify(args)
+        return _write(args)
+    except (DataError, FileNotFoundError, NotADirectoryError, PermissionError) as err:
+        raise CLIError(str(err)) from None
+
+
+def _write(args: argparse.Namespace) -> int:
+    from . import writers
+
+    options = dict(prefix=args.prefix, samples_per_shard=args.samples_per_shard,
+                   max_shard_bytes=args.max_shard_size, val_fraction=args.val_fraction, progress=not args.quiet)
+    if args.source == "imagefolder":
+        manifest = writers.write_imagefolder(args.src, args.out, on_error=args.on_error, **options)
+    elif args.source == "coco":
+        manifest = writers.write_coco(args.annotations, args.image_dir, args.out, on_error=args.on_error, **options)
+    elif args.source == "text":
+        manifest = writers.write_text(args.src, args.out, unit=args.unit, lang=args.lang, on_error=args.on_error,
+                                      **options)
+    elif args.source == "pairs":
+        manifest = writers.write_pairs(args.list, args.out, image_field=args.image_field,
+                                       caption_field=args.caption_field, on_error=args.on_error, **options)
+    else:
+        from mmoe.cli import CLIError
+
+        raise CLIError(f"unknown shard source {args.source!r}")
+    per_split = ", ".join(f"{name}: {len(split.shards)} shards/{split.samples} samples"
+                          for name, split in manifest.splits.items())
+    skipped = manifest.skipped.get("count", 0)
+    print(f"wrote {manifest.num_shards} shards, {manifest.num_samples} samples, {_human_bytes(manifest.num_bytes)} "
+          f"to {manifest.directory} ({per_split})" + (f"; skipped {skipped} bad input(s)" if skipped else ""))
+    return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    import sys
+
+    from mmoe.cli import CLIError
+
+    from .manifest import Manifest, verify_shards
+
+    manifest = Manifest.load(args.dir)
+    problems = verify_shards(manifest.path)
+    if problems:
+        for line in problems:
+            print(line, file=sys.stderr)
+        raise CLIError(f"{len(problems)} problem(s) in {manifest.directory} (listed above)")
+    print(f"ok: {manifest.num_shards} shards, {manifest.num_samples} samples, {_human_bytes(manifest.num_bytes)} "
+          f"in {manifest.directory} match {manifest.path.name}")
+    return 0

@@ -14,8 +14,8 @@ no broadcast of rank 0's experts over the others) applies to our layers.
 
 Non-finite losses: the decision is global (all ranks agree, so expert-parallel collectives stay in
 step). A micro-batch whose loss is NaN/inf is dropped before backward — DeepSpeed never sees it, so the
-optimizer step waits for a good micro-batch and nothing it did leaks into the weights; it is logged as
-an event, and ``train.max_bad_steps`` consecutive bad micro-batches stop the run with a clear message.
+optimizer step waits for a good micro-batch and nothing it did leaks into the weights; buffers its
+forward updated (the Default-MoE EMA, balance-bias loads) are restored; it is logged as an event, and ``train.max_bad_steps`` consecutive bad micro-batches stop the run with a clear message.
 """
 
 from __future__ import annotations
@@ -173,7 +173,12 @@ class Trainer:
         except KeyError as err:
             raise TrainingError(f"{config_source}: task: {err.args[0]}") from None
         model_cfg = from_dict(task_cls.ModelConfig, cfg.model, source=config_source, path="model")
-        self.task: Task = task_cls(model_cfg, cfg.task_options)
+        try:
+            self.task: Task = task_cls(model_cfg, cfg.task_options)
+        except ValueError as err:
+            from ..configs import ConfigError
+
+            raise ConfigError(f"{config_source}: {err}") from None
 
         # the same seed on every rank: identical full model, then each rank keeps its experts
         seed_everything(cfg.run.seed)
@@ -189,6 +194,7 @@ class Trainer:
         shard_experts(model, self.ep_group)
         for _, m in moe_layers(model):
             m.dp_group = dist.group.WORLD if self.world > 1 else None
+            m.set_check_finite(False)  # non-finite losses are caught globally in `fit`
         model.to(self.device)
         self.model = model
 
@@ -374,10 +380,16 @@ class Trainer:
                 good = 0
                 while good < tl.grad_accum:
                     batch = self._to_device(next(it))
+                    # buffers a forward updates (Default-MoE EMA, balance-bias load, norm statistics) are
+                    # restored if this micro-batch turns out non-finite, so a bad batch leaves no trace
+                    saved = [(b, b.detach().clone()) for b in engine.module.buffers() if b.is_floating_point()]
                     loss, scalars, n = self.task.loss(engine, batch)
                     aux = aux_loss(engine.module)
                     total = loss + aux
                     if not self._all_finite(total):
+                        with torch.no_grad():
+                            for b, copy in saved:
+                                b.copy_(copy)
                         bad_in_a_row += 1
                         msg = (f"non-finite loss ({float(loss.detach())}, aux {float(aux.detach())}) at step "
                                f"{self.step}: micro-batch skipped ({bad_in_a_row} in a row)")

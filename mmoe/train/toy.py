@@ -71,6 +71,13 @@ class DigitsTask(Task):
     ModelConfig = DigitsModelConfig
     unit = "images"
 
+    def __init__(self, model_cfg, options=None) -> None:
+        super().__init__(model_cfg, options)
+        # synthetic examples to corrupt with NaN, to exercise the engine's non-finite-loss handling
+        self._corrupt = {int(i) for i in self.options.pop("corrupt_examples", [])}
+        if self.options:
+            raise ValueError(f"task_options: unknown option(s) for digits_mlp: {sorted(self.options)}")
+
     def build_model(self) -> nn.Module:
         return MLPMoE(self.model_cfg)
 
@@ -95,6 +102,8 @@ class DigitsTask(Task):
         x = torch.rand(n, generator=g)
         groups = torch.arange(n) % self.model_cfg.num_classes
         y = int(torch.zeros(self.model_cfg.num_classes).index_add_(0, groups, x).argmax())
+        if int(index) in self._corrupt:  # fault injection (task_options.corrupt_examples): a NaN pixel
+            x[0] = float("nan")
         return x, y
 
     def loss(self, model, batch):

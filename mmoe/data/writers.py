@@ -1,0 +1,777 @@
+"""Write WebDataset shards from samples, image folders, COCO, text files and image-text pair lists.
+
+The core is `write_shards`: it takes WebDataset-style sample dicts (``"__key__"`` plus one field per
+file extension: ``{"__key__": "cat/0001", "jpg": b"...", "cls": 3, "json": {...}}``), writes
+``{prefix}-000000.tar``, ``{prefix}-000001.tar``, ... into a directory and describes them in a
+``manifest.json`` (layout in `mmoe.data.manifest`). The source readers (`ImageFolderSource`,
+`CocoSource`, `TextSource`, `PairsSource`) turn common on-disk layouts into such samples and add
+source-specific facts to the manifest; `write_imagefolder` and friends combine the two.
+
+Shards are reproducible: the same input gives byte-identical tar files (fixed mtime, owner and mode,
+sorted members, inputs read in sorted order) and therefore the same SHA-256s in the manifest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+import os
+import re
+import warnings
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Mapping
+
+from .errors import DataError, DataWarning
+from .manifest import MANIFEST_NAME, Manifest, ShardInfo, SplitInfo
+
+_TAR_BLOCK = 512
+_TAR_RECORD = 10240  # tarfile pads a closed archive to a multiple of 20 blocks
+_MAX_SKIPPED_LISTED = 100  # the manifest lists at most this many skipped inputs (the count is exact)
+
+# PIL format name -> the field (extension) the image bytes are stored under.
+_IMAGE_EXT = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "WEBP": "webp", "PPM": "ppm", "BMP": "bmp",
+              "GIF": "gif", "TIFF": "tiff"}
+
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
+
+
+def parse_size(text: str | int) -> int:
+    """``"64MB"`` -> bytes. ``KB/MB/GB/TB`` are powers of 1000; ``K/M/G/T`` and ``KiB/MiB/GiB/TiB`` are
+    powers of 1024; a bare number is bytes. Raises `ValueError` with the offending text."""
+    if isinstance(text, int):
+        value = text
+    else:
+        match = _SIZE_RE.match(text)
+        if not match:
+            raise ValueError(f"expected a size like 64MB, 512MiB or 1000000, got {text!r}")
+        number, unit, suffix = match.groups()
+        power = " kmgt".index(unit.lower()) if unit else 0
+        base = 1000 if suffix.lower() == "b" else 1024
+        if not unit and suffix.lower() not in ("", "b"):
+            raise ValueError(f"expected a size like 64MB, 512MiB or 1000000, got {text!r}")
+        value = int(float(number) * base**power)
+    if value < 1:
+        raise ValueError(f"a shard size must be positive, got {text!r}")
+    return value
+
+
+# ------------------------------------------------------------------------------------------------
+# keys and fields
+
+
+def make_key(text: str) -> str:
+    """A safe WebDataset key from a relative path or name: ASCII letters, digits, ``_``, ``-`` and ``/``.
+
+    Dots become ``_`` (a WebDataset reader takes the first dot of a file name as the start of the
+    extension), other characters become ``_``, empty path parts disappear and a leading ``__`` of a part
+    is shortened (WebDataset skips ``__name__`` entries as metadata).
+    """
+    parts = []
+    for part in str(text).replace("\\", "/").split("/"):
+        part = re.sub(r"[^A-Za-z0-9_\-]", "_", part)
+        while part.startswith("__"):
+            part = part[1:]
+        if part:
+            parts.append(part)
+    if not parts:
+        raise ValueError(f"cannot make a sample key from {text!r}")
+    return "/".join(parts)
+
+
+class KeyMaker:
+    """`make_key` plus uniqueness: a key seen before gets ``_1``, ``_2``, ... appended (deterministic)."""
+
+    def __init__(self) -> None:
+        self._seen: set[str] = set()
+
+    def __call__(self, text: str) -> str:
+        base = key = make_key(text)
+        n = 0
+        while key in self._seen:
+            n += 1
+            key = f"{base}_{n}"
+        self._seen.add(key)
+        return key
+
+
+def encode_field(value: Any, *, key: str = "?", field: str = "?") -> bytes:
+    """One sample field as bytes: bytes as they are, ``str`` as UTF-8, ``int``/``float`` as decimal text,
+    ``dict``/``list``/``bool``/``None`` as JSON."""
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return bytes(value)
+    if isinstance(value, str):
+        return value.encode("utf-8")
+    if isinstance(value, (dict, list, tuple, bool)) or value is None:
+        return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    if isinstance(value, (int, float)):
+        return str(value).encode("ascii")
+    raise DataError(f"sample {key!r}: field {field!r} has type {type(value).__name__}; expected bytes, str, "
+                    f"int, float or a JSON-able dict/list", key=key)
+
+
+def _encode_sample(sample: Mapping[str, Any]) -> tuple[str, dict[str, bytes]]:
+    key = sample.get("__key__") if isinstance(sample, Mapping) else None
+    if not isinstance(key, str) or not key:
+        raise DataError(f"every sample needs a non-empty string '__key__'; got {str(sample)[:200]}")
+    base = key.rsplit("/", 1)[-1]
+    if "." in base or key.startswith("/") or "//" in key:
+        raise DataError(f"sample key {key!r}: keys must not contain '.' in their last part or empty path parts "
+                        f"(a WebDataset reader would split the sample); use mmoe.data.make_key", key=key)
+    fields = {}
+    for name, value in sample.items():
+        if name.startswith("__"):
+            continue  # __key__, and reader metadata such as __url__
+        if not name or name.startswith(".") or "/" in name:
+            raise DataError(f"sample {key!r}: bad field name {name!r} (use an extension such as 'jpg')", key=key)
+        fields[name] = encode_field(value, key=key, field=name)
+    if not fields:
+        raise DataError(f"sample {key!r} has no fields besides its key", key=key)
+    return key, fields
+
+
+def split_for_key(key: str, val_fraction: float) -> str:
+    """``"val"`` for a fraction ``val_fraction`` of keys, chosen by a hash of the key, else ``"train"``.
+
+    Deterministic and independent of order and of the other keys: a sample stays in its split when the
+    dataset grows."""
+    h = int.from_bytes(hashlib.sha256(key.encode("utf-8")).digest()[:8], "big") / 2.0**64
+    return "val" if h < val_fraction else "train"
+
+
+# ------------------------------------------------------------------------------------------------
+# the shard writer
+
+
+class _HashingFile:
+    """A write-only file wrapper that also computes the SHA-256 and size of what passes through."""
+
+    def __init__(self, raw) -> None:
+        self.raw = raw
+        self.sha256 = hashlib.sha256()
+        self.size = 0
+        self.discard = False  # set after an aborted write: the tar stream's late flush goes nowhere
+
+    def write(self, data) -> int:
+        if self.discard:
+            return len(data)
+        self.raw.write(data)
+        self.sha256.update(data)
+        self.size += len(data)
+        return len(data)
+
+    def flush(self) -> None:
+        self.raw.flush()
+
+
+def _member_bytes(key: str, fields: Mapping[str, bytes]) -> int:
+    """Bytes the sample occupies in a tar file (headers, padded data, PAX header for long names)."""
+    total = 0
+    for name, data in fields.items():
+        total += _TAR_BLOCK + math.ceil(len(data) / _TAR_BLOCK) * _TAR_BLOCK
+        if len(f"{key}.{name}".encode()) > 100:
+            total += 2 * _TAR_BLOCK
+    return total
+
+
+def _archive_bytes(payload: int) -> int:
+    """Size of a closed tar file whose members take ``payload`` bytes (end blocks + record padding)."""
+    return math.ceil((payload + 2 * _TAR_BLOCK) / _TAR_RECORD) * _TAR_RECORD
+
+
+class _SplitWriter:
+    """Writes the shards of one prefix, starting a new shard when the count or size limit is reached."""
+
+    def __init__(self, out_dir: Path, prefix: str, samples_per_shard: int, max_shard_bytes: int | None):
+        self.out_dir, self.prefix = out_dir, prefix
+        self.samples_per_shard, self.max_shard_bytes = samples_per_shard, max_shard_bytes
+        self.shards: list[ShardInfo] = []
+        self._tar = self._file = self._hash = self._path = None
+        self._count = self._payload = 0
+
+    def write(self, key: str, fields: dict[str, bytes]) -> None:
+        size = _member_bytes(key, fields)
+        if self._tar is not None and (
+            self._count >= self.samples_per_shard
+            or (self.max_shard_bytes is not None and _archive_bytes(self._payload + size) > self.max_shard_bytes)
+        ):
+            self._finish()
+        if self._tar is None:
+            self._open()
+        self._tar.write({"__key__": key, **fields})
+        self._count += 1
+        self._payload += size
+
+    def _open(self) -> None:
+        from webdataset import TarWriter
+
+        name = f"{self.prefix}-{len(self.shards):06d}.tar"
+        self._path = self.out_dir / name
+        self._file = open(self._path.with_name(name + ".partial"), "wb")
+        self._hash = _HashingFile(self._file)
+        # Fixed owner, mode and mtime: the same samples give the same bytes.
+        self._tar = TarWriter(self._hash, user="", group="", mode=0o444, encoder=False, mtime=0,
+                              format="PAX_FORMAT")
+        self._count = self._payload = 0
+
+    def _finish(self) -> None:
+        self._tar.close()
+        self._file.close()
+        os.replace(self._file.name, self._path)
+        self.shards.append(ShardInfo(self._path.name, self._count, self._hash.size, self._hash.sha256.hexdigest()))
+        self._tar = self._file = self._hash = None
+
+    def close(self) -> SplitInfo:
+        if self._tar is not None:
+            self._finish()
+        return SplitInfo(self.prefix, self.shards)
+
+    def abort(self) -> None:
+        """Drop the shard being written (after an error); finished shards stay."""
+        if self._file is not None:
+            self._hash.discard = True
+            self._file.close()
+            Path(self._file.name).unlink(missing_ok=True)
+            self._tar = self._file = self._hash = None
+
+
+def _split_prefixes(prefix: str | None, val_fraction: float) -> dict[str, str]:
+    """``{split name: file prefix}``: one split named after the prefix, or ``train``/``val``."""
+    if val_fraction > 0:
+        if prefix in (None, ""):
+            return {"train": "train", "val": "val"}
+        return {"train": f"{prefix}-train", "val": f"{prefix}-val"}
+    prefix = prefix or "shard"
+    return {prefix: prefix}
+
+
+def write_shards(
+    samples: Iterable[Mapping[str, Any]],
+    out_dir: str | os.PathLike,
+    *,
+    prefix: str | None = None,
+    samples_per_shard: int = 1000,
+    max_shard_bytes: int | str | None = None,
+    val_fraction: float = 0.0,
+    source: str | Mapping[str, Any] | None = None,
+    extra_manifest: Mapping[str, Any] | None = None,
+    progress: bool = False,
+) -> Manifest:
+    """Write ``samples`` as tar shards into ``out_dir`` and save ``out_dir/manifest.json``.
+
+    Args:
+        samples: WebDataset-style dicts: ``"__key__"`` (unique; no ``.`` in its last path part, see
+            `make_key`) and fields named by extension; values may be bytes, str (UTF-8), int/float
+            (decimal text) or dict/list (JSON). Fields starting with ``__`` other than the key are
+            ignored. A `ShardSource` also fills the manifest's ``source``, ``info`` and ``skipped``.
+        out_dir: output directory (created). It may hold one write's shards: rewriting with the same
+            split names replaces them (stale shards of the old manifest are removed); a manifest with
+            other split names is an error, to avoid mixing unrelated shards.
+        prefix: shard file prefix; default ``"shard"``, or ``"train"``/``"val"`` with a validation
+            split (an explicit prefix then gives ``{prefix}-train``/``{prefix}-val``).
+        samples_per_shard: at most this many samples per shard.
+        max_shard_bytes: at most this many bytes per shard file (int or a string such as ``"64MB"``);
+            a single larger sample gets a shard of its own.
+        val_fraction: put this fraction of samples, chosen by a hash of their key (`split_for_key`),
+            into the ``val`` split and the rest into ``train``.
+        source: for plain iterables, the source type (str) or ``{"type": ..., "options": {...}}``
+            recorded in the manifest; default ``"custom"``.
+        extra_manifest: merged into the manifest's ``info`` after all samples were read (so a dict that
+            the sample generator fills while running is recorded complete).
+        progress: show a tqdm progress bar.
+
+    Returns:
+        The saved `Manifest`. Raises `DataError` for bad samples or input files (the message names them).
+    """
+    if samples_per_shard < 1:
+        raise ValueError(f"samples_per_shard must be >= 1, got {samples_per_shard}")
+    if max_shard_bytes is not None:
+        max_shard_bytes = parse_size(max_shard_bytes)
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    prefixes = _split_prefixes(prefix, val_fraction)
+
+    old = None
+    manifest_path = out_dir / MANIFEST_NAME
+    if manifest_path.exists():
+        old = Manifest.load(manifest_path)
+        if set(old.splits) != set(prefixes) or any(old.splits[n].prefix != p for n, p in prefixes.items()):
+            raise DataError(f"{out_dir} already holds shards of other splits ({sorted(old.splits)}, this write "
+                            f"makes {sorted(prefixes)}); use another directory or delete {manifest_path}")
+        manifest_path.unlink()  # a write that fails half-way leaves no manifest that lies
+
+    if isinstance(samples, ShardSource):
+        source_entry = {"type": samples.type, "options": samples.options()}
+    elif isinstance(source, Mapping):
+        source_entry = {"type": str(source.get("type", "custom")), "options": dict(source.get("options", {}))}
+    else:
+        source_entry = {"type": source or "custom", "options": {}}
+
+    writers = {name: _SplitWriter(out_dir, p, samples_per_shard, max_shard_bytes) for name, p in prefixes.items()}
+    seen: set[bytes] = set()
+    from tqdm import tqdm
+
+    total = samples.size_hint() if isinstance(samples, ShardSource) else None
+    bar = tqdm(samples, total=total, unit=" samples", desc=f"writing {out_dir}", disable=not progress,
+               dynamic_ncols=True)
+    try:
+        for sample in bar:
+            key, fields = _encode_sample(sample)
+            digest = hashlib.blake2b(key.encode("utf-8"), digest_size=12).digest()
+            if digest in seen:
+                raise DataError(f"duplicate sample key {key!r}", key=key)
+            seen.add(digest)
+            name = split_for_key(key, val_fraction) if val_fraction > 0 else next(iter(writers))
+            writers[name].write(key, fields)
+    except BaseException:
+        for writer in writers.values():
+            writer.abort()
+        raise
+    finally:
+        bar.close()
+    splits = {name: writer.close() for name, writer in writers.items()}
+
+    info = dict(samples.info()) if isinstance(samples, ShardSource) else {}
+    info.update(extra_manifest or {})
+    skipped = samples.skipped_summary() if isinstance(samples, ShardSource) else {"count": 0, "items": []}
+    manifest = Manifest(
+        source=source_entry,
+        splits=splits,
+        writer={"samples_per_shard": samples_per_shard, "max_shard_bytes": max_shard_bytes,
+                "val_fraction": val_fraction},
+        skipped=skipped,
+        info=info,
+    )
+    manifest.save(manifest_path)
+    if old is not None:  # shards of the previous write that this one did not overwrite
+        current = {s.name for split in splits.values() for s in split.shards}
+        for split in old.splits.values():
+            for shard in split.shards:
+                if shard.name not in current:
+                    (out_dir / shard.name).unlink(missing_ok=True)
+    return manifest
+
+
+# ------------------------------------------------------------------------------------------------
+# sources
+
+
+class ShardSource:
+    """Base of the source readers: an iterable of samples that also describes itself for the manifest.
+
+    Subclasses set ``type`` and implement ``__iter__``, ``options`` and ``info`` (called after
+    iteration). Bad inputs go through `_problem`: a `DataError` with ``on_error="fail"``, or a
+    `DataWarning` plus an entry in the manifest's ``skipped`` with ``on_error="skip"``.
+    """
+
+    type = "custom"
+
+    def __init__(self, on_error: str = "fail") -> None:
+        if on_error not in ("fail", "skip"):
+            raise ValueError(f"on_error must be 'fail' or 'skip', got {on_error!r}")
+        self.on_error = on_error
+        self._skipped: list[dict[str, str]] = []
+        self._skipped_count = 0
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        raise NotImplementedError
+
+    def options(self) -> dict[str, Any]:
+        return {"on_error": self.on_error}
+
+    def info(self) -> dict[str, Any]:
+        return {}
+
+    def size_hint(self) -> int | None:
+        """Number of samples if known in advance (for the progress bar)."""
+        return None
+
+    def skipped_summary(self) -> dict[str, Any]:
+        return {"count": self._skipped_count, "items": list(self._skipped)}
+
+    def _problem(self, where: str, reason: str) -> None:
+        """Report a bad input ``where`` (a file, or ``file:line``): raise, or warn and record it."""
+        if self.on_error == "fail":
+            raise DataError(f"{where}: {reason}", url=where)
+        warnings.warn(f"skipped {where}: {reason}", DataWarning, stacklevel=3)
+        self._skipped_count += 1
+        if len(self._skipped) < _MAX_SKIPPED_LISTED:
+            self._skipped.append({"path": where, "reason": reason})
+
+
+def read_image_file(path: str | os.PathLike) -> tuple[bytes, str]:
+    """The file's bytes and the field to store them under (``jpg``, ``png``, ...), from the actual image
+    format (not the file name). Raises `OSError` or PIL's errors for unreadable or non-image files."""
+    from PIL import Image
+
+    data = Path(path).read_bytes()
+    with Image.open(io.BytesIO(data)) as image:
+        fmt = image.format or ""
+        image.verify()
+    return data, _IMAGE_EXT.get(fmt, fmt.lower() or "img")
+
+
+def _describe(err: BaseException) -> str:
+    """``Type: message`` without memory addresses (PIL names the BytesIO), so manifests stay reproducible."""
+    if type(err).__name__ == "UnidentifiedImageError":
+        return "UnidentifiedImageError: not an image format PIL can identify"
+    return f"{type(err).__name__}: " + re.sub(r"<[^<>]* at 0x[0-9a-fA-F]+>", "<data>", str(err))
+
+
+def _is_hidden(path: Path, root: Path) -> bool:
+    return any(part.startswith(".") for part in path.relative_to(root).parts)
+
+
+def _files_under(root: Path, pattern: str = "*") -> list[Path]:
+    return sorted((p for p in root.rglob(pattern) if p.is_file() and not _is_hidden(p, root)),
+                  key=lambda p: p.relative_to(root).as_posix())
+
+
+class ImageFolderSource(ShardSource):
+    """``root/<class_name>/<image files>`` (sub-folders inside a class folder are allowed).
+
+    Class index = position of the class name in the sorted folder names. Sample: the image bytes under
+    their format's extension, ``cls`` (int) and ``json`` = ``{"label": class name, "path": path
+    relative to root}``. Hidden files and folders are ignored; files directly under ``root`` are
+    skipped with a warning; files that are not readable images are errors (or skipped). Manifest
+    ``info``: ``classes`` and ``class_counts``.
+    """
+
+    type = "imagefolder"
+
+    def __init__(self, root: str | os.PathLike, *, on_error: str = "fail") -> None:
+        super().__init__(on_error)
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise DataError(f"{self.root}: not a directory (expected root/<class_name>/<images>)")
+        self.classes = sorted(d.name for d in self.root.iterdir() if d.is_dir() and not d.name.startswith("."))
+        if not self.classes:
+            raise DataError(f"{self.root}: no class folders (expected root/<class_name>/<images>)")
+        self._files = [(c, f) for c in self.classes for f in _files_under(self.root / c)]
+        self._loose = sorted(p.name for p in self.root.iterdir() if p.is_file() and not p.name.startswith("."))
+        self.class_counts = {c: 0 for c in self.classes}
+
+    def options(self) -> dict[str, Any]:
+        return {"root": str(self.root), **super().options()}
+
+    def size_hint(self) -> int:
+        return len(self._files)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        if self._loose:
+            warnings.warn(f"ignored {len(self._loose)} file(s) directly under {self.root} (images must be in "
+                          f"class folders): {', '.join(self._loose[:5])}", DataWarning, stacklevel=2)
+        keys = KeyMaker()
+        index_of = {c: i for i, c in enumerate(self.classes)}
+        self.class_counts = {c: 0 for c in self.classes}
+        for label, file in self._files:
+            rel = file.relative_to(self.root).as_posix()
+            try:
+                data, ext = read_image_file(file)
+            except Exception as err:  # PIL raises many types for bad files
+                self._problem(str(file), f"not a readable image ({_describe(err)})")
+                continue
+            self.class_counts[label] += 1
+            yield {"__key__": keys(str(Path(rel).with_suffix(""))), ext: data,
+                   "cls": index_of[label], "json": {"label": label, "path": rel}}
+        if sum(self.class_counts.values()) == 0:
+            raise DataError(f"{self.root}: no readable images in the class folders {self.classes}")
+
+    def info(self) -> dict[str, Any]:
+        return {"classes": self.classes, "class_counts": dict(self.class_counts)}
+
+
+class CocoSource(ShardSource):
+    """COCO ``instances_*.json`` plus its image directory: one sample per image.
+
+    Sample: the image bytes under their format's extension and ``json`` = ``{"image": <the image entry
+    of the annotation file>, "annotations": [{"id", "bbox", "category_id", "segmentation", "area",
+    "iscrowd"}, ...]}`` (annotation order as in the file). Images without annotations are kept. Manifest
+    ``info``: ``categories`` (as in the file), ``num_images``, ``num_annotations``.
+    """
+
+    type = "coco"
+
+    def __init__(self, annotations: str | os.PathLike, image_dir: str | os.PathLike, *, on_error: str = "fail"):
+        super().__init__(on_error)
+        self.annotations, self.image_dir = Path(annotations), Path(image_dir)
+        try:
+            data = json.loads(self.annotations.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise DataError(f"{self.annotations}: cannot read COCO annotations ({err})") from None
+        if not isinstance(data, dict) or not isinstance(data.get("images"), list):
+            raise DataError(f"{self.annotations}: not a COCO annotation file (no \"images\" list)")
+        if not self.image_dir.is_dir():
+            raise DataError(f"{self.image_dir}: image directory not found")
+        self.images = data["images"]
+        self.categories = data.get("categories", [])
+        self._by_image: dict[Any, list[dict]] = {}
+        ids = set()
+        for i, image in enumerate(self.images):
+            if not isinstance(image, dict) or "id" not in image or "file_name" not in image:
+                raise DataError(f"{self.annotations}: images[{i}] lacks 'id' or 'file_name'")
+            ids.add(image["id"])
+        self._orphans = []
+        for ann in data.get("annotations", []):
+            if ann.get("image_id") not in ids:
+                self._orphans.append(ann)
+                continue
+            self._by_image.setdefault(ann["image_id"], []).append(
+                {k: ann.get(k) for k in ("id", "bbox", "category_id", "segmentation", "area", "iscrowd")})
+        self.num_images = self.num_annotations = 0
+
+    def options(self) -> dict[str, Any]:
+        return {"annotations": str(self.annotations), "image_dir": str(self.image_dir), **super().options()}
+
+    def size_hint(self) -> int:
+        return len(self.images)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        for ann in self._orphans:
+            self._problem(f"{self.annotations} annotation id {ann.get('id')}",
+                          f"refers to image_id {ann.get('image_id')!r}, which is not in \"images\"")
+        keys = KeyMaker()
+        self.num_images = self.num_annotations = 0
+        for image in self.images:
+            file = self.image_dir / image["file_name"]
+            if not file.is_file():
+                self._problem(str(file), f"image file not found (image id {image['id']} in {self.annotations})")
+                continue
+            try:
+                data, ext = read_image_file(file)
+            except Exception as err:
+                self._problem(str(file), f"not a readable image ({_describe(err)})")
+                continue
+            anns = self._by_image.get(image["id"], [])
+            self.num_images += 1
+            self.num_annotations += len(anns)
+            yield {"__key__": keys(str(Path(image["file_name"]).with_suffix(""))), ext: data,
+                   "json": {"image": image, "annotations": anns}}
+
+    def info(self) -> dict[str, Any]:
+        return {"categories": self.categories, "num_images": self.num_images,
+                "num_annotations": self.num_annotations}
+
+
+_LANG_RE = re.compile(r"^[a-z]{2}(?:[-_][A-Za-z0-9]{2,8})*$")
+
+
+class TextSource(ShardSource):
+    """A ``.txt`` file or a folder of them (recursive, sorted): one document per non-empty line
+    (``unit="line"``) or per file (``unit="file"``, whitespace-only files are left out and counted).
+
+    Language per document: ``lang`` if given, else the file stem if it looks like a language tag
+    (``en.txt``, ``pt-BR.txt``: two lowercase letters plus optional subtags), else the parent folder
+    name if it does (``de/news.txt``); otherwise an error naming the file. Sample: ``txt`` (UTF-8) and
+    ``json`` = ``{"lang", "source": path relative to the source folder, "line": n}`` (``line`` only
+    per-line). Manifest ``info``: ``unit``, ``languages``, ``docs_per_language``, ``empty_files``.
+    """
+
+    type = "text"
+
+    def __init__(self, src: str | os.PathLike, *, unit: str = "line", lang: str | None = None,
+                 on_error: str = "fail") -> None:
+        super().__init__(on_error)
+        if unit not in ("line", "file"):
+            raise ValueError(f"unit must be 'line' or 'file', got {unit!r}")
+        self.src, self.unit, self.lang = Path(src), unit, lang
+        if self.src.is_file():
+            self._root, self._files = self.src.parent, [self.src]
+        elif self.src.is_dir():
+            self._root, self._files = self.src, _files_under(self.src, "*.txt")
+            if not self._files:
+                raise DataError(f"{self.src}: no .txt files found")
+        else:
+            raise DataError(f"{self.src}: no such file or directory")
+        self.docs_per_language: dict[str, int] = {}
+        self.empty_files = 0
+
+    def options(self) -> dict[str, Any]:
+        return {"src": str(self.src), "unit": self.unit, "lang": self.lang, **super().options()}
+
+    def _language(self, file: Path) -> str | None:
+        if self.lang:
+            return self.lang
+        if _LANG_RE.match(file.stem):
+            return file.stem
+        if _LANG_RE.match(file.parent.name):
+            return file.parent.name
+        return None
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        keys = KeyMaker()
+        self.docs_per_language, self.empty_files = {}, 0
+        for file in self._files:
+            rel = file.relative_to(self._root).as_posix()
+            lang = self._language(file)
+            if lang is None:
+                self._problem(str(file), "cannot tell its language: name the file like en.txt, put it in a "
+                              "folder like de/, or pass --lang")
+                continue
+            try:
+                data = file.read_bytes()
+            except OSError as err:
+                self._problem(str(file), f"cannot read ({err})")
+                continue
+            if data.startswith(b"\xef\xbb\xbf"):
+                data = data[3:]  # UTF-8 byte order mark
+            stem_key = str(Path(rel).with_suffix(""))
+            if self.unit == "file":
+                try:
+                    text = data.decode("utf-8")
+                except UnicodeDecodeError as err:
+                    self._problem(str(file), f"not valid UTF-8 (byte {err.start})")
+                    continue
+                if not text.strip():
+                    self.empty_files += 1
+                    continue
+                self.docs_per_language[lang] = self.docs_per_language.get(lang, 0) + 1
+                yield {"__key__": keys(stem_key), "txt": text, "json": {"lang": lang, "source": rel}}
+                continue
+            for number, raw in enumerate(data.split(b"\n"), start=1):
+                try:
+                    text = raw.decode("utf-8").rstrip("\r")
+                except UnicodeDecodeError as err:
+                    self._problem(f"{file}:{number}", f"not valid UTF-8 (byte {err.start} of the line)")
+                    continue
+                if not text.strip():
+                    continue
+                self.docs_per_language[lang] = self.docs_per_language.get(lang, 0) + 1
+                yield {"__key__": keys(f"{stem_key}/{number:07d}"), "txt": text,
+                       "json": {"lang": lang, "source": rel, "line": number}}
+        if not self.docs_per_language:
+            raise DataError(f"{self.src}: no non-empty documents found")
+
+    def info(self) -> dict[str, Any]:
+        return {"unit": self.unit, "languages": sorted(self.docs_per_language),
+                "docs_per_language": dict(sorted(self.docs_per_language.items())),
+                "empty_files": self.empty_files}
+
+
+class PairsSource(ShardSource):
+    """Image-text pairs from a list file; image paths are relative to the list file's folder.
+
+    ``.jsonl``: one JSON object per line with the fields ``image_field`` and ``caption_field`` (other
+    fields are kept under ``json["extra"]``). ``.tsv``: ``path<TAB>caption`` per line (a first line
+    ``image<TAB>caption`` is taken as a header). Blank lines are ignored. Sample: the image bytes
+    under their format's extension, ``txt`` = caption, ``json`` = ``{"image": path as listed, "line":
+    n}``; the key is the line number. A bad line, missing or unreadable image is an error naming the
+    list file and line (or skipped). Manifest ``info``: ``list_format``, ``pairs``, ``images``.
+    """
+
+    type = "pairs"
+
+    def __init__(self, list_file: str | os.PathLike, *, image_field: str = "image", caption_field: str = "caption",
+                 on_error: str = "fail") -> None:
+        super().__init__(on_error)
+        self.list_file = Path(list_file)
+        if not self.list_file.is_file():
+            raise DataError(f"{self.list_file}: no such file")
+        suffix = self.list_file.suffix.lower()
+        if suffix in (".jsonl", ".ndjson"):
+            self.list_format = "jsonl"
+        elif suffix in (".tsv", ".txt"):
+            self.list_format = "tsv"
+        else:
+            raise DataError(f"{self.list_file}: unknown list format {suffix!r} (use .jsonl or .tsv)")
+        self.image_field, self.caption_field = image_field, caption_field
+        self.pairs, self._images = 0, set()
+
+    def options(self) -> dict[str, Any]:
+        return {"list": str(self.list_file), "image_field": self.image_field,
+                "caption_field": self.caption_field, **super().options()}
+
+    def _parse(self, number: int, line: str) -> tuple[str, str, dict] | None:
+        """``(image path, caption, extra fields)``, or ``None`` for a header line; `ValueError` if bad."""
+        if self.list_format == "tsv":
+            cols = line.split("\t")
+            if len(cols) != 2:
+                raise ValueError(f"expected 2 tab-separated columns (path, caption), got {len(cols)}")
+            if number == 1 and cols[0].strip().lower() in ("image", "path", self.image_field) and \
+                    cols[1].strip().lower() in ("caption", "text", self.caption_field):
+                return None
+            return cols[0].strip(), cols[1].strip(), {}
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"invalid JSON ({err.msg} at column {err.colno})") from None
+        if not isinstance(row, dict):
+            raise ValueError(f"expected a JSON object, got {type(row).__name__}")
+        for name in (self.image_field, self.caption_field):
+            if not isinstance(row.get(name), str):
+                raise ValueError(f"missing or non-string field {name!r}")
+        extra = {k: v for k, v in row.items() if k not in (self.image_field, self.caption_field)}
+        return row[self.image_field].strip(), row[self.caption_field].strip(), extra
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        base = self.list_file.parent
+        self.pairs, self._images = 0, set()
+        try:
+            lines = self.list_file.read_text(encoding="utf-8-sig").split("\n")
+        except (OSError, UnicodeDecodeError) as err:
+            raise DataError(f"{self.list_file}: cannot read ({err})") from None
+        for number, line in enumerate(lines, start=1):
+            line = line.rstrip("\r")
+            if not line.strip():
+                continue
+            where = f"{self.list_file}:{number}"
+            try:
+                parsed = self._parse(number, line)
+                if parsed is None:
+                    continue
+                path, caption, extra = parsed
+                if not path or not caption:
+                    raise ValueError("empty image path or caption")
+            except ValueError as err:
+                self._problem(where, str(err))
+                continue
+            file = base / path
+            if not file.is_file():
+                self._problem(where, f"image {file} not found")
+                continue
+            try:
+                data, ext = read_image_file(file)
+            except Exception as err:
+                self._problem(where, f"image {file} is not a readable image ({_describe(err)})")
+                continue
+            self.pairs += 1
+            self._images.add(path)
+            meta: dict[str, Any] = {"image": path, "line": number}
+            if extra:
+                meta["extra"] = extra
+            yield {"__key__": f"{number:09d}", ext: data, "txt": caption, "json": meta}
+        if self.pairs == 0:
+            raise DataError(f"{self.list_file}: no usable image-text pairs")
+
+    def info(self) -> dict[str, Any]:
+        return {"list_format": self.list_format, "pairs": self.pairs, "images": len(self._images)}
+
+
+# ------------------------------------------------------------------------------------------------
+# one call per source
+
+
+def write_imagefolder(root, out_dir, *, on_error: str = "fail", **kwargs) -> Manifest:
+    """`write_shards` of an `ImageFolderSource`; ``kwargs`` go to `write_shards`."""
+    return write_shards(ImageFolderSource(root, on_error=on_error), out_dir, **kwargs)
+
+
+def write_coco(annotations, image_dir, out_dir, *, on_error: str = "fail", **kwargs) -> Manifest:
+    """`write_shards` of a `CocoSource`; ``kwargs`` go to `write_shards`."""
+    return write_shards(CocoSource(annotations, image_dir, on_error=on_error), out_dir, **kwargs)
+
+
+def write_text(src, out_dir, *, unit: str = "line", lang: str | None = None, on_error: str = "fail",
+               **kwargs) -> Manifest:
+    """`write_shards` of a `TextSource`; ``kwargs`` go to `write_shards`."""
+    return write_shards(TextSource(src, unit=unit, lang=lang, on_error=on_error), out_dir, **kwargs)
+
+
+def write_pairs(list_file, out_dir, *, image_field: str = "image", caption_field: str = "caption",
+                on_error: str = "fail", **kwargs) -> Manifest:
+    """`write_shards` of a `PairsSource`; ``kwargs`` go to `write_shards`."""
+    source = PairsSource(list_file, image_field=image_field, caption_field=caption_field, on_error=on_error)
+    return write_shards(source, out_dir, **kwargs)
