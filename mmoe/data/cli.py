@@ -106,6 +106,15 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--caption-field", default="caption", help="jsonl field with the caption (default caption)")
     _add_common(p)
 
+    p = sub.add_parser("digits", help="the 8x8 handwritten digits that scikit-learn ships (no download)",
+                       description="Shard the 1,797 handwritten digit images that scikit-learn ships as PNGs "
+                       "with 'cls' labels, split into train-* and val-* by key hash (--val-fraction, default "
+                       "0.2). The data of configs/tiny.yaml and of the tests.")
+    p.add_argument("out", metavar="OUT", help="output directory (shards + manifest.json)")
+    p.add_argument("--samples-per-shard", type=int, default=200, help="samples per shard (default 200)")
+    p.add_argument("--val-fraction", type=float, default=0.2, help="fraction in the val split (default 0.2)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
     p = sub.add_parser("verify", help="re-check shard sizes, checksums and sample counts against manifest.json",
                        description="Re-check every shard listed in DIR/manifest.json: present, same size, "
                        "same SHA-256, same number of samples. Exit status 1 if any shard fails.")
@@ -137,6 +146,14 @@ def run(args: argparse.Namespace) -> int:
 def _write(args: argparse.Namespace) -> int:
     from . import writers
 
+    if args.source == "digits":
+        from mmoe.train.toy import write_digits_shards
+
+        manifest = write_digits_shards(args.out, samples_per_shard=args.samples_per_shard,
+                                       val_fraction=args.val_fraction, progress=not args.quiet)
+        print(f"wrote {manifest.num_shards} shards, {manifest.num_samples} samples to {manifest.directory} ("
+              + ", ".join(f"{n}: {len(s.shards)} shards/{s.samples} samples" for n, s in manifest.splits.items()) + ")")
+        return 0
     options = dict(prefix=args.prefix, samples_per_shard=args.samples_per_shard,
                    max_shard_bytes=args.max_shard_size, val_fraction=args.val_fraction, progress=not args.quiet)
     if args.source == "imagefolder":

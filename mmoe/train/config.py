@@ -3,7 +3,7 @@
 ```yaml
 task: digits_mlp            # a registered task (mmoe.train.tasks); it validates `model` itself
 model: {dim: 64, depth: 2, moe: {num_experts: 8, top_k: 2}}
-data: {train: data/digits/train-{000000..000003}.tar, val: data/digits/val-000000.tar, batch_size: 64}
+data: {train: data/digits, train_split: train, val: data/digits, val_split: val, batch_size: 64}
 optim: {lr: 3.0e-3, weight_decay: 0.05, warmup_steps: 20, schedule: cosine}
 train: {max_steps: 300, log_every: 10, eval_every: 100, save_every: 100}
 dist: {zero_stage: 0, ep_size: 1}
@@ -23,6 +23,8 @@ from typing import Any, Literal
 class DataConfig:
     train: str = ""  # shard URL pattern, list file, directory or manifest (see mmoe.data.ShardLoader)
     val: str | None = None
+    train_split: str | None = None  # split of a shard directory's manifest (e.g. "train"); None = its only one
+    val_split: str | None = None  # e.g. "val"
     batch_size: int = 32  # per rank and micro-batch
     eval_batch_size: int | None = None
     shuffle_buffer: int = 1000

@@ -250,7 +250,10 @@ class Trainer:
             raise TrainingError("data.train: no training shards given" if train else "data.val: no validation shards given")
         from ..data import ShardLoader
 
-        return ShardLoader(urls, batch_size=d.batch_size if train else (d.eval_batch_size or d.batch_size),
+        where = Path(str(urls))
+        use_split = where.is_dir() or where.suffix == ".json"
+        split_name = (d.train_split if train else d.val_split) if use_split else None
+        return ShardLoader(urls, split=split_name, batch_size=d.batch_size if train else (d.eval_batch_size or d.batch_size),
                            decode=self.task.decode, collate=self.task.collate,
                            shuffle_buffer=d.shuffle_buffer if train else 0, seed=self.cfg.run.seed,
                            rank=self.rank, world_size=self.world, num_workers=d.num_workers,
@@ -444,17 +447,25 @@ class Trainer:
         loader = self._make_loader(train=False, split=split)
         sums: dict[str, float] = {}
         cap = self.cfg.train.eval_batches
-        # every rank must take part in each expert-parallel forward: run the same number of batches
+        # every rank must take part in each expert-parallel forward: a rank whose shards are done repeats
+        # its last batch (results discarded) until every rank is done
         batches = iter(loader)
         i = 0
+        last = None
         while True:
-            batch = next(batches, None)
-            more = torch.tensor([0.0 if batch is None or (cap is not None and i >= cap) else 1.0])
+            batch = None if (cap is not None and i >= cap) else next(batches, None)
+            more = torch.tensor([0.0 if batch is None else 1.0])
             if self.world > 1:
-                dist.all_reduce(more, op=dist.ReduceOp.MIN)
+                dist.all_reduce(more, op=dist.ReduceOp.MAX)
             if more.item() == 0:
                 break
-            for k, v in self.task.eval_step(engine, self._to_device(batch)).items():
+            if batch is None:
+                if last is not None and self.cfg.dist.ep_size > 1:
+                    self.task.eval_step(engine, last)
+                i += 1
+                continue
+            last = self._to_device(batch)
+            for k, v in self.task.eval_step(engine, last).items():
                 sums[k] = sums.get(k, 0.0) + float(v)
             i += 1
         if self.world > 1:

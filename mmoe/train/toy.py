@@ -125,33 +125,28 @@ class DigitsTask(Task):
         return {"loss": sums["loss_sum"] / n, "acc": sums["correct"] / n, "count": sums.get("count", 0.0)}
 
 
-def digits_samples(val_fraction: float = 0.2, seed: int = 0):
-    """The scikit-learn digits as (train, val) lists of shard samples (PNG bytes, ``cls``)."""
+def digits_samples():
+    """The 1,797 scikit-learn digits as shard samples (PNG bytes, ``cls``, ``json``)."""
     from PIL import Image
     from sklearn.datasets import load_digits
 
     d = load_digits()
-    order = np.random.default_rng(seed).permutation(len(d.target))
-    n_val = int(round(val_fraction * len(order)))
-    splits: dict[str, list[dict]] = {"train": [], "val": []}
-    for rank, i in enumerate(order):
+    out = []
+    for i in range(len(d.target)):
         img = Image.fromarray((d.images[i] * (255.0 / 16.0)).round().astype(np.uint8), mode="L")
         buf = io.BytesIO()
         img.save(buf, format="PNG")
-        split = "val" if rank < n_val else "train"
-        splits[split].append({"__key__": f"digit{i:05d}", "png": buf.getvalue(), "cls": int(d.target[i]),
-                              "json": {"label": str(d.target[i]), "index": int(i)}})
-    return splits["train"], splits["val"]
+        out.append({"__key__": f"digit{i:05d}", "png": buf.getvalue(), "cls": int(d.target[i]),
+                    "json": {"label": str(d.target[i]), "index": int(i)}})
+    return out
 
 
-def write_digits_shards(out_dir: str | Path, *, samples_per_shard: int = 256, val_fraction: float = 0.2) -> dict:
-    """Write ``out_dir/train-*.tar`` and ``out_dir/val-*.tar`` from scikit-learn's digits."""
+def write_digits_shards(out_dir: str | Path, *, samples_per_shard: int = 200, val_fraction: float = 0.2,
+                        progress: bool = False):
+    """Write scikit-learn's digits as ``out_dir/train-*.tar`` and ``out_dir/val-*.tar`` (split by key hash)
+    with a ``manifest.json``; returns the `mmoe.data.Manifest`."""
     from ..data import write_shards
 
-    train, val = digits_samples(val_fraction)
-    out = {}
-    for prefix, samples in (("train", train), ("val", val)):
-        out[prefix] = write_shards(samples, out_dir, prefix=prefix, samples_per_shard=samples_per_shard,
-                                   source="sklearn-digits",
-                                   extra_manifest={"classes": [str(i) for i in range(10)]})
-    return out
+    return write_shards(digits_samples(), out_dir, samples_per_shard=samples_per_shard, val_fraction=val_fraction,
+                        source="sklearn-digits", progress=progress,
+                        extra_manifest={"classes": [str(i) for i in range(10)]})
