@@ -233,3 +233,17 @@ def test_corrupt_shard_fails_or_is_skipped_by_choice(tmp_path, digits):
     events = read_jsonl(tmp_path / "skip" / "events.jsonl")
     skipped = [e for e in events if e.get("kind") == "data_skipped"]
     assert skipped and "corrupt_shard" in skipped[0]["message"]
+
+
+def test_gradient_accumulation_equals_the_bigger_batch(tmp_path):
+    # no batch-statistics terms (aux loss, EMA), so 2 x 16 accumulated equals one batch of 32
+    text = BASE.replace("dense_backprop: default", "dense_backprop: none, aux_loss_weight: 0.0")
+    big = write_cfg(tmp_path, "big", text)
+    acc = write_cfg(tmp_path, "acc", text)
+    run_mmoe(["train", str(big), "data.batch_size=32"])
+    run_mmoe(["train", str(acc), "data.batch_size=16", "train.grad_accum=2"])
+    assert losses(tmp_path / "acc") == pytest.approx(losses(tmp_path / "big"), rel=1e-5)
+    a = ckpt_lib.full_state_dict(ckpt_lib.find_latest(tmp_path / "big" / "checkpoints"))
+    b = ckpt_lib.full_state_dict(ckpt_lib.find_latest(tmp_path / "acc" / "checkpoints"))
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-6, msg=k)

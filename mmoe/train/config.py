@@ -94,9 +94,9 @@ def load_train_config(path, overrides=()) -> TrainConfig:
 
     cfg = load_config(TrainConfig, path, overrides)
     if not cfg.task:
-        raise ConfigError(f"{path}: task: required (one of the registered tasks)")
+        raise ConfigError(str(path), "task", "required (one of the registered tasks)")
     for name, value in (("train.max_steps", cfg.train.max_steps), ("train.grad_accum", cfg.train.grad_accum),
                         ("data.batch_size", cfg.data.batch_size), ("dist.ep_size", cfg.dist.ep_size)):
         if value < 1:
-            raise ConfigError(f"{path}: {name}: must be >= 1, got {value}")
+            raise ConfigError(str(path), name, f"must be >= 1, got {value}")
     return cfg

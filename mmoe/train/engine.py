@@ -178,7 +178,7 @@ class Trainer:
         except ValueError as err:
             from ..configs import ConfigError
 
-            raise ConfigError(f"{config_source}: {err}") from None
+            raise ConfigError(config_source, "task_options", str(err)) from None
 
         # the same seed on every rank: identical full model, then each rank keeps its experts
         seed_everything(cfg.run.seed)

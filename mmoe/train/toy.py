@@ -76,7 +76,7 @@ class DigitsTask(Task):
         # synthetic examples to corrupt with NaN, to exercise the engine's non-finite-loss handling
         self._corrupt = {int(i) for i in self.options.pop("corrupt_examples", [])}
         if self.options:
-            raise ValueError(f"task_options: unknown option(s) for digits_mlp: {sorted(self.options)}")
+            raise ValueError(f"unknown option(s) for digits_mlp: {sorted(self.options)}")
 
     def build_model(self) -> nn.Module:
         return MLPMoE(self.model_cfg)
