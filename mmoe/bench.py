@@ -499,6 +499,10 @@ def run_layer_bench(settings: LayerBenchSettings) -> int:
     """Run ``mmoe bench layer`` with resolved settings: print the tables, write JSON if asked; exit code."""
     if settings.threads is not None:
         torch.set_num_threads(settings.threads)
+    if settings.device == "cpu":
+        from .perf import tune_cpu_allocator
+
+        tune_cpu_allocator()  # applies to every variant alike (dense, mmoe, DeepSpeed)
     print(_header(settings))
     ds = None
     if settings.deepspeed:

@@ -18,7 +18,7 @@ ScoreFunc = Literal["softmax", "sigmoid"]
 BalanceLoss = Literal["switch", "vmoe", "none"]
 XMoEVariant = Literal["paper", "torchscale"]
 ExpertGroupMode = Literal["forward", "backward"]
-GroupedMM = Literal["auto", "grouped", "loop"]
+GroupedMM = Literal["auto", "grouped", "padded", "loop"]
 
 
 @dataclass
@@ -62,8 +62,10 @@ class MoEConfig:
         eval_capacity_factor: capacity factor in eval mode (``None`` = same as training).
         batch_prioritized: V-MoE batch-prioritized routing: tokens with a higher max routing weight are
             placed first, so low-confidence tokens are the ones dropped.
-        grouped_mm: expert compute: ``"grouped"`` (torch grouped GEMM), ``"loop"`` (one matmul per
-            non-empty expert), or ``"auto"`` (grouped where this torch supports it for the device).
+        grouped_mm: expert compute: ``"grouped"`` (torch grouped GEMM), ``"padded"`` (rows padded to
+            the largest expert count, one batched GEMM), ``"loop"`` (one matmul per non-empty expert),
+            or ``"auto"``: on CPU padded when it pads at most 25%, else grouped where this torch
+            supports it for the device, else loop.
 
     Multi-head (MH-MoE)
         heads: split every token into ``heads`` sub-tokens of width ``dim // heads`` after a head

@@ -80,6 +80,8 @@ def test_layer_matches_reference(router, cap, heads, estimator):
         dict(heads=2, head_projections=False),
         dict(router="expert_choice", capacity_factor=2.0, normalize_topk=True),
         dict(grouped_mm="loop"),
+        dict(grouped_mm="padded", expert_bias=True),
+        dict(grouped_mm="padded", activation="swiglu", heads=2, capacity_factor=1.0),
         dict(grouped_mm="grouped", dim=16, expert_hidden=8, heads=2, dense_backprop="dense_oracle"),
     ],
     ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()),
