@@ -162,6 +162,10 @@ class Trainer:
         self.device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
+        else:
+            from ..perf import tune_cpu_allocator
+
+            tune_cpu_allocator()
         ep = cfg.dist.ep_size
         if self.world % ep:
             raise TrainingError(f"dist.ep_size={ep} does not divide the world size {self.world}")
