@@ -258,3 +258,4 @@ def test_tiny_config_trains_to_a_working_classifier(tmp_path, digits):
     assert final["step"] == 400 and final["val_count"] == 338
     assert final["val_acc"] > 0.9, final
     assert (tmp_path / "tiny" / "plots" / "expert_load_step0000400.png").is_file()
+    assert (tmp_path / "tiny" / "plots" / "loss.png").stat().st_size > 1000

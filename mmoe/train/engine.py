@@ -442,6 +442,11 @@ class Trainer:
                 last_eval = self.evaluate()
         finally:
             self.logger.close()
+        if self.rank == 0:
+            from ..runlog import plot_curves
+
+            keys = ["loss"] + (["val/loss"] if last_eval else [])
+            plot_curves([self.run_dir], self.run_dir / "plots" / "loss.png", keys=keys)
         return last_eval
 
     @torch.no_grad()
