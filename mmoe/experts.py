@@ -91,11 +91,12 @@ class Experts(nn.Module):
             y = x @ w[i].to(x.dtype)
             return y + b[i].to(y.dtype) if b is not None else y
 
-        a = lin(h, self.w1, self.b1)
-        if self.activation == "swiglu":
-            a = F.silu(a) * lin(h, self.w3, self.b3)
-        else:
-            a = F.gelu(a)
+        return self._mlp(h, lin)
+
+    def _mlp(self, x: Tensor, lin) -> Tensor:
+        """``lin(x, w1, b1) -> activation (SwiGLU with w3/b3) -> lin(., w2, b2)`` for any ``lin``."""
+        a = lin(x, self.w1, self.b1)
+        a = F.silu(a) * lin(x, self.w3, self.b3) if self.activation == "swiglu" else F.gelu(a)
         return lin(a, self.w2, self.b2)
 
     # ---------------------------------------------------------------- batched paths
@@ -137,12 +138,7 @@ class Experts(nn.Module):
             y = torch.bmm(inp, w.to(inp.dtype))
             return y + b.to(y.dtype).unsqueeze(1) if b is not None else y
 
-        a = lin(xp, self.w1, self.b1)
-        if self.activation == "swiglu":
-            a = F.silu(a) * lin(xp, self.w3, self.b3)
-        else:
-            a = F.gelu(a)
-        return lin(a, self.w2, self.b2).reshape(E * width, -1).index_select(0, slot)
+        return self._mlp(xp, lin).reshape(E * width, -1).index_select(0, slot)
 
     def _grouped(self, x: Tensor, counts: Tensor, dt: torch.dtype) -> Tensor:
         x = x.to(dt)
@@ -150,15 +146,10 @@ class Experts(nn.Module):
 
         def lin(inp, w, b):
             with torch.autocast(x.device.type, enabled=False):
-                y = torch._grouped_mm(inp, w.to(dt), offs)
+                y = torch._grouped_mm(inp.contiguous(), w.to(dt), offs)
             return _ExpertBias.apply(y, b, counts) if b is not None else y
 
-        a = lin(x, self.w1, self.b1)
-        if self.activation == "swiglu":
-            a = F.silu(a) * lin(x, self.w3, self.b3)
-        else:
-            a = F.gelu(a)
-        return lin(a.contiguous(), self.w2, self.b2)
+        return self._mlp(x, lin)
 
     def _loop(self, x: Tensor, counts_list: list[int]) -> Tensor:
         out = []

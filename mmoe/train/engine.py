@@ -357,13 +357,16 @@ class Trainer:
                 p.grad.mul_(coef)
         return norm
 
-    def _mean_over_ranks(self, values: dict[str, float]) -> dict[str, float]:
+    def _sum_over_ranks(self, values: dict[str, float]) -> dict[str, float]:
         if self.world == 1 or not values:
             return values
         keys = sorted(values)
         t = torch.tensor([values[k] for k in keys], dtype=torch.float64)
         dist.all_reduce(t)
-        return {k: float(v) / self.world for k, v in zip(keys, t.tolist())}
+        return dict(zip(keys, t.tolist()))
+
+    def _mean_over_ranks(self, values: dict[str, float]) -> dict[str, float]:
+        return {k: v / self.world for k, v in self._sum_over_ranks(values).items()}
 
     def fit(self) -> dict[str, float]:
         from ..runlog import RunLogger
@@ -477,11 +480,7 @@ class Trainer:
             for k, v in self.task.eval_step(engine, last).items():
                 sums[k] = sums.get(k, 0.0) + float(v)
             i += 1
-        if self.world > 1:
-            keys = sorted(sums)
-            t = torch.tensor([sums[k] for k in keys], dtype=torch.float64)
-            dist.all_reduce(t)
-            sums = dict(zip(keys, t.tolist()))
+        sums = self._sum_over_ranks(sums)
         metrics = self.task.eval_metrics(sums) if sums else {}
         if self.logger is not None and metrics:
             self.logger.log(self.step, **{f"val/{k}": v for k, v in metrics.items()})

@@ -26,9 +26,6 @@ from ..config import MoEConfig
 from ..layer import MoE
 from .tasks import Task, register_task
 
-IMAGE_EXTS = ("png", "jpg", "jpeg", "webp", "ppm", "bmp")
-
-
 @dataclass
 class DigitsModelConfig:
     image_size: int = 8
@@ -59,13 +56,6 @@ class MLPMoE(nn.Module):
         return self.head(self.out_norm(h))
 
 
-def image_field(sample: dict) -> bytes:
-    for ext in IMAGE_EXTS:
-        if ext in sample:
-            return sample[ext]
-    raise KeyError(f"no image field (one of {', '.join(IMAGE_EXTS)}); fields: {sorted(k for k in sample if not k.startswith('__'))}")
-
-
 @register_task("digits_mlp")
 class DigitsTask(Task):
     ModelConfig = DigitsModelConfig
@@ -84,15 +74,14 @@ class DigitsTask(Task):
     def decode(self, sample: dict):
         from PIL import Image
 
+        from ..data import decode_image, decode_label
+
         s = self.model_cfg.image_size
-        img = Image.open(io.BytesIO(image_field(sample))).convert("L")
+        img = decode_image(sample, mode="L")
         if img.size != (s, s):
             img = img.resize((s, s), Image.BILINEAR)
         x = torch.from_numpy(np.asarray(img, dtype=np.float32).reshape(-1) / 255.0)
-        if "cls" not in sample:
-            raise KeyError("missing field 'cls' (class index)")
-        y = int(sample["cls"].decode() if isinstance(sample["cls"], bytes) else sample["cls"])
-        return x, y
+        return x, decode_label(sample)
 
     def synthetic_example(self, index: int):
         """Deterministic example ``index`` (data.train: synthetic): a random image whose class is the
