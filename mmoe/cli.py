@@ -125,11 +125,16 @@ def _lazy(module: str, attr: str) -> Callable:
 
 
 COMMANDS: dict[str, Command] = {
+    "demo": Command(_lazy("vision.demo", "add_args"), _lazy("vision.demo", "run"),
+                    "train a ViT-MoE (MH-MoE + Default MoE) and a dense ViT of equal active compute on "
+                    "scikit-learn's digits; accuracies, throughput, expert-load heatmap, loss curves"),
     "bench": Command(_add_bench_args, _run_bench, "benchmarks (mmoe bench layer)"),
     "shards": Command(_lazy("mmoe.data.cli", "add_args"), _lazy("mmoe.data.cli", "run"),
                       "write WebDataset shards (image folder, COCO, text, image-text pairs) and verify them"),
     "train": Command(_lazy("mmoe.train.cli", "add_train_args"), _lazy("mmoe.train.cli", "run_train"),
                      "train a model from a YAML config (mmoe train CONFIG [key.sub=value ...])"),
+    "predict": Command(_lazy("vision.predict", "add_args"), _lazy("vision.predict", "run"),
+                       "classify image files with a trained checkpoint (top-k classes with scores)"),
     "eval": Command(_lazy("mmoe.train.cli", "add_eval_args"), _lazy("mmoe.train.cli", "run_eval"),
                     "evaluate a checkpoint (mmoe eval CONFIG --checkpoint PATH)"),
 }
@@ -152,7 +157,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     # DeepSpeed's launcher puts --local_rank=N before the subcommand; the rank is in LOCAL_RANK too
     argv = [a for a in argv if not a.startswith("--local_rank=")]
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        # `key=value` overrides after an option (`mmoe train CFG --resume a.b=1`) land here
+        if hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+            args.overrides = [*(args.overrides or []), *extra]
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return COMMANDS[args.command].run(args)
     except CLIError as err:

@@ -59,8 +59,13 @@ def run_train(args) -> int:
     from ..cli import CLIError
     from ..configs import ConfigError
     from ..data import DataError
+    from . import checkpoint as ckpt_lib
     from .engine import Trainer, TrainingError
 
+    if args.resume not in (None, "latest") and "=" in args.resume and not os.path.exists(args.resume):
+        # `--resume key=value`: the override was taken for the optional checkpoint argument
+        args.overrides.append(args.resume)
+        args.resume = "latest"
     cfg = _load(args)
     try:
         trainer = Trainer(cfg, config_source=args.config,
@@ -68,7 +73,7 @@ def run_train(args) -> int:
         if args.resume and getattr(trainer, "_resumed_from", None) is None and trainer.rank == 0:
             print(f"mmoe: no checkpoint under {trainer.ckpt_dir} yet; starting from step 0", file=sys.stderr)
         metrics = trainer.fit()
-    except (TrainingError, ConfigError, DataError) as err:
+    except (TrainingError, ConfigError, DataError, ckpt_lib.CheckpointError) as err:
         raise CLIError(str(err)) from None
     if trainer.rank == 0:
         print(json.dumps({"step": trainer.step, **{f"val_{k}": v for k, v in metrics.items()}}))
@@ -94,7 +99,7 @@ def run_eval(args) -> int:
         path = latest
     try:
         trainer = Trainer(cfg, config_source=args.config, train=False)
-        trainer.load_weights(path)
+        trainer.load_for_eval(path)
         metrics = trainer.evaluate(split=args.split)
     except (TrainingError, ConfigError, DataError, ckpt_lib.CheckpointError) as err:
         raise CLIError(str(err)) from None

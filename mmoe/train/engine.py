@@ -63,6 +63,13 @@ def init_distributed(backend: str = "auto") -> None:
                           MASTER_PORT=str(_free_port()))
     if backend == "auto":
         backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if os.environ.get("WORLD_SIZE") == "1" and not torch.cuda.is_available():
+        # DeepSpeed's CPU backend compiles a shared-memory all-reduce op (about a minute on a fresh
+        # machine) that a single process never uses: skip it
+        import importlib
+
+        # (the attribute deepspeed.comm.torch is the torch package; fetch the submodule itself)
+        importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
 
 
@@ -84,8 +91,11 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def param_groups(model: nn.Module, cfg) -> list[dict]:
-    """AdamW groups: decay / no decay (norms, biases, routers as configured) x router lr x expert (moe)."""
+def param_groups(model: nn.Module, cfg, lr_scales: dict[str, float] | None = None) -> list[dict]:
+    """AdamW groups: decay / no decay (norms, biases, routers as configured) x lr scale x expert (moe).
+
+    ``lr_scales``: optional per-parameter lr multipliers by name (a task's layer-wise lr decay), applied on
+    top of ``router_lr_scale``."""
     groups: dict[tuple, dict] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
@@ -96,6 +106,8 @@ def param_groups(model: nn.Module, cfg) -> list[dict]:
             is_norm_or_bias = True  # stacked expert biases b1/b2/b3 are [E, H]
         decay = not ((is_norm_or_bias and not cfg.decay_norm_and_bias) or (is_router and not cfg.decay_router))
         lr_scale = cfg.router_lr_scale if is_router else 1.0
+        if lr_scales:
+            lr_scale = round(lr_scale * float(lr_scales.get(name, 1.0)), 12)
         moe_name = getattr(p, "group_name", None) if getattr(p, "allreduce", True) is False else None
         key = (decay, lr_scale, moe_name)
         if key not in groups:
@@ -183,6 +195,10 @@ class Trainer:
             from ..configs import ConfigError
 
             raise ConfigError(config_source, "task_options", str(err)) from None
+        try:
+            self.task.setup(cfg)
+        except ValueError as err:
+            raise TrainingError(f"{config_source}: {err}") from None
 
         # the same seed on every rank: identical full model, then each rank keeps its experts
         seed_everything(cfg.run.seed)
@@ -201,12 +217,13 @@ class Trainer:
             m.set_check_finite(False)  # non-finite losses are caught globally in `fit`
         model.to(self.device)
         self.model = model
+        self.task.model_ready(model)
 
         self.bf16 = cfg.train.precision == "bf16" or (
             cfg.train.precision == "auto" and self.device.type == "cuda" and torch.cuda.is_bf16_supported())
         if self.bf16 and self.device.type == "cpu":
             raise TrainingError("train.precision=bf16 needs a GPU here; use fp32 (or auto) on CPU")
-        groups_ = param_groups(model, cfg.optim)
+        groups_ = param_groups(model, cfg.optim, self.task.lr_scales(model))
         opt = torch.optim.AdamW(groups_, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
         for g in opt.param_groups:
             g["lr"] = cfg.optim.lr * g.get("lr_scale", 1.0)
@@ -258,7 +275,7 @@ class Trainer:
         use_split = where.is_dir() or where.suffix == ".json"
         split_name = (d.train_split if train else d.val_split) if use_split else None
         return ShardLoader(urls, split=split_name, batch_size=d.batch_size if train else (d.eval_batch_size or d.batch_size),
-                           decode=self.task.decode, collate=self.task.collate,
+                           decode=self.task.decode if train else self.task.decode_eval, collate=self.task.collate,
                            shuffle_buffer=d.shuffle_buffer if train else 0, seed=self.cfg.run.seed,
                            rank=self.rank, world_size=self.world, num_workers=d.num_workers,
                            resampled=d.resampled if train else False, epochs=None if train else 1,
@@ -282,7 +299,8 @@ class Trainer:
         meta = {"zero_stage": self.cfg.dist.zero_stage, "scheduler": self.scheduler.state_dict(),
                 "task_state": self.task.state_dict(), "task": self.cfg.task,
                 "ds_global_steps": self.engine.global_steps, "ds_global_samples": self.engine.global_samples}
-        rank_state = {"loader": self.train_loader.state_dict() if self.train_loader is not None else None}
+        rank_state = {"loader": self.train_loader.state_dict() if self.train_loader is not None else None,
+                      "task": self.task.rank_state_dict()}
         path = ckpt_lib.save_checkpoint(
             self.ckpt_dir, self.step, model=self.engine.module, optimizer=self.optimizer, rank=self.rank,
             world_size=self.world, ep_rank=self.ep_rank, ep_size=self.cfg.dist.ep_size,
@@ -296,6 +314,16 @@ class Trainer:
         ckpt_lib.load_model_state(self.engine.module, path, ep_rank=self.ep_rank, ep_size=self.cfg.dist.ep_size)
         return ckpt_lib.read_meta(path)
 
+    def load_for_eval(self, path: str | Path) -> dict:
+        """Weights, task state and (under the same world and EP size) this rank's task tensors such as the
+        weight EMA, for evaluation or inference."""
+        meta = self.load_weights(path)
+        self.task.load_state_dict(meta.get("task_state", {}))
+        if meta.get("world_size") == self.world and meta.get("ep_size") == self.cfg.dist.ep_size:
+            rs = ckpt_lib.load_rank_state(path, self.rank)
+            self.task.load_rank_state_dict(rs.get("task") or {})
+        return meta
+
     def resume(self, path: str | Path | None = None) -> bool:
         """Restore the latest complete checkpoint (or ``path``); False when there is none."""
         path = Path(path) if path else ckpt_lib.find_latest(self.ckpt_dir)
@@ -308,8 +336,9 @@ class Trainer:
             ckpt_lib.load_optimizer_state(self.optimizer, path, self.rank)
             rs = ckpt_lib.load_rank_state(path, self.rank)
             ckpt_lib.set_rng_state(rs["rng"])
-            if rs.get("loader") is not None:
+            if rs.get("loader") is not None and self.train_loader is not None:
                 self.train_loader.load_state_dict(rs["loader"])
+            self.task.load_rank_state_dict(rs.get("task") or {})
         else:
             import warnings
 
@@ -457,6 +486,14 @@ class Trainer:
         engine = self.engine
         engine.eval()
         loader = self._make_loader(train=False, split=split)
+        self.task.eval_begin(engine.module)
+        try:
+            return self._evaluate(engine, loader)
+        finally:
+            self.task.eval_end(engine.module)
+            engine.train()
+
+    def _evaluate(self, engine, loader) -> dict[str, float]:
         sums: dict[str, float] = {}
         cap = self.cfg.train.eval_batches
         # every rank must take part in each expert-parallel forward: a rank whose shards are done repeats
@@ -484,7 +521,6 @@ class Trainer:
         metrics = self.task.eval_metrics(sums) if sums else {}
         if self.logger is not None and metrics:
             self.logger.log(self.step, **{f"val/{k}": v for k, v in metrics.items()})
-        engine.train()
         return metrics
 
 

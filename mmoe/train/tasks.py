@@ -55,14 +55,29 @@ class Task:
         self.model_cfg = model_cfg
         self.options = dict(options or {})
 
+    def setup(self, train_cfg: Any) -> None:
+        """Called once with the whole `TrainConfig` before the model is built (e.g. to read class names
+        from the data manifest)."""
+
     # -- model
     def build_model(self) -> nn.Module:
         raise NotImplementedError
+
+    def model_ready(self, model: nn.Module) -> None:
+        """Called with the model once its experts are sharded and it sits on its device."""
+
+    def lr_scales(self, model: nn.Module) -> dict[str, float] | None:
+        """Optional per-parameter lr multipliers by parameter name (e.g. layer-wise lr decay)."""
+        return None
 
     # -- data
     def decode(self, sample: dict) -> Any:
         """A raw shard sample (``__key__``, ``__url__``, bytes fields) -> one decoded example."""
         return sample
+
+    def decode_eval(self, sample: dict) -> Any:
+        """Decoding for evaluation (e.g. without random augmentation); default: `decode`."""
+        return self.decode(sample)
 
     def collate(self, examples: list) -> Any:
         return torch.utils.data.default_collate(examples)
@@ -81,11 +96,24 @@ class Task:
     def eval_metrics(self, sums: dict[str, float]) -> dict[str, float]:
         return dict(sums)
 
+    def eval_begin(self, model: nn.Module) -> None:
+        """Called before an evaluation pass (e.g. to swap in EMA weights)."""
+
+    def eval_end(self, model: nn.Module) -> None:
+        """Called after an evaluation pass, also when it failed."""
+
     # -- extra state that must survive a resume (e.g. an adaptive controller)
     def state_dict(self) -> dict:
         return {}
 
     def load_state_dict(self, state: dict) -> None:
+        pass
+
+    def rank_state_dict(self) -> dict:
+        """Per-rank state with tensors (e.g. a weight EMA), saved with each rank's checkpoint state."""
+        return {}
+
+    def load_rank_state_dict(self, state: dict) -> None:
         pass
 
     def after_step(self, model: nn.Module, step: int) -> None:

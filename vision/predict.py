@@ -1,0 +1,124 @@
+"""``mmoe predict CHECKPOINT IMAGE [IMAGE ...]``: top-k classes of image files from a trained classifier.
+
+``CHECKPOINT`` is a checkpoint folder (``RUN/checkpoints/step_NNNNNNN``), a run's ``checkpoints`` folder or
+the run folder itself (then its latest complete checkpoint). The model is rebuilt from the run's
+``config.yaml`` (or ``--config``); images go through the task's evaluation transform; class names come
+from the checkpoint (read from the training shards' manifest at training time). When the run kept a
+weight EMA and was saved by one process, the EMA weights are used unless ``--no-ema``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def add_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("checkpoint", help="checkpoint folder, a run's checkpoints folder, or a run folder")
+    parser.add_argument("images", nargs="+", help="image files")
+    parser.add_argument("--config", default=None, help="the run's YAML config (default: RUN/config.yaml)")
+    parser.add_argument("--topk", type=int, default=5, help="classes to show per image (default 5)")
+    parser.add_argument("--no-ema", action="store_true", help="use the raw weights even if an EMA was kept")
+    parser.add_argument("--json", action="store_true", help="print one JSON object per image")
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    from mmoe.cli import CLIError
+    from mmoe.train import checkpoint as ckpt_lib
+
+    p = Path(path)
+    if (p / "meta.json").is_file():
+        return p
+    for root in (p, p / "checkpoints"):
+        if root.is_dir():
+            latest = ckpt_lib.find_latest(root)
+            if latest is not None:
+                return latest
+    raise CLIError(f"{p}: no complete checkpoint there (expected a step_NNNNNNN folder with meta.json, or a run)")
+
+
+class Predictor:
+    """A classifier rebuilt from a checkpoint; ``predict(paths, topk)`` -> list of results."""
+
+    def __init__(self, checkpoint: str | Path, config: str | Path | None = None, use_ema: bool = True) -> None:
+        import torch
+
+        from mmoe.cli import CLIError
+        from mmoe.configs import ConfigError
+        from mmoe.train import checkpoint as ckpt_lib
+        from mmoe.train.config import load_train_config
+        from mmoe.train.tasks import get_task
+
+        self.checkpoint = resolve_checkpoint(checkpoint)
+        cfg_path = Path(config) if config else self.checkpoint.parent.parent / "config.yaml"
+        if not cfg_path.is_file():
+            raise CLIError(f"{cfg_path}: config not found (pass --config, the run's config.yaml)")
+        try:
+            cfg = load_train_config(str(cfg_path))
+        except ConfigError as err:
+            raise CLIError(str(err)) from None
+        meta = ckpt_lib.read_meta(self.checkpoint)
+        from mmoe.configs import from_dict
+
+        task_cls = get_task(cfg.task)
+        self.task = task_cls(from_dict(task_cls.ModelConfig, cfg.model, source=str(cfg_path), path="model"),
+                             cfg.task_options)
+        if not hasattr(self.task, "decode_eval") or cfg.task != "image_classification":
+            raise CLIError(f"{cfg_path}: task {cfg.task!r} is not an image classifier")
+        self.task.load_state_dict(meta.get("task_state", {}))
+        torch.manual_seed(0)
+        model = self.task.build_model()
+        ckpt_lib.load_model_state(model, self.checkpoint, ep_rank=0, ep_size=1)
+        self.used_ema = False
+        if use_ema and getattr(self.task.opt, "ema_decay", None) and meta.get("world_size") == 1:
+            rank_state = ckpt_lib.load_rank_state(self.checkpoint, 0)
+            ema = (rank_state.get("task") or {}).get("ema")
+            if ema:
+                state = model.state_dict()
+                with torch.no_grad():
+                    for k, v in ema["shadow"].items():
+                        state[k].copy_(v)
+                self.used_ema = True
+        self.model = model.eval()
+        n = self.task.model_cfg.num_classes
+        self.classes = self.task.classes or [str(i) for i in range(n)]
+
+    def predict(self, images, topk: int = 5) -> list[dict]:
+        import torch
+
+        from mmoe.cli import CLIError
+        from mmoe.data import DataError
+
+        xs = []
+        for img in images:
+            p = Path(img)
+            if not p.is_file():
+                raise CLIError(f"{p}: no such image file")
+            from mmoe.data.decode import IMAGE_EXTENSIONS
+
+            ext = p.suffix.lower().lstrip(".")
+            ext = ext if ext in IMAGE_EXTENSIONS else "png"  # PIL reads the content whatever the name
+            try:
+                x, _ = self.task.decode_eval({"__key__": p.stem, "__url__": str(p), ext: p.read_bytes(), "cls": 0})
+            except DataError as err:
+                raise CLIError(f"{p}: cannot read the image ({err})") from None
+            xs.append(x)
+        with torch.no_grad():
+            probs = self.model(torch.stack(xs)).float().softmax(-1)
+        k = max(1, min(topk, probs.shape[-1]))
+        top = probs.topk(k, dim=-1)
+        return [{"image": str(img), "top": [{"class": self.classes[int(i)], "index": int(i), "score": float(s)}
+                                             for s, i in zip(top.values[r], top.indices[r])]}
+                for r, img in enumerate(images)]
+
+
+def run(args: argparse.Namespace) -> int:
+    pred = Predictor(args.checkpoint, args.config, use_ema=not args.no_ema)
+    results = pred.predict(args.images, args.topk)
+    for r in results:
+        if args.json:
+            print(json.dumps(r))
+        else:
+            print(f"{r['image']}: " + ", ".join(f"{t['class']} {t['score']:.3f}" for t in r["top"]))
+    return 0

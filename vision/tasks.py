@@ -1,0 +1,417 @@
+"""Image classification on image shards through the mmoe engine (``task: image_classification``).
+
+Model: any timm model by name; ``vit_moe_*`` takes the `mmoe.MoEConfig` options in ``model.moe`` and the
+placement in ``model.moe_layers``. ``model.init`` initialises from a local checkpoint (timm formats, key
+remapping and position-embedding resizing); with ``model.upcycle_from`` naming the dense timm
+architecture, that checkpoint is a dense ViT and is sparsely upcycled (`vision.upcycle_vit`).
+
+Options (``task_options``, all optional; the defaults are those of timm's ``train.py``):
+
+=====================  =====================================================================================
+auto_augment           timm policy string, e.g. ``rand-m9-mstd0.5-inc1`` (RandAugment); None = off
+scale, ratio, hflip    RandomResizedCrop scale / aspect range, horizontal flip probability
+color_jitter, re_prob  colour jitter strength (when no auto_augment), random-erasing probability
+interpolation          resize interpolation; ``crop_pct`` for evaluation (resize then centre crop)
+mean, std              normalisation (default: the model's pretrained_cfg)
+mixup, cutmix          mixup / cutmix alphas (timm `Mixup`; batch size must be even), ``mixup_prob``,
+                       ``mixup_switch_prob``
+label_smoothing        label smoothing (also inside mixup targets)
+layer_decay            layer-wise lr decay for fine-tuning (BEiT / timm): block ``i`` of ``L`` gets
+                       ``layer_decay ** (L - i)``, the embeddings ``layer_decay ** (L + 1)``, the final norm
+                       ``layer_decay``, the head the full lr (as timm); None = off
+ema_decay              EMA of the weights (decay warm-up ``min(decay, (1+t)/(10+t))``); evaluation then uses
+                       the EMA weights unless ``ema_eval: false``; None = off
+topk                   the k of top-k accuracy reported besides top-1 (default 5; ``acc5``)
+per_class              report the accuracy of every class (``acc_class/<name>``)
+=====================  =====================================================================================
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from mmoe.train.tasks import Task, register_task
+
+
+@dataclass
+class ClassifierConfig:
+    arch: str = "vit_moe_tiny_patch16_224"  # timm model name
+    num_classes: int = 1000
+    img_size: int = 224
+    in_chans: int = 3
+    drop_path_rate: float = 0.0
+    moe_layers: Any = "every_2"  # ViT-MoE placement (vision.models.moe_block_indices)
+    moe: dict[str, Any] = field(default_factory=dict)  # mmoe.MoEConfig fields for vit_moe_* models
+    kwargs: dict[str, Any] = field(default_factory=dict)  # more timm.create_model keywords
+    init: str | None = None  # local checkpoint to start from (timm formats)
+    upcycle_from: str | None = None  # dense timm architecture of `init`: upcycle it into this ViT-MoE
+
+
+@dataclass
+class ClassificationOptions:
+    auto_augment: str | None = None
+    scale: tuple[float, float] = (0.08, 1.0)
+    ratio: tuple[float, float] = (0.75, 1.3333333)
+    hflip: float = 0.5
+    color_jitter: float = 0.4
+    re_prob: float = 0.0
+    interpolation: str = "bicubic"
+    crop_pct: float = 0.875
+    mean: tuple[float, float, float] | None = None
+    std: tuple[float, float, float] | None = None
+    mixup: float = 0.0
+    cutmix: float = 0.0
+    mixup_prob: float = 1.0
+    mixup_switch_prob: float = 0.5
+    label_smoothing: float = 0.1
+    layer_decay: float | None = None
+    ema_decay: float | None = None
+    ema_eval: bool = True
+    topk: int = 5
+    per_class: bool = False
+
+
+def is_moe_arch(name: str) -> bool:
+    return name.startswith("vit_moe_")
+
+
+def build_classifier(cfg: ClassifierConfig) -> nn.Module:
+    """The model of a `ClassifierConfig` (also used by ``mmoe predict`` and the demo)."""
+    import timm
+
+    import vision  # noqa: F401 - registers the vit_moe_* models
+
+    kwargs = dict(num_classes=cfg.num_classes, img_size=cfg.img_size, in_chans=cfg.in_chans,
+                  drop_path_rate=cfg.drop_path_rate, **cfg.kwargs)
+    moe_arch = is_moe_arch(cfg.arch)
+    if not moe_arch and cfg.moe:
+        raise ValueError(f"model.moe: {cfg.arch!r} is a dense model; MoE options need a vit_moe_* arch")
+    if cfg.upcycle_from:
+        if not cfg.init:
+            raise ValueError("model.upcycle_from: needs model.init, the dense checkpoint to upcycle")
+        if not moe_arch:
+            raise ValueError(f"model.upcycle_from: model.arch must be a vit_moe_* model, not {cfg.arch!r}")
+        from .upcycle import upcycle_vit
+
+        model = upcycle_vit(cfg.init, model_name=cfg.upcycle_from, model_kwargs=kwargs,
+                            moe_layers=cfg.moe_layers, **cfg.moe)
+        return model
+    if moe_arch:
+        kwargs.update(moe_layers=cfg.moe_layers, moe=dict(cfg.moe))
+    try:
+        model = timm.create_model(cfg.arch, pretrained=False, **kwargs)
+    except RuntimeError as err:
+        if "Unknown model" in str(err):
+            raise ValueError(f"model.arch: {err}") from None
+        raise
+    if cfg.init:
+        from .upcycle import load_dense_vit  # noqa: F401 - same loader semantics
+
+        _load_init(model, cfg.init)
+    return model
+
+
+def _load_init(model: nn.Module, path: str) -> None:
+    """Load a local checkpoint into an already built model with timm's ViT key remapping and resizing."""
+    from pathlib import Path
+
+    from timm.models import load_state_dict
+
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"model.init: {p}: no such checkpoint file")
+    state = load_state_dict(str(p))
+    try:
+        from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
+
+        if isinstance(model, VisionTransformer):
+            state = checkpoint_filter_fn(state, model)
+    except ImportError:  # pragma: no cover
+        pass
+    own = model.state_dict()
+    for k in ("head.weight", "head.bias"):
+        if k in state and k in own and state[k].shape != own[k].shape:
+            warnings.warn(f"model.init: {p}: {k} {tuple(state[k].shape)} does not fit {tuple(own[k].shape)}; "
+                          "the classifier starts fresh", stacklevel=2)
+            del state[k]
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if k not in ("head.weight", "head.bias")]
+    if missing or unexpected:
+        raise ValueError(f"model.init: {p}: does not fit the model (missing {missing[:5]}, unexpected {unexpected[:5]})")
+
+
+class WeightEMA:
+    """Exponential moving average of every floating-point tensor of a model's state (parameters and
+    buffers), kept beside the model and swapped in for evaluation.
+
+    Written here rather than using timm's ``ModelEmaV3`` because that keeps a deep copy of the module;
+    under expert parallelism the module holds process groups and only this rank's experts, and swapping
+    tensors keeps one model that the engine already knows how to run.
+    """
+
+    def __init__(self, model: nn.Module, decay: float) -> None:
+        self.decay = decay
+        self.updates = 0
+        self.shadow = {k: v.detach().float().clone() for k, v in model.state_dict().items() if v.is_floating_point()}
+        self._backup: dict[str, Tensor] | None = None
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        self.updates += 1
+        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        for k, v in model.state_dict().items():
+            if k in self.shadow:
+                self.shadow[k].lerp_(v.detach().float(), 1.0 - d)
+
+    @torch.no_grad()
+    def swap_in(self, model: nn.Module) -> None:
+        state = model.state_dict()
+        self._backup = {k: state[k].detach().clone() for k in self.shadow}
+        for k, v in self.shadow.items():
+            state[k].copy_(v)
+
+    @torch.no_grad()
+    def swap_out(self, model: nn.Module) -> None:
+        if self._backup is None:
+            return
+        state = model.state_dict()
+        for k, v in self._backup.items():
+            state[k].copy_(v)
+        self._backup = None
+
+    def state_dict(self) -> dict:
+        return {"decay": self.decay, "updates": self.updates, "shadow": {k: v.cpu() for k, v in self.shadow.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.updates = int(state["updates"])
+        for k, v in state["shadow"].items():
+            if k in self.shadow:
+                self.shadow[k].copy_(v)
+
+
+def _seeded(fn, arg, seed: int):
+    """``fn(arg)`` with Python's, NumPy's and torch's global RNGs seeded by ``seed`` and restored after.
+
+    timm's augmentations draw from all three; seeding them from the sample's ``__seed__`` (a function of
+    the run seed, epoch, rank, worker and position) makes a sample's augmentation the same however the
+    data was reached, so a resumed run (which replays the stream without decoding) and any number of
+    DataLoader workers see exactly the augmentations of an uninterrupted run."""
+    import random
+
+    import numpy as np
+
+    py, npy, th = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed % (2**63))
+    try:
+        return fn(arg)
+    finally:
+        random.setstate(py)
+        np.random.set_state(npy)
+        torch.set_rng_state(th)
+
+
+def layer_lr_scales(model: nn.Module, layer_decay: float) -> dict[str, float]:
+    """Per-parameter lr scale for layer-wise decay, from the model's timm ``group_matcher`` (embeddings are
+    layer 0, block i layer i+1, the final norm and head the top layer)."""
+    from timm.models import group_parameters
+
+    if not hasattr(model, "group_matcher"):
+        raise ValueError("task_options.layer_decay: this model has no timm group_matcher to number its layers")
+    layer_of = group_parameters(model, model.group_matcher(coarse=False), reverse=True)
+    top = max(layer_of.values())
+    # as timm's param_groups_layer_decay: the last group (the head) gets the full lr
+    return {name: layer_decay ** (top - min(layer_of.get(name, top), top)) for name, _ in model.named_parameters()}
+
+
+@register_task("image_classification")
+class ImageClassificationTask(Task):
+    """Classify images of image shards (``jpg``/``png``/... + ``cls``), e.g. from ``mmoe shards imagefolder``."""
+
+    ModelConfig = ClassifierConfig
+    unit = "images"
+
+    def __init__(self, model_cfg: ClassifierConfig, options=None) -> None:
+        from mmoe.configs import from_dict
+
+        super().__init__(model_cfg, options)
+        self.opt: ClassificationOptions = from_dict(ClassificationOptions, self.options, path="task_options")
+        o, m = self.opt, model_cfg
+        if o.topk < 1:
+            raise ValueError("task_options.topk must be >= 1")
+        if o.layer_decay is not None and not 0 < o.layer_decay <= 1:
+            raise ValueError("task_options.layer_decay must be in (0, 1]")
+        if o.ema_decay is not None and not 0 < o.ema_decay < 1:
+            raise ValueError("task_options.ema_decay must be in (0, 1)")
+        self.classes: list[str] | None = None
+        self.ema: WeightEMA | None = None
+        self._train_tf = self._eval_tf = None
+        self._mixup = None
+        if o.mixup > 0 or o.cutmix > 0:
+            from timm.data import Mixup
+
+            self._mixup = Mixup(mixup_alpha=o.mixup, cutmix_alpha=o.cutmix, prob=o.mixup_prob,
+                                switch_prob=o.mixup_switch_prob, label_smoothing=o.label_smoothing,
+                                num_classes=m.num_classes)
+
+    # ---------------------------------------------------------------- setup
+    def setup(self, train_cfg) -> None:
+        """Read the class names from the training shards' manifest (kept in checkpoints for predict)."""
+        from pathlib import Path
+
+        from mmoe.data import Manifest
+
+        src = str(train_cfg.data.train or "")
+        p = Path(src)
+        if p.is_dir() or p.suffix == ".json":
+            try:
+                classes = Manifest.load(p).info.get("classes")
+            except Exception:  # noqa: BLE001 - names are a convenience; a missing manifest is reported elsewhere
+                classes = None
+            if classes:
+                if len(classes) != self.model_cfg.num_classes:
+                    raise ValueError(f"model.num_classes={self.model_cfg.num_classes} but the shards in {src} "
+                                     f"have {len(classes)} classes")
+                self.classes = [str(c) for c in classes]
+
+    def build_model(self) -> nn.Module:
+        return build_classifier(self.model_cfg)
+
+    def model_ready(self, model: nn.Module) -> None:
+        # after expert sharding and the move to the device: the EMA holds what this rank holds
+        if self.opt.ema_decay is not None:
+            self.ema = WeightEMA(model, self.opt.ema_decay)
+
+    def lr_scales(self, model: nn.Module) -> dict[str, float] | None:
+        return layer_lr_scales(model, self.opt.layer_decay) if self.opt.layer_decay else None
+
+    # ---------------------------------------------------------------- data
+    def _data_cfg(self) -> dict:
+        m, o = self.model_cfg, self.opt
+        mean = o.mean or ((0.5,) * 3)
+        std = o.std or ((0.5,) * 3)
+        if m.in_chans == 1:
+            mean, std = mean[:1], std[:1]
+        return dict(input_size=(m.in_chans, m.img_size, m.img_size), interpolation=o.interpolation,
+                    mean=tuple(mean), std=tuple(std))
+
+    def transforms(self, train: bool):
+        from timm.data import create_transform
+
+        if train and self._train_tf is None:
+            o = self.opt
+            self._train_tf = create_transform(
+                **self._data_cfg(), is_training=True, auto_augment=o.auto_augment, scale=tuple(o.scale),
+                ratio=tuple(o.ratio), hflip=o.hflip, color_jitter=o.color_jitter, re_prob=o.re_prob)
+        if not train and self._eval_tf is None:
+            self._eval_tf = create_transform(**self._data_cfg(), is_training=False, crop_pct=self.opt.crop_pct)
+        return self._train_tf if train else self._eval_tf
+
+    def _decode(self, sample: dict, train: bool):
+        from mmoe.data import decode_image, decode_label
+
+        img = decode_image(sample, mode="RGB")
+        tf = self.transforms(train)
+        seed = sample.get("__seed__") if train else None
+        if seed is None:
+            x = tf(img)
+        else:
+            x = _seeded(tf, img, int(seed))
+        if self.model_cfg.in_chans == 1 and x.shape[0] == 3:
+            x = x.mean(0, keepdim=True)
+        y = decode_label(sample)
+        if not 0 <= y < self.model_cfg.num_classes:
+            from mmoe.data import DataError
+
+            raise DataError(f"label {y} is outside [0, {self.model_cfg.num_classes})",
+                            url=sample.get("__url__"), key=sample.get("__key__"))
+        return x, y
+
+    def decode(self, sample: dict):
+        return self._decode(sample, train=True)
+
+    def decode_eval(self, sample: dict):
+        return self._decode(sample, train=False)
+
+    # ---------------------------------------------------------------- loss / metrics
+    def loss(self, model, batch):
+        x, y = batch
+        scalars: dict[str, float] = {}
+        if self._mixup is not None:
+            if x.shape[0] % 2:
+                raise ValueError(f"task_options.mixup/cutmix need an even batch size (got {x.shape[0]})")
+            x, target = self._mixup(x, y)
+            logits = model(x)
+            loss = torch.sum(-target * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
+        else:
+            logits = model(x)
+            loss = F.cross_entropy(logits.float(), y, label_smoothing=self.opt.label_smoothing)
+            scalars["acc"] = float((logits.argmax(-1) == y).float().mean())
+        return loss, scalars, int(y.shape[0])
+
+    @torch.no_grad()
+    def eval_step(self, model, batch):
+        x, y = batch
+        logits = model(x).float()
+        n = self.model_cfg.num_classes
+        k = min(self.opt.topk, n)
+        top = logits.topk(k, dim=-1).indices
+        hit = top == y[:, None]
+        out = {"loss_sum": float(F.cross_entropy(logits, y, reduction="sum")),
+               "correct": float(hit[:, 0].sum()), f"correct{k}": float(hit.any(-1).sum()),
+               "count": float(y.numel())}
+        if self.opt.per_class:
+            right = torch.bincount(y[hit[:, 0]], minlength=n)
+            seen = torch.bincount(y, minlength=n)
+            for c in range(n):
+                out[f"class{c}_correct"] = float(right[c])
+                out[f"class{c}_count"] = float(seen[c])
+        return out
+
+    def eval_metrics(self, sums):
+        n = max(sums.get("count", 0.0), 1.0)
+        k = min(self.opt.topk, self.model_cfg.num_classes)
+        out = {"loss": sums["loss_sum"] / n, "acc": sums["correct"] / n, f"acc{k}": sums[f"correct{k}"] / n,
+               "count": sums.get("count", 0.0)}
+        if self.opt.per_class:
+            names = self.classes or [str(c) for c in range(self.model_cfg.num_classes)]
+            for c, name in enumerate(names):
+                seen = sums.get(f"class{c}_count", 0.0)
+                if seen:
+                    out[f"acc_class/{name}"] = sums[f"class{c}_correct"] / seen
+        return out
+
+    # ---------------------------------------------------------------- EMA and state
+    def after_step(self, model, step):
+        if self.ema is not None:
+            self.ema.update(model)
+
+    def eval_begin(self, model) -> None:
+        if self.ema is not None and self.opt.ema_eval:
+            self.ema.swap_in(model)
+
+    def eval_end(self, model) -> None:
+        if self.ema is not None:
+            self.ema.swap_out(model)
+
+    def state_dict(self) -> dict:
+        return {"classes": self.classes}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("classes"):
+            self.classes = list(state["classes"])
+
+    def rank_state_dict(self) -> dict:
+        """Per-rank tensors saved with the rank's checkpoint state (the EMA holds this rank's experts)."""
+        return {"ema": self.ema.state_dict()} if self.ema is not None else {}
+
+    def load_rank_state_dict(self, state: dict) -> None:
+        if self.ema is not None and state.get("ema"):
+            self.ema.load_state_dict(state["ema"])
