@@ -413,3 +413,26 @@ def test_demo_quick(tmp_path):
         with Image.open(out / png) as im:
             assert im.size[0] > 100
     assert "test top-1" in p.stdout and "ViT-MoE" in p.stdout
+
+
+def test_config_init_and_upcycle_from(tmp_path):
+    from vision.tasks import ClassifierConfig, build_classifier
+
+    dense = dense_vit().eval()
+    f = tmp_path / "dense.safetensors"
+    save_file({k: v.contiguous() for k, v in dense.state_dict().items()}, str(f))
+    common = dict(num_classes=7, img_size=32, kwargs=dict(patch_size=8, embed_dim=32, depth=4, num_heads=2))
+    x = torch.randn(2, 3, 32, 32)
+    # model.init into the same dense architecture
+    same = build_classifier(ClassifierConfig(arch="vit_tiny_patch16_224", init=str(f), **common)).eval()
+    torch.testing.assert_close(same(x), dense(x), rtol=0, atol=0)
+    # model.upcycle_from: the dense checkpoint becomes the ViT-MoE's starting point
+    up = build_classifier(ClassifierConfig(arch="vit_moe_tiny_patch16_224", init=str(f), moe_layers="last_1",
+                                           upcycle_from="vit_tiny_patch16_224", moe=dict(num_experts=4),
+                                           **common)).eval()
+    assert up.moe_layers == [3]
+    torch.testing.assert_close(up(x), dense(x), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="upcycle_from"):
+        build_classifier(ClassifierConfig(arch="vit_moe_tiny_patch16_224", upcycle_from="vit_tiny_patch16_224"))
+    with pytest.raises(FileNotFoundError, match="model.init"):
+        build_classifier(ClassifierConfig(arch="vit_tiny_patch16_224", init=str(tmp_path / "no.pth"), **common))

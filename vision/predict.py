@@ -71,6 +71,11 @@ class Predictor:
         model = self.task.build_model()
         ckpt_lib.load_model_state(model, self.checkpoint, ep_rank=0, ep_size=1)
         self.used_ema = False
+        if use_ema and getattr(self.task.opt, "ema_decay", None) and meta.get("world_size") != 1:
+            import sys
+
+            print(f"mmoe predict: {self.checkpoint} was saved by {meta.get('world_size')} ranks; their weight EMAs "
+                  "are not merged, using the raw weights", file=sys.stderr)
         if use_ema and getattr(self.task.opt, "ema_decay", None) and meta.get("world_size") == 1:
             rank_state = ckpt_lib.load_rank_state(self.checkpoint, 0)
             ema = (rank_state.get("task") or {}).get("ema")

@@ -28,7 +28,6 @@ per_class              report the accuracy of every class (``acc_class/<name>``)
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -111,39 +110,10 @@ def build_classifier(cfg: ClassifierConfig) -> nn.Module:
             raise ValueError(f"model.arch: {err}") from None
         raise
     if cfg.init:
-        from .upcycle import load_dense_vit  # noqa: F401 - same loader semantics
+        from .upcycle import load_vit_state
 
-        _load_init(model, cfg.init)
+        load_vit_state(model, cfg.init, what="model.init: ")
     return model
-
-
-def _load_init(model: nn.Module, path: str) -> None:
-    """Load a local checkpoint into an already built model with timm's ViT key remapping and resizing."""
-    from pathlib import Path
-
-    from timm.models import load_state_dict
-
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"model.init: {p}: no such checkpoint file")
-    state = load_state_dict(str(p))
-    try:
-        from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
-
-        if isinstance(model, VisionTransformer):
-            state = checkpoint_filter_fn(state, model)
-    except ImportError:  # pragma: no cover
-        pass
-    own = model.state_dict()
-    for k in ("head.weight", "head.bias"):
-        if k in state and k in own and state[k].shape != own[k].shape:
-            warnings.warn(f"model.init: {p}: {k} {tuple(state[k].shape)} does not fit {tuple(own[k].shape)}; "
-                          "the classifier starts fresh", stacklevel=2)
-            del state[k]
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if k not in ("head.weight", "head.bias")]
-    if missing or unexpected:
-        raise ValueError(f"model.init: {p}: does not fit the model (missing {missing[:5]}, unexpected {unexpected[:5]})")
 
 
 class WeightEMA:

@@ -28,47 +28,59 @@ from .models import VisionTransformerMoE, moe_block_indices, vit_moe_config
 _CLASSIFIER_KEYS = ("head.weight", "head.bias")
 
 
-def load_dense_vit(path: str | Path, model_name: str, *, use_ema: bool = True, **model_kwargs: Any) -> nn.Module:
-    """timm's ``model_name`` (built without download) with the weights of the local file ``path``.
+def load_vit_state(model: nn.Module, path: str | Path, *, use_ema: bool = True, what: str = "") -> None:
+    """Load the local checkpoint ``path`` into the built timm ``model``.
 
     Accepts what timm's loaders accept: ``.safetensors``, ``.pth``/``.bin``/``.pt`` (a plain state dict or one
     wrapped in ``state_dict`` / ``model`` / ``state_dict_ema``, ``module.`` prefixes stripped) and big_vision /
-    AugReg ``.npz`` files. timm's ViT checkpoint filter remaps keys and resizes the position embedding (and
-    patch embedding) to ``img_size`` / ``patch_size``. A classifier of another size (fine-tuning to new
-    classes) is left freshly initialised, with a warning; any other mismatch is an error naming the keys.
+    AugReg ``.npz`` files. For ViTs, timm's checkpoint filter remaps keys and resizes the position embedding
+    (and patch embedding) to the model's ``img_size`` / ``patch_size``. A classifier of another size
+    (fine-tuning to new classes) is left freshly initialised, with a warning; any other mismatch is an
+    error naming the file and the keys.
     """
-    import timm
     from timm.models import load_state_dict
-    from timm.models.vision_transformer import checkpoint_filter_fn
+    from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 
     path = Path(path)
+    where = f"{what}{path}"
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such checkpoint file")
-    model = timm.create_model(model_name, pretrained=False, **model_kwargs)
+        raise FileNotFoundError(f"{where}: no such checkpoint file")
     if path.suffix.lower() in (".npz", ".npy"):
         model.load_pretrained(str(path))
-        return model
+        return
     try:
         state = load_state_dict(str(path), use_ema=use_ema)
     except Exception as err:  # noqa: BLE001 - re-raised with the file named
-        raise ValueError(f"{path}: cannot read a state dict ({type(err).__name__}: {err})") from err
-    state = checkpoint_filter_fn(state, model)
+        raise ValueError(f"{where}: cannot read a state dict ({type(err).__name__}: {err})") from err
+    if isinstance(model, VisionTransformer):
+        state = checkpoint_filter_fn(state, model)
     own = model.state_dict()
     for k in _CLASSIFIER_KEYS:
         if k in state and k in own and state[k].shape != own[k].shape:
-            warnings.warn(f"{path}: {k} has shape {tuple(state[k].shape)}, the model {tuple(own[k].shape)} "
-                          "(num_classes differs): the classifier starts fresh", stacklevel=2)
+            warnings.warn(f"{where}: {k} has shape {tuple(state[k].shape)}, the model {tuple(own[k].shape)} "
+                          "(num_classes differs): the classifier starts fresh", stacklevel=3)
             del state[k]
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if k not in _CLASSIFIER_KEYS]
-    bad_shape = [k for k in state if k in own and state[k].shape != own[k].shape]
-    if missing or unexpected or bad_shape:
+    if missing or unexpected:
         parts = []
         if missing:
             parts.append(f"missing {missing[:5]}{' ...' if len(missing) > 5 else ''}")
         if unexpected:
             parts.append(f"unexpected {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}")
-        raise ValueError(f"{path}: does not fit {model_name} ({'; '.join(parts)})")
+        raise ValueError(f"{where}: does not fit {type(model).__name__} ({'; '.join(parts)})")
+
+
+def load_dense_vit(path: str | Path, model_name: str, *, use_ema: bool = True, **model_kwargs: Any) -> nn.Module:
+    """timm's ``model_name`` (built without download) with the weights of the local file ``path``
+    (`load_vit_state`)."""
+    import timm
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such checkpoint file")
+    model = timm.create_model(model_name, pretrained=False, **model_kwargs)
+    load_vit_state(model, path, use_ema=use_ema)
     return model
 
 
