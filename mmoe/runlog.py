@@ -433,7 +433,7 @@ def plot_curves(
     keys: Sequence[str] = ("loss",),
     labels: Sequence[str] | None = None,
     x: str = "step",
-    smooth: int = 0,
+    smooth: int | Mapping[str, int] = 0,
 ) -> Path:
     """Write a PNG of metric curves (one panel per key, the runs overlaid); returns its path.
 
@@ -444,7 +444,8 @@ def plot_curves(
         labels: legend labels, one per run (default: the run directory's name).
         x: the x axis: ``"step"``, ``"time"`` (minutes since the run's first record) or any metric.
         smooth: trailing moving-average window in points (0 or 1: raw curves; else the raw curve is
-            drawn faintly under the smoothed one).
+            drawn faintly under the smoothed one); a mapping gives a window per key (others raw), e.g.
+            ``{"loss": 20}`` to smooth the training loss but not the few validation points.
 
     Raises:
         ValueError: no run has any of ``keys``, or ``labels`` does not match the runs.
@@ -483,11 +484,12 @@ def plot_curves(
     fig = Figure(figsize=(7.0, 2.6 * len(keys) + 0.6))
     axes = fig.subplots(len(keys), 1, squeeze=False, sharex=True)[:, 0]
     for ax, k in zip(axes, keys):
+        window = smooth.get(k, 0) if isinstance(smooth, Mapping) else smooth
         for i, label, xs, ys in series[k]:
             c = f"C{i % 10}"  # one colour per run, the same in every panel
-            if smooth and smooth > 1:
+            if window and window > 1:
                 ax.plot(xs, ys, color=c, alpha=0.25, linewidth=0.8)
-                ax.plot(xs, _smooth(ys, smooth), color=c, label=label, linewidth=1.4)
+                ax.plot(xs, _smooth(ys, window), color=c, label=label, linewidth=1.4)
             else:
                 ax.plot(xs, ys, color=c, label=label, linewidth=1.2)
         ax.set_ylabel(k)

@@ -38,7 +38,7 @@ def plot_expert_load(stats: dict[str, LayerStats] | nn.Module, path: str | Path,
 
     names, mat = expert_load_matrix(stats)
     L, E = mat.shape
-    fig, ax = plt.subplots(figsize=(max(4.0, min(0.25 * E + 2.5, 24.0)), max(2.0, 0.35 * L + 1.2)))
+    fig, ax = plt.subplots(figsize=(max(5.0, min(0.25 * E + 3.0, 24.0)), max(2.6, 0.35 * L + 1.6)))
     im = ax.imshow(mat.numpy(), aspect="auto", cmap="viridis", vmin=0.0, interpolation="nearest")
     ax.set_xlabel("expert")
     ax.set_yticks(range(L))
@@ -46,11 +46,11 @@ def plot_expert_load(stats: dict[str, LayerStats] | nn.Module, path: str | Path,
     step = max(1, E // 16)
     ax.set_xticks(range(0, E, step))
     cb = fig.colorbar(im, ax=ax)
-    cb.set_label(f"load fraction (balanced = 1/{E} = {1 / E:.3f})")
+    cb.set_label(f"load fraction\n(balanced: 1/{E} = {1 / E:.3f})", fontsize=8)
     ax.set_title(title or "expert load per layer")
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return path

@@ -134,7 +134,7 @@ def run(args: argparse.Namespace) -> int:
         results[name] = entry
         runs[name] = run_dir
     plot_curves([runs["vit_moe"], runs["vit_dense"]], out / "loss_curves.png", keys=["loss", "val/loss", "val/acc"],
-                labels=["ViT-MoE (MH-MoE + Default MoE)", "dense ViT (equal active compute)"], smooth=5)
+                labels=["ViT-MoE (MH-MoE + Default MoE)", "dense ViT (equal active compute)"], smooth={"loss": 5})
     results["total_s"] = time.perf_counter() - t_start
     results["steps"] = steps
     (out / "results.json").write_text(json.dumps(results, indent=1))
