@@ -135,6 +135,8 @@ COMMANDS: dict[str, Command] = {
                      "train a model from a YAML config (mmoe train CONFIG [key.sub=value ...])"),
     "predict": Command(_lazy("vision.predict", "add_args"), _lazy("vision.predict", "run"),
                        "classify image files with a trained checkpoint (top-k classes with scores)"),
+    "tokenizer": Command(_lazy("language.cli", "add_args"), _lazy("language.cli", "run"),
+                         "train a multilingual SentencePiece tokenizer from text shards or .txt files"),
     "generate": Command(_lazy("language.generate", "add_args"), _lazy("language.generate", "run"),
                         "generate text from a trained language-model checkpoint (greedy or sampled)"),
     "eval": Command(_lazy("mmoe.train.cli", "add_eval_args"), _lazy("mmoe.train.cli", "run_eval"),

@@ -461,3 +461,23 @@ def test_text_packer_over_text_shards(tmp_path, tok):
     assert row["langs"] == ["de", "fr", None]
     segments = [tok.decode(row["input_ids"][row["doc_ids"] == k]) for k in range(3)]
     assert segments == ["Hallo Welt.", "Bonjour.", ""]
+
+
+def test_tokenizer_command(tmp_path):
+    """``mmoe tokenizer`` trains and reports the language sampling; a bad source is one clear line."""
+    import json as _json
+    import subprocess
+    import sys
+
+    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
+    out = tmp_path / "tok" / "spm"
+    p = subprocess.run([sys.executable, "-m", "mmoe", "tokenizer", str(sample_text_dir()), str(out),
+                        "--vocab-size", "2200", "--temperature", "0.5"], capture_output=True, text=True, env=env)
+    assert p.returncode == 0, p.stderr[-2000:]
+    res = _json.loads(p.stdout.strip().splitlines()[-1])
+    assert res["vocab_size"] == 2200 and Path(res["model"]).is_file()
+    probs = res["sampling_probability"]
+    assert len(probs) == 11 and abs(sum(probs.values()) - 1) < 1e-3
+    bad = subprocess.run([sys.executable, "-m", "mmoe", "tokenizer", str(tmp_path / "nothing"), str(out)],
+                         capture_output=True, text=True, env=env)
+    assert bad.returncode == 1 and "nothing" in bad.stderr and "Traceback" not in bad.stderr
