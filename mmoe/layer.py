@@ -205,13 +205,17 @@ class MoE(nn.Module):
             y_slots = self.experts(x_slots, plan.counts)  # [S, dh]
         weights = r.weights.detach() if cfg.dense_backprop == "dense_oracle" else r.weights
         y = combine(y_slots, plan, weights, T, r.scale)  # [T, dh]
+        # activation checkpointing re-runs this forward inside backward: the state it updates (Default-MoE
+        # EMA, aux-loss-free load, statistics, aux losses) was updated by the original forward already, and
+        # the recomputation must use it as is to reproduce the original values
+        recompute = _in_backward()
         if cfg.dense_backprop != "none":
             with torch.autocast(h.device.type, enabled=False):  # estimator math in fp32
-                y = y + self._dense_backprop(h, r, plan, y_slots).to(y.dtype)
+                y = y + self._dense_backprop(h, r, plan, y_slots, update=not recompute).to(y.dtype)
         out = self.from_rows(y, shape)
         if self.shared is not None:
             out = out + self.shared(x.reshape(-1, cfg.dim)).reshape(shape).to(out.dtype)
-        self._record(r, plan, t)
+        self._record(r, plan, t, keep=not recompute)
         return out
 
     # ------------------------------------------------------------------ internals
@@ -233,7 +237,8 @@ class MoE(nn.Module):
             bias = self.balance_bias[task] if self.balance_bias is not None else None
             return self.routers[task](xr, self.top_k(task), bias)
 
-    def _dense_backprop(self, h: Tensor, r: Routing, plan: DispatchPlan, y_slots: Tensor) -> Tensor:
+    def _dense_backprop(self, h: Tensor, r: Routing, plan: DispatchPlan, y_slots: Tensor,
+                        update: bool = True) -> Tensor:
         cfg = self.cfg
         mode = cfg.dense_backprop
         T, E = r.probs.shape
@@ -241,14 +246,17 @@ class MoE(nn.Module):
             return dense_oracle_term(self.experts, h, r.probs)
         computed = computed_mask(plan, T, E)
         if mode == "default":
-            if self.training:
+            if self.training and update:
                 self.default.update(y_slots, plan, r.probs, self.dp_group)
             return self.default.term(r.probs, computed)
         # expert_group
         term = expert_group_term(y_slots, plan, r.probs, computed, cfg.group_k, self.dp_group)
         return term if cfg.expert_group_mode == "forward" else term - term.detach()
 
-    def _record(self, r: Routing, plan: DispatchPlan, task: int) -> None:
+    def _record(self, r: Routing, plan: DispatchPlan, task: int, keep: bool = True) -> None:
+        """Aux losses, the aux-loss-free load and statistics of this forward. ``keep=False`` (an activation-
+        checkpointing recomputation) computes the aux losses, so that the recomputation saves the same
+        tensors for backward, and keeps nothing."""
         cfg = self.cfg
         aux: dict[str, Tensor] = {}
         if self.training or torch.is_grad_enabled():
@@ -259,6 +267,8 @@ class MoE(nn.Module):
                 aux["load"] = cfg.aux_loss_weight * losses.load_loss(r, self.top_k(task), cfg.router_noise_std)
             if cfg.z_loss_weight > 0:
                 aux["z"] = cfg.z_loss_weight * losses.z_loss(r)
+        if not keep:
+            return
         self._aux = aux
         with torch.no_grad():
             if self.balance_load is not None and self.training:
@@ -282,6 +292,12 @@ class MoE(nn.Module):
                 task=task,
                 aux={k: float(v.detach()) for k, v in aux.items()},
             )
+
+
+def _in_backward() -> bool:
+    """True while autograd runs a backward pass (e.g. activation checkpointing recomputing a forward)."""
+    task_id = getattr(torch._C, "_current_graph_task_id", None)
+    return task_id is not None and task_id() != -1
 
 
 # ---------------------------------------------------------------------- model-level helpers

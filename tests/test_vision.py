@@ -436,3 +436,33 @@ def test_config_init_and_upcycle_from(tmp_path):
         build_classifier(ClassifierConfig(arch="vit_moe_tiny_patch16_224", upcycle_from="vit_tiny_patch16_224"))
     with pytest.raises(FileNotFoundError, match="model.init"):
         build_classifier(ClassifierConfig(arch="vit_tiny_patch16_224", init=str(tmp_path / "no.pth"), **common))
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_activation_checkpointing_matches_and_updates_state_once(reentrant):
+    """timm's grad checkpointing re-runs each block's forward inside backward: outputs, gradients, the
+    Default-MoE EMA and the aux-loss-free load must be those of one ordinary forward."""
+    import functools
+
+    import torch.utils.checkpoint as cp
+
+    kw = dict(heads=2, dense_backprop="default", balance_bias_rate=0.01, router_jitter=0.1)
+    torch.manual_seed(3)
+    plain = tiny_moe(**kw)
+    ckpt = tiny_moe(**kw)
+    ckpt.load_state_dict(plain.state_dict())
+    x = torch.randn(4, 3, 32, 32)
+    orig = cp.checkpoint
+    cp.checkpoint = functools.partial(orig, use_reentrant=reentrant)
+    try:
+        ckpt.set_grad_checkpointing(True)
+        for m in (plain, ckpt):
+            torch.manual_seed(7)
+            (m(x).square().mean() + mmoe.aux_loss(m)).backward()
+    finally:
+        cp.checkpoint = orig
+    for (n, a), b in zip(plain.named_parameters(), ckpt.parameters()):
+        assert b.grad is not None, n
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-5, atol=1e-7, msg=n)
+    for (n, a), b in zip(plain.named_buffers(), ckpt.buffers()):
+        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-8, msg=n)  # EMA and load updated once
