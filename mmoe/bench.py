@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
+import dataclasses
 import gc
 import io
 import json
@@ -57,6 +58,7 @@ DROPLESS = "mmoe_dropless"
 CAPACITY = "mmoe_cf1.25"
 DEEPSPEED = "deepspeed_cf1.25"
 # overhead group
+OVERHEAD_REPEAT_FACTOR = 3  # the overhead rows take this many times the cells' repeats
 PLAIN = "topk"
 MULTIHEAD = "mh_moe_h4_flops"
 DEFAULT_MOE = "dense_backprop_default"
@@ -483,12 +485,20 @@ def _bench_overhead(settings: LayerBenchSettings, num_experts: int, top_k: int, 
         _mmoe_variant(DEFAULT_MOE, x, partial(config, dense_backprop="default")),
         _mmoe_variant(EXPERT_GROUP, x, partial(config, dense_backprop="expert_group")),
     ]
-    results = _measure_group(variants, x, settings)
-    plain = results[PLAIN]["median_ms"]
+    # overheads of a few percent need more rounds than the cells: 3x the repeats, and each variant's time
+    # is divided by plain top-k's time in the same round (paired), which cancels the machine's slow drift
+    rounds = OVERHEAD_REPEAT_FACTOR * settings.repeats
+    results = _measure_group(variants, x, dataclasses.replace(settings, repeats=rounds))
+    plain = results[PLAIN]["times_ms"]
     for r in results.values():
-        ratio = _ratio(r["median_ms"], plain)
-        r["overhead_pct"] = None if ratio is None else (ratio - 1.0) * 100.0
-    return {"experts": num_experts, "top_k": top_k, "variants": results}
+        ratios = [t / p for t, p in zip(r["times_ms"], plain)] if r["times_ms"] and plain else []
+        if ratios:
+            q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3
+            r["overhead_pct"] = (statistics.median(ratios) - 1.0) * 100.0
+            r["overhead_iqr_pct"] = [(q[0] - 1.0) * 100.0, (q[2] - 1.0) * 100.0]
+        else:
+            r["overhead_pct"], r["overhead_iqr_pct"] = None, None
+    return {"experts": num_experts, "top_k": top_k, "rounds": rounds, "variants": results}
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:
@@ -602,10 +612,13 @@ def _print_tables(settings: LayerBenchSettings, cells: list[dict], overhead: dic
 
     rows = []
     for name, r in overhead["variants"].items():
-        rows.append([LABELS[name], _fmt(r["median_ms"], ".1f"), _fmt(r["overhead_pct"], "+.1f", "%"),
+        iqr = r.get("overhead_iqr_pct")
+        spread = f"{iqr[0]:+.1f}% .. {iqr[1]:+.1f}%" if iqr and name != PLAIN else ""
+        rows.append([LABELS[name], _fmt(r["median_ms"], ".1f"), _fmt(r["overhead_pct"], "+.1f", "%"), spread,
                      _fmt(r["peak_mib"], ".1f")])
-    _table(f"overhead over plain top-k at E={overhead['experts']} k={overhead['top_k']} (same interleaved run)",
-           ["variant", "ms", "overhead", "peak MiB"], rows)
+    _table(f"overhead over plain top-k at E={overhead['experts']} k={overhead['top_k']} (median of "
+           f"{overhead.get('rounds', '?')} per-round ratios to plain top-k, same interleaved run)",
+           ["variant", "ms", "overhead", "middle half", "peak MiB"], rows)
 
 
 def _table(title: str, headers: list[str], rows: list[list[str]]) -> None:
