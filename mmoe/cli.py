@@ -137,6 +137,8 @@ COMMANDS: dict[str, Command] = {
                        "classify image files with a trained checkpoint (top-k classes with scores)"),
     "tokenizer": Command(_lazy("language.cli", "add_args"), _lazy("language.cli", "run"),
                          "train a multilingual SentencePiece tokenizer from text shards or .txt files"),
+    "compare": Command(_lazy("mmoe.compare", "add_args"), _lazy("mmoe.compare", "run"),
+                       "train one config with several routing variants and seeds; table and validation-loss plot"),
     "generate": Command(_lazy("language.generate", "add_args"), _lazy("language.generate", "run"),
                         "generate text from a trained language-model checkpoint (greedy or sampled)"),
     "eval": Command(_lazy("mmoe.train.cli", "add_eval_args"), _lazy("mmoe.train.cli", "run_eval"),

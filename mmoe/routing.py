@@ -114,7 +114,8 @@ class XMoERouter(TopKRouter):
         self.expert_emb = nn.Parameter(torch.empty(cfg.num_experts, cfg.xmoe_dim))
         nn.init.orthogonal_(self.expert_emb, gain=0.32)
         if cfg.xmoe_variant == "paper":
-            self.log_tau = nn.Parameter(torch.tensor(math.log(cfg.xmoe_temperature)))
+            # shape [1], not a 0-dim tensor: DeepSpeed's flattening of parameters cannot view 0-dim tensors
+            self.log_tau = nn.Parameter(torch.full((1,), math.log(cfg.xmoe_temperature)))
         else:
             self.register_parameter("log_tau", None)
 
