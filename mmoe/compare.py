@@ -213,20 +213,6 @@ def select_variants(cf: CompareFile, names: Sequence[str] | None) -> list[Varian
     return [cf.variants[n] for n in dict.fromkeys(names)]
 
 
-def _check_train_config(cfg, source: str) -> None:
-    """The checks `mmoe.train.config.load_train_config` makes after loading (kept in step with it)."""
-    from .configs import ConfigError
-
-    if not cfg.task:
-        raise ConfigError(source, "task", "required (one of the registered tasks)")
-    for name, value in (("train.max_steps", cfg.train.max_steps), ("train.grad_accum", cfg.train.grad_accum),
-                        ("data.batch_size", cfg.data.batch_size), ("dist.ep_size", cfg.dist.ep_size)):
-        if value < 1:
-            raise ConfigError(source, name, f"must be >= 1, got {value}")
-    if cfg.data.val == "synthetic" and cfg.train.eval_batches is None:
-        raise ConfigError(source, "train.eval_batches", "data.val: synthetic is endless: set train.eval_batches")
-
-
 def _task_class(task: str, source: str):
     from .configs import ConfigError
     from .train.tasks import get_task
@@ -260,7 +246,7 @@ def variant_config(cf: CompareFile, variant: Variant, *, overrides: Sequence[str
     """The validated `TrainConfig` of one (variant, seed) run (see the module docstring for the order)."""
     from .configs import ConfigError, apply_overrides, from_dict
     from .multihead import mh_moe_config
-    from .train.config import TrainConfig
+    from .train.config import TrainConfig, check_train_config
 
     origins = dict(cf.origins)
     for text in overrides:
@@ -292,7 +278,7 @@ def variant_config(cf: CompareFile, variant: Variant, *, overrides: Sequence[str
     data = apply_overrides(data, fixed, source="mmoe compare", cls=TrainConfig, origins=origins)
     try:
         cfg = from_dict(TrainConfig, data, source=cf.path, origins=origins)
-        _check_train_config(cfg, cf.path)
+        check_train_config(cfg, cf.path)
         task_cls = _task_class(cfg.task, cf.path)
         if task_cls.ModelConfig is not dict:  # the engine validates it only when it starts: fail before training
             from_dict(task_cls.ModelConfig, cfg.model, source=cf.path, path="model", origins=origins)

@@ -89,14 +89,23 @@ class TrainConfig:
     run: RunConfig = field(default_factory=RunConfig)
 
 
-def load_train_config(path, overrides=()) -> TrainConfig:
-    from ..configs import ConfigError, load_config
+def check_train_config(cfg: TrainConfig, source: str) -> None:
+    """Checks across fields that the dataclass types cannot express; errors name ``source`` and the key."""
+    from ..configs import ConfigError
 
-    cfg = load_config(TrainConfig, path, overrides)
     if not cfg.task:
-        raise ConfigError(str(path), "task", "required (one of the registered tasks)")
+        raise ConfigError(source, "task", "required (one of the registered tasks)")
     for name, value in (("train.max_steps", cfg.train.max_steps), ("train.grad_accum", cfg.train.grad_accum),
                         ("data.batch_size", cfg.data.batch_size), ("dist.ep_size", cfg.dist.ep_size)):
         if value < 1:
-            raise ConfigError(str(path), name, f"must be >= 1, got {value}")
+            raise ConfigError(source, name, f"must be >= 1, got {value}")
+    if cfg.data.val == "synthetic" and cfg.train.eval_batches is None:
+        raise ConfigError(source, "train.eval_batches", "data.val: synthetic is endless: set train.eval_batches")
+
+
+def load_train_config(path, overrides=()) -> TrainConfig:
+    from ..configs import load_config
+
+    cfg = load_config(TrainConfig, path, overrides)
+    check_train_config(cfg, str(path))
     return cfg
