@@ -37,22 +37,6 @@ class LoadedLM(NamedTuple):
     checkpoint: Path
 
 
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint folder from a checkpoint, ``checkpoints`` or run folder (latest complete one)."""
-    from mmoe.train import checkpoint as ckpt_lib
-
-    p = Path(path)
-    if (p / "meta.json").is_file():
-        return p
-    for root in (p, p / "checkpoints"):
-        if root.is_dir():
-            latest = ckpt_lib.find_latest(root)
-            if latest is not None:
-                return latest
-    raise FileNotFoundError(f"{p}: no complete checkpoint there (expected a step_NNNNNNN folder with meta.json, "
-                            f"a run's checkpoints folder or a run folder)")
-
-
 def _find_tokenizer(given: str, cfg_path: Path, run_dir: Path, recorded: dict | None) -> Path | None:
     cands = []
     if given:
@@ -76,7 +60,7 @@ def load_lm(checkpoint_dir: str | Path, config: str | Path | None = None, *,
         config: the run's YAML config (default ``RUN/config.yaml`` next to ``checkpoints``).
         tokenizer: override of the tokenizer's ``.model`` path (module docstring for the default lookup).
     Raises:
-        FileNotFoundError: no checkpoint, config or tokenizer; ValueError: not a language-model run, or a
+        CheckpointError: no checkpoint; FileNotFoundError: no config or tokenizer; ValueError: not a language-model run, or a
         tokenizer that differs from the one the run was trained with.
     """
     import dataclasses
@@ -85,6 +69,8 @@ def load_lm(checkpoint_dir: str | Path, config: str | Path | None = None, *,
     from mmoe.train import checkpoint as ckpt_lib
     from mmoe.train.config import load_train_config
     from mmoe.train.tasks import get_task
+
+    from mmoe.train.checkpoint import resolve_checkpoint
 
     ckpt = resolve_checkpoint(checkpoint_dir)
     run_dir = ckpt.parent.parent

@@ -74,6 +74,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
+from .cli import _positive_int
+
 VARIANTS_KEY = "variants"
 MH_MOE_KEY = "mh_moe"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
@@ -748,16 +750,6 @@ def _seeds(text: str) -> list[int]:
     return list(dict.fromkeys(seeds))
 
 
-def _steps(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        v = 0
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return v
-
-
 def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", help="training config with a top-level `variants:` mapping (name -> overrides)")
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value",
@@ -769,7 +761,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default=None, metavar="DIR",
                         help="output folder: DIR/<variant>/seed<k> runs, results.json/.md, val_loss.png "
                         "(default runs/compare/<config name>)")
-    parser.add_argument("--steps", type=_steps, default=None, metavar="N", help="train.max_steps of every run")
+    parser.add_argument("--steps", type=_positive_int, default=None, metavar="N", help="train.max_steps of every run")
     parser.add_argument("--json", action="store_true", help="print the results as JSON instead of the Markdown table")
     parser.add_argument("--plot-only", action="store_true",
                         help="train nothing: tabulate and plot the runs already under --out")

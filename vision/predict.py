@@ -27,15 +27,10 @@ def resolve_checkpoint(path: str | Path) -> Path:
     from mmoe.cli import CLIError
     from mmoe.train import checkpoint as ckpt_lib
 
-    p = Path(path)
-    if (p / "meta.json").is_file():
-        return p
-    for root in (p, p / "checkpoints"):
-        if root.is_dir():
-            latest = ckpt_lib.find_latest(root)
-            if latest is not None:
-                return latest
-    raise CLIError(f"{p}: no complete checkpoint there (expected a step_NNNNNNN folder with meta.json, or a run)")
+    try:
+        return ckpt_lib.resolve_checkpoint(path)
+    except ckpt_lib.CheckpointError as err:
+        raise CLIError(str(err)) from None
 
 
 class Predictor:

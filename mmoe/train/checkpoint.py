@@ -181,6 +181,21 @@ def find_latest(root: str | Path) -> Path | None:
     return cps[-1] if cps else None
 
 
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint folder from a checkpoint folder, a run's ``checkpoints`` folder or a run folder (then
+    its latest complete checkpoint); `CheckpointError` naming the path when there is none."""
+    p = Path(path)
+    if (p / "meta.json").is_file():
+        return p
+    for root in (p, p / "checkpoints"):
+        if root.is_dir():
+            latest = find_latest(root)
+            if latest is not None:
+                return latest
+    raise CheckpointError(f"{p}: no complete checkpoint there (expected a step_NNNNNNN folder with meta.json, "
+                          "a run's checkpoints folder or a run folder)")
+
+
 def full_state_dict(ckpt: str | Path) -> dict[str, Tensor]:
     """The whole model's state dict (expert shards concatenated to ``[E, ...]``)."""
     from safetensors.torch import load_file
