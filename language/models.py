@@ -604,28 +604,35 @@ def routing_by_language(model: nn.Module, batches: Iterable[dict], num_languages
             lang_ids = batch["lang_ids"].reshape(-1).to(dev)
             model(ids.to(dev), positions=_opt(batch, "positions", dev), doc_ids=_opt(batch, "doc_ids", dev))
             n_lang = num_languages if num_languages is not None else int(lang_ids.max()) + 1
-            for name, m in layers:
-                r = m.last_routing
-                if r is None:
-                    continue
-                E, h = m.cfg.num_experts, m.cfg.heads
-                idx = r.indices  # [T*h, k]
-                tok = torch.arange(idx.shape[0], device=idx.device) // h
-                lang = lang_ids[tok].unsqueeze(1).expand_as(idx)
-                ok = (idx >= 0) & (lang >= 0) & (lang < n_lang)
-                flat = (lang[ok] * E + idx[ok]).long()
-                c = torch.bincount(flat, minlength=n_lang * E).view(n_lang, E).cpu()
-                if name in counts and counts[name].shape[0] < n_lang:
-                    counts[name] = F.pad(counts[name], (0, 0, 0, n_lang - counts[name].shape[0]))
-                elif name in counts and counts[name].shape[0] > n_lang:
-                    c = F.pad(c, (0, 0, 0, counts[name].shape[0] - n_lang))
-                counts[name] = counts[name] + c if name in counts else c
-                m.last_routing = None
+            add_routing_counts(layers, lang_ids, n_lang, counts)
     finally:
         for m, flag in saved:
             m.record_routing = flag
         model.train(was_training)
     return counts
+
+
+def add_routing_counts(layers, lang_ids: Tensor, n_lang: int, counts: dict[str, Tensor]) -> None:
+    """Add the latest recorded routing of each ``(name, MoE)`` in ``layers`` to ``counts`` (``{name:
+    [n_lang, E]}``), each routed slot counted for its token's language (``lang_ids`` per token, -1 for none);
+    clears ``last_routing``. See `routing_by_language` for how sub-tokens and empty slots count."""
+    for name, m in layers:
+        r = m.last_routing
+        if r is None:
+            continue
+        E, h = m.cfg.num_experts, m.cfg.heads
+        idx = r.indices  # [T*h, k]
+        tok = torch.arange(idx.shape[0], device=idx.device) // h
+        lang = lang_ids.to(idx.device)[tok].unsqueeze(1).expand_as(idx)
+        ok = (idx >= 0) & (lang >= 0) & (lang < n_lang)
+        flat = (lang[ok] * E + idx[ok]).long()
+        c = torch.bincount(flat, minlength=n_lang * E).view(n_lang, E).cpu()
+        if name in counts and counts[name].shape[0] < n_lang:
+            counts[name] = F.pad(counts[name], (0, 0, 0, n_lang - counts[name].shape[0]))
+        elif name in counts and counts[name].shape[0] > n_lang:
+            c = F.pad(c, (0, 0, 0, counts[name].shape[0] - n_lang))
+        counts[name] = counts[name] + c if name in counts else c
+        m.last_routing = None
 
 
 def _device_of(model: nn.Module) -> torch.device:

@@ -349,6 +349,10 @@ class _LMTask(Task):
         correct = (logits.argmax(-1).reshape(-1) == labels) & valid
         out = {"nll_sum": float(nll[valid].sum()), "tokens": float(valid.sum()), "correct": float(correct.sum())}
         langs = batch["lang_ids"].reshape(-1).to(nll.device)
+        if self._route_layers:
+            from .models import add_routing_counts
+
+            add_routing_counts(self._route_layers, langs, len(self.languages), self._route_counts)
         for i, lang in enumerate(self.languages):
             sel = valid & (langs == i)
             out[f"nll_sum/{lang}"] = float(nll[sel].sum())
@@ -365,6 +369,39 @@ class _LMTask(Task):
             if t > 0:
                 out[f"ppl/{lang}"] = math.exp(min(sums.get(f"nll_sum/{lang}", 0.0) / t, 50.0))
         return out
+
+
+    # ---------------------------------------------------------------- routing per language during evaluation
+    _route_layers: list = []
+
+    def eval_begin(self, model) -> None:
+        """Record every MoE layer's routing during evaluation, to count experts per language."""
+        from mmoe.layer import moe_layers
+
+        self._route_layers = moe_layers(model) if self.languages else []
+        self._route_saved = [(m, m.record_routing) for _, m in self._route_layers]
+        self._route_counts: dict[str, Tensor] = {}
+        for _, m in self._route_layers:
+            m.record_routing = True
+
+    def eval_end(self, model) -> None:
+        """Write ``RUN/routing_by_language.json`` (tokens per expert and language for every MoE layer, this
+        rank's share of the evaluation data) and ``RUN/plots/routing_by_language.png``."""
+        for m, flag in getattr(self, "_route_saved", []):
+            m.record_routing = flag
+            m.last_routing = None
+        counts, self._route_layers, self._route_saved = getattr(self, "_route_counts", {}), [], []
+        run_dir = getattr(self, "run_dir", None)
+        if not counts or run_dir is None or _rank() != 0:
+            return
+        import json
+
+        from .models import plot_routing_by_language
+
+        run_dir.mkdir(parents=True, exist_ok=True)
+        data = {name: {lang: c[i].tolist() for i, lang in enumerate(self.languages)} for name, c in counts.items()}
+        (run_dir / "routing_by_language.json").write_text(json.dumps(data))
+        plot_routing_by_language(counts, self.languages, run_dir / "plots" / "routing_by_language.png")
 
 
 @register_task("causal_lm")

@@ -444,3 +444,21 @@ def test_non_causal_moe_options_warn_in_a_causal_lm():
         warnings.simplefilter("error", CausalityWarning)
         MoETransformerLM(LMConfig(**base, moe={"num_experts": 4, "top_k": 2, "dense_backprop": "default"}))
         MoETransformerLM(LMConfig(**base, kind="masked", moe={"num_experts": 4, "top_k": 2, "capacity_factor": 1.0}))
+
+
+def test_evaluation_writes_routing_by_language(trained_run):
+    """The final evaluation counts the experts each language's tokens use, per MoE layer: every routed
+    slot of every validation token once (tokens x top_k), matching the per-language token counts."""
+    from mmoe.runlog import read_jsonl
+
+    data = json.loads((trained_run / "routing_by_language.json").read_text())
+    assert data and all(set(per_lang) == set(LANGS) for per_lang in data.values())
+    last_val = [r for r in read_jsonl(trained_run / "metrics.jsonl") if "val/loss" in r][-1]
+    for per_lang in data.values():
+        for counts in per_lang.values():
+            assert len(counts) == 4 and min(counts) >= 0
+        total = sum(sum(c) for c in per_lang.values())
+        # slots of every language-tagged token of the validation rows (label-less ones included): >= 2 x the
+        # tokens scored
+        assert total >= 2 * last_val["val/tokens"]
+    assert (trained_run / "plots" / "routing_by_language.png").is_file()
