@@ -149,9 +149,22 @@ class _LMTask(Task):
 
     def __init__(self, model_cfg: LMModelConfig, options: dict | None = None) -> None:
         super().__init__(model_cfg, options)
-        if self.options:
-            raise ValueError(f"unknown option(s) for {self.name}: {sorted(self.options)} (the LM tasks take none; "
-                             f"data options live in the model section)")
+        opts = dict(self.options)
+        self.language_ratios: dict[str, float] | None = opts.pop("language_ratios", None)
+        self.language_temperature: float | None = opts.pop("language_temperature", None)
+        if opts:
+            raise ValueError(f"unknown option(s) for {self.name}: {sorted(opts)} (the LM tasks take "
+                             "language_ratios or language_temperature; data options live in the model section)")
+        if self.language_ratios is not None and self.language_temperature is not None:
+            raise ValueError("give language_ratios or language_temperature, not both")
+        if self.language_ratios is not None and (not isinstance(self.language_ratios, dict) or any(
+                not isinstance(v, (int, float)) or v < 0 for v in self.language_ratios.values())
+                or not any(self.language_ratios.values())):
+            raise ValueError(f"language_ratios: a mapping language -> weight >= 0, not all 0 "
+                             f"(got {self.language_ratios!r})")
+        if self.language_temperature is not None and not 0 <= float(self.language_temperature) <= 1:
+            raise ValueError(f"language_temperature: must be in [0, 1] (got {self.language_temperature!r})")
+        self.accept: dict[str, float] | None = None  # training documents kept per language (set in setup)
         self._tok = None
         self.languages: list[str] = list(model_cfg.languages)
         self.run_dir: Path | None = None
@@ -226,6 +239,40 @@ class _LMTask(Task):
         if not self.languages and self.tokenizer is not None:
             self.languages = sorted((self.tokenizer.info.get("languages") or {}).keys())
         self.vocab_size()
+        if self.language_ratios is not None or self.language_temperature is not None:
+            self.accept = self._acceptance(src)
+
+    def _acceptance(self, src: str) -> dict[str, float]:
+        """Share of each language's training documents to keep so that the training stream follows the
+        target mixture: ``language_ratios`` (weights) or ``language_temperature`` T (XLM-R: p_l ~ q_l**T
+        for the data shares q_l). Keeping ``a_l = (p_l / q_l) / max_l (p_l / q_l)`` of language l's
+        documents turns shares q into p (the over-represented languages are subsampled; nothing is
+        repeated within an epoch)."""
+        from mmoe.data import Manifest
+
+        from .data import temperature_ratios
+
+        p = Path(src)
+        try:
+            counts = Manifest.load(p).info.get("docs_per_language") or {}
+        except Exception as err:  # noqa: BLE001 - reported with the option that needs it
+            raise ValueError(f"language mixing needs the training shards' manifest ({src}): {err}") from None
+        if not counts:
+            raise ValueError(f"language mixing: {src}'s manifest has no docs_per_language (text shards from "
+                             "mmoe shards text have it)")
+        total = sum(counts.values())
+        q = {lang: n / total for lang, n in counts.items() if n > 0}
+        if self.language_ratios is not None:
+            unknown = sorted(set(self.language_ratios) - set(q))
+            if unknown:
+                raise ValueError(f"language_ratios: {unknown} not in the training shards (they have {sorted(q)})")
+            w = sum(self.language_ratios.values())
+            target = {lang: self.language_ratios.get(lang, 0.0) / w for lang in q}
+        else:
+            target = temperature_ratios(counts, float(self.language_temperature))
+        scale = {lang: target.get(lang, 0.0) / q[lang] for lang in q}
+        top = max(scale.values())
+        return {lang: v / top for lang, v in scale.items()}
 
     def build_model(self) -> nn.Module:
         return MoETransformerLM(self.lm_config())
@@ -270,16 +317,35 @@ class _LMTask(Task):
         return self._lang_index
 
     def decode(self, sample: dict):
-        """One document: ``(token_ids, lang, seed)``."""
+        """One training document: ``(token_ids, lang, seed)``, or None when the language mixture
+        (``task_options.language_ratios`` / ``language_temperature``) leaves it out."""
+        return self._decode(sample, mix=True)
+
+    def _decode(self, sample: dict, mix: bool):
         from mmoe.data.decode import decode_json, decode_text
 
-        text = decode_text(sample)
         meta = decode_json(sample) if "json" in sample else None
         lang = meta.get("lang") if isinstance(meta, dict) else None
+        if mix and self.accept is not None and not self._kept(lang, sample):
+            return None  # left out by the language mixture (collate drops it)
+        text = decode_text(sample)
         tok = self.tokenizer
         if tok is None:
             raise ValueError("model.tokenizer is empty: text shards need a tokenizer")
         return tok.encode(text), lang, int(sample.get("__seed__", 0))
+
+    def _kept(self, lang: str | None, sample: dict) -> bool:
+        import random
+
+        share = self.accept.get(lang, 1.0) if lang is not None else 1.0
+        if share >= 1.0:
+            return True
+        # a function of the sample's seed (run seed, epoch, position): the same on resume, new each epoch
+        return random.Random(int(sample.get("__seed__", 0)) * 2 + 1).random() < share
+
+    def decode_eval(self, sample: dict):
+        """Evaluation sees every document (no language mixture)."""
+        return self._decode(sample, mix=False)
 
     def synthetic_example(self, index: int):
         """Deterministic document ``index`` (``data.train: synthetic``): language ``syn{index % 2}``, 16 to 63
@@ -300,6 +366,7 @@ class _LMTask(Task):
         """Pack the documents of one loader batch into rows (module docstring)."""
         sp = self.specials()
         cfg = self.model_cfg
+        examples = [ex for ex in examples if ex is not None]  # documents left out by the language mixture
         docs = [(ex[0], ex[1]) for ex in examples]
         rows = list(pack_documents(docs, cfg.seq_len, eos_id=sp["eos"], pad_id=sp["pad"],
                                    bos_id=sp["bos"] if cfg.add_bos else None))

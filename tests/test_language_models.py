@@ -462,3 +462,51 @@ def test_evaluation_writes_routing_by_language(trained_run):
         # tokens scored
         assert total >= 2 * last_val["val/tokens"]
     assert (trained_run / "plots" / "routing_by_language.png").is_file()
+
+
+@pytest.mark.parametrize("options", [{"language_temperature": 0.0}, {"language_ratios": {"en": 3, "de": 1}}])
+def test_language_mixture_of_the_training_stream(lm_data, options):
+    """``task_options.language_ratios`` / ``language_temperature`` subsample training documents so that the
+    stream follows the target mixture; evaluation keeps every document; decisions are seeded per sample."""
+    from types import SimpleNamespace
+
+    from mmoe.data import Manifest, ShardLoader
+
+    from language.data import temperature_ratios
+
+    cfg = LMModelConfig(tokenizer=str(lm_data / "tok" / "spm.model"), seq_len=64, dim=32, depth=2, num_heads=4)
+    task = CausalLMTask(cfg, dict(options))
+    task.setup(SimpleNamespace(run=SimpleNamespace(dir=str(lm_data / "norun")),
+                               data=SimpleNamespace(train=str(lm_data / "shards"))))
+    counts = Manifest.load(lm_data / "shards").info["docs_per_language"]
+    total = sum(counts.values())
+    if "language_ratios" in options:
+        w = options["language_ratios"]
+        target = {lang: w.get(lang, 0) / sum(w.values()) for lang in counts}
+    else:
+        target = temperature_ratios(counts, 0.0)
+    assert max(task.accept.values()) == pytest.approx(1.0)
+    # expected kept share per language, then the realised one over 30 epochs of the training split
+    expect = {lang: counts[lang] / total * task.accept[lang] for lang in counts}
+    norm = sum(expect.values())
+    for lang in counts:
+        assert expect[lang] / norm == pytest.approx(target[lang], abs=1e-9)
+    kept: dict[str, int] = {}
+    loader = ShardLoader(str(lm_data / "shards"), split="train", batch_size=64, decode=task.decode,
+                         collate=lambda xs: xs, shuffle_buffer=0, epochs=30, drop_last=False)
+    for batch in loader:
+        for ex in batch:
+            if ex is not None:
+                kept[ex[1]] = kept.get(ex[1], 0) + 1
+    n = sum(kept.values())
+    for lang, p in target.items():
+        assert kept.get(lang, 0) / n == pytest.approx(p, abs=0.03), (lang, kept)
+    # evaluation decodes every document; the same sample gets the same decision
+    sample = next(iter(ShardLoader(str(lm_data / "shards"), split="train", batch_size=1, decode=None,
+                                   collate=lambda xs: xs, shuffle_buffer=0, epochs=1)))[0]
+    assert task.decode_eval(sample) is not None
+    assert (task.decode(sample) is None) == (task.decode(dict(sample)) is None)
+    with pytest.raises(ValueError, match="xx"):
+        bad = CausalLMTask(cfg, {"language_ratios": {"xx": 1}})
+        bad.setup(SimpleNamespace(run=SimpleNamespace(dir=str(lm_data / "norun")),
+                                  data=SimpleNamespace(train=str(lm_data / "shards"))))
