@@ -252,7 +252,10 @@ class ImageClassificationTask(Task):
                 self.classes = [str(c) for c in classes]
 
     def build_model(self) -> nn.Module:
-        return build_classifier(self.model_cfg)
+        model = build_classifier(self.model_cfg)
+        pcfg = getattr(model, "pretrained_cfg", None) or {}
+        self._model_norm = (tuple(pcfg["mean"]), tuple(pcfg["std"])) if "mean" in pcfg and "std" in pcfg else None
+        return model
 
     def model_ready(self, model: nn.Module) -> None:
         # after expert sharding and the move to the device: the EMA holds what this rank holds
@@ -265,8 +268,9 @@ class ImageClassificationTask(Task):
     # ---------------------------------------------------------------- data
     def _data_cfg(self) -> dict:
         m, o = self.model_cfg, self.opt
-        mean = o.mean or ((0.5,) * 3)
-        std = o.std or ((0.5,) * 3)
+        norm = getattr(self, "_model_norm", None) or ((0.5,) * 3, (0.5,) * 3)  # the model's pretrained_cfg
+        mean = o.mean or norm[0]
+        std = o.std or norm[1]
         if m.in_chans == 1:
             mean, std = mean[:1], std[:1]
         return dict(input_size=(m.in_chans, m.img_size, m.img_size), interpolation=o.interpolation,
