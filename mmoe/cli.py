@@ -43,15 +43,19 @@ class _Parser(argparse.ArgumentParser):
 # bench
 
 
-def _int_list(text: str) -> list[int]:
-    """``"8,32,128"`` -> ``[8, 32, 128]`` (positive integers, no duplicates)."""
+def int_list(text: str, minimum: int = 1, example: str = "8,32,128") -> list[int]:
+    """``"8,32,128"`` -> ``[8, 32, 128]`` (integers >= ``minimum``, no duplicates), for argparse types."""
     try:
         values = [int(part) for part in text.split(",") if part.strip()]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers like 8,32,128, got {text!r}")
-    if not values or any(v < 1 for v in values):
-        raise argparse.ArgumentTypeError(f"expected positive integers like 8,32,128, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers like {example}, got {text!r}")
+    if not values or any(v < minimum for v in values):
+        raise argparse.ArgumentTypeError(f"expected integers >= {minimum} like {example}, got {text!r}")
     return list(dict.fromkeys(values))
+
+
+def _int_list(text: str) -> list[int]:
+    return int_list(text)
 
 
 def _positive_int(text: str) -> int:

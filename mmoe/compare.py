@@ -74,7 +74,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
-from .cli import _positive_int
+from .cli import _positive_int, int_list
 
 VARIANTS_KEY = "variants"
 MH_MOE_KEY = "mh_moe"
@@ -741,13 +741,7 @@ def _names(text: str) -> list[str]:
 
 
 def _seeds(text: str) -> list[int]:
-    try:
-        seeds = [int(s) for s in text.split(",") if s.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integer seeds like 0,1, got {text!r}")
-    if not seeds or any(s < 0 for s in seeds):
-        raise argparse.ArgumentTypeError(f"expected non-negative integer seeds like 0,1, got {text!r}")
-    return list(dict.fromkeys(seeds))
+    return int_list(text, minimum=0, example="0,1")
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:

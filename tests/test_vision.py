@@ -395,6 +395,15 @@ def test_resume_with_ema_and_augmentation_is_exact(digits, tmp_path):
                      .stdout.strip().splitlines()[-1])
     assert ema["loss"] == pytest.approx(a["val_loss"], rel=1e-6)
     assert raw["loss"] != pytest.approx(ema["loss"], rel=1e-6)
+    # mmoe predict uses the EMA of a one-process run too, unless told not to
+    from mmoe.train.toy import digits_samples
+    from vision.predict import Predictor
+
+    img = tmp_path / "digit.png"
+    img.write_bytes(digits_samples()[0]["png"])
+    with_ema, without = Predictor(tmp_path / "straight"), Predictor(tmp_path / "straight", use_ema=False)
+    assert with_ema.used_ema and not without.used_ema
+    assert with_ema.predict([img])[0]["top"] != without.predict([img])[0]["top"]
 
 
 def test_demo_quick(tmp_path):

@@ -66,20 +66,18 @@ class Predictor:
         model = self.task.build_model()
         ckpt_lib.load_model_state(model, self.checkpoint, ep_rank=0, ep_size=1)
         self.used_ema = False
-        if use_ema and getattr(self.task.opt, "ema_decay", None) and meta.get("world_size") != 1:
-            import sys
+        if use_ema and self.task.opt.ema_decay is not None:
+            if meta.get("world_size") != 1:
+                import sys
 
-            print(f"mmoe predict: {self.checkpoint} was saved by {meta.get('world_size')} ranks; their weight EMAs "
-                  "are not merged, using the raw weights", file=sys.stderr)
-        if use_ema and getattr(self.task.opt, "ema_decay", None) and meta.get("world_size") == 1:
-            rank_state = ckpt_lib.load_rank_state(self.checkpoint, 0)
-            ema = (rank_state.get("task") or {}).get("ema")
-            if ema:
-                state = model.state_dict()
-                with torch.no_grad():
-                    for k, v in ema["shadow"].items():
-                        state[k].copy_(v)
-                self.used_ema = True
+                print(f"mmoe predict: {self.checkpoint} was saved by {meta.get('world_size')} ranks; their weight "
+                      "EMAs are not merged, using the raw weights", file=sys.stderr)
+            else:  # the task's own EMA: restored from the rank state and swapped in, as for evaluation
+                self.task.model_ready(model)
+                self.task.load_rank_state_dict(ckpt_lib.load_rank_state(self.checkpoint, 0).get("task") or {})
+                if self.task.ema is not None and self.task.ema.updates:
+                    self.task.ema.swap_in(model)
+                    self.used_ema = True
         self.model = model.eval()
         n = self.task.model_cfg.num_classes
         self.classes = self.task.classes or [str(i) for i in range(n)]

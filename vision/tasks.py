@@ -321,9 +321,10 @@ class ImageClassificationTask(Task):
         if self._mixup is not None:
             if x.shape[0] % 2:
                 raise ValueError(f"task_options.mixup/cutmix need an even batch size (got {x.shape[0]})")
+            from timm.loss import SoftTargetCrossEntropy
+
             x, target = self._mixup(x, y)
-            logits = model(x)
-            loss = torch.sum(-target * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
+            loss = SoftTargetCrossEntropy()(model(x).float(), target)
         else:
             logits = model(x)
             loss = F.cross_entropy(logits.float(), y, label_smoothing=self.opt.label_smoothing)
