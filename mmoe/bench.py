@@ -60,7 +60,12 @@ DEEPSPEED = "deepspeed_cf1.25"
 # overhead group
 OVERHEAD_REPEAT_FACTOR = 3  # the overhead rows take this many times the cells' repeats
 PLAIN = "topk"
-MULTIHEAD = "mh_moe_h4_flops"
+MULTIHEAD = "mh_moe_flops"
+# compute floors: the layer's expert MLPs (and MH-MoE projections) on rows already sorted by expert, with the
+# counts its router produced on this input, without routing, gather, combine or statistics
+DROPLESS_FLOOR = "mmoe_dropless_floor"
+PLAIN_FLOOR = "topk_floor"
+MULTIHEAD_FLOOR = "mh_moe_flops_floor"
 DEFAULT_MOE = "dense_backprop_default"
 EXPERT_GROUP = "dense_backprop_expert_group"
 
@@ -71,6 +76,9 @@ LABELS = {
     DEEPSPEED: "DeepSpeed cf 1.25",
     PLAIN: "top-k, dropless",
     MULTIHEAD: "MH-MoE, FLOP-matched",
+    DROPLESS_FLOOR: "compute floor",
+    PLAIN_FLOOR: "top-k compute floor",
+    MULTIHEAD_FLOOR: "MH-MoE compute floor",
     DEFAULT_MOE: "dense_backprop=default",
     EXPERT_GROUP: "dense_backprop=expert_group",
 }
@@ -192,6 +200,47 @@ def _mmoe_variant(name: str, x: Tensor, make_config: Callable[[], Any]) -> Varia
         return moe(x).float().pow(2).mean() + mmoe.aux_loss(moe)
 
     return Variant(name, moe, forward_loss, dropped=lambda: _mmoe_dropped_frac(moe))
+
+
+def _floor_variant(name: str, moe_variant: Variant, x: Tensor) -> Variant:
+    """The compute floor of a `mmoe.MoE` variant: its experts on pre-sorted rows with the per-expert counts
+    its router gives ``x`` (plus the head and merge projections of MH-MoE), no routing or dispatch. No
+    dispatch can make the layer faster than this with the same expert kernels; layer time minus floor
+    time is what routing, gather, combine and statistics cost."""
+    if moe_variant.error is not None or moe_variant.module is None:
+        return _failed(name, moe_variant.error or "no layer")
+    moe = moe_variant.module
+    try:
+        with torch.no_grad():
+            moe(x)
+        counts = moe.last_stats.kept_per_expert.clone()
+        rows = torch.randn(int(counts.sum()), moe.cfg.expert_dim, device=x.device, requires_grad=True)
+    except Exception as err:
+        return _failed(name, err)
+
+    def forward_loss() -> Tensor:
+        rows.grad = None
+        loss = moe.experts(rows, counts).float().pow(2).mean()
+        if moe.head_proj is not None:  # the same two D x D GEMMs (fwd and bwd) as the layer's projections
+            loss = loss + moe.merge_proj(moe.head_proj(x)).float().pow(2).mean()
+        return loss
+
+    return Variant(name, moe, forward_loss)
+
+
+def _paired(results: dict[str, dict[str, Any]], base: str) -> None:
+    """Per-round ratios of every variant's time to ``base``'s time in the same round: their median as
+    ``ratio_vs_<base>`` and the middle half as ``ratio_iqr_vs_<base>`` (paired ratios cancel the machine's
+    drift between rounds, which on a shared VM is larger than the differences measured)."""
+    ref = results[base]["times_ms"]
+    for r in results.values():
+        ratios = [t / b for t, b in zip(r["times_ms"], ref)] if r["times_ms"] and ref else []
+        if ratios:
+            q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3
+            r[f"ratio_vs_{base}"] = statistics.median(ratios)
+            r[f"ratio_iqr_vs_{base}"] = [q[0], q[2]]
+        else:
+            r[f"ratio_vs_{base}"], r[f"ratio_iqr_vs_{base}"] = None, None
 
 
 def _mmoe_dropped_frac(moe: nn.Module) -> float | None:
@@ -454,17 +503,19 @@ def _bench_cell(settings: LayerBenchSettings, ds: _DeepSpeed | None, num_experts
     x = _input(settings, seed)
     hidden = settings.expert_hidden
     config = partial(mmoe.MoEConfig, dim=settings.dim, num_experts=num_experts, top_k=top_k, expert_hidden=hidden)
+    dropless = _mmoe_variant(DROPLESS, x, config)
     variants = [
         _dense_variant(x, top_k * hidden),
-        _mmoe_variant(DROPLESS, x, config),
+        dropless,
+        _floor_variant(DROPLESS_FLOOR, dropless, x),
         _mmoe_variant(CAPACITY, x, partial(config, capacity_factor=CAPACITY_FACTOR)),
     ]
     if ds is not None:
         variants.append(ds.variant(x, num_experts, top_k, hidden))
     results = _measure_group(variants, x, settings)
     dense = results[DENSE]
+    _paired(results, DENSE)  # ratio_vs_dense: median of per-round ratios
     for r in results.values():
-        r["ratio_vs_dense"] = _ratio(r["median_ms"], dense["median_ms"])
         r["mem_ratio_vs_dense"] = _ratio(r["peak_mib"], dense["peak_mib"])
     return {"experts": num_experts, "top_k": top_k, "dense_hidden": top_k * hidden, "variants": results}
 
@@ -479,25 +530,26 @@ def _bench_overhead(settings: LayerBenchSettings, num_experts: int, top_k: int, 
             raise RuntimeError("mmoe.mh_moe_config is missing")
         return mmoe.mh_moe_config(config(), heads=settings.heads, match="flops")
 
+    plain, multihead = _mmoe_variant(PLAIN, x, config), _mmoe_variant(MULTIHEAD, x, multihead_config)
     variants = [
-        _mmoe_variant(PLAIN, x, config),
-        _mmoe_variant(MULTIHEAD, x, multihead_config),
+        plain,
+        multihead,
         _mmoe_variant(DEFAULT_MOE, x, partial(config, dense_backprop="default")),
         _mmoe_variant(EXPERT_GROUP, x, partial(config, dense_backprop="expert_group")),
+        _floor_variant(PLAIN_FLOOR, plain, x),
+        _floor_variant(MULTIHEAD_FLOOR, multihead, x),
     ]
     # overheads of a few percent need more rounds than the cells: 3x the repeats, and each variant's time
     # is divided by plain top-k's time in the same round (paired), which cancels the machine's slow drift
     rounds = OVERHEAD_REPEAT_FACTOR * settings.repeats
     results = _measure_group(variants, x, dataclasses.replace(settings, repeats=rounds))
-    plain = results[PLAIN]["times_ms"]
-    for r in results.values():
-        ratios = [t / p for t, p in zip(r["times_ms"], plain)] if r["times_ms"] and plain else []
-        if ratios:
-            q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3
-            r["overhead_pct"] = (statistics.median(ratios) - 1.0) * 100.0
-            r["overhead_iqr_pct"] = [(q[0] - 1.0) * 100.0, (q[2] - 1.0) * 100.0]
-        else:
-            r["overhead_pct"], r["overhead_iqr_pct"] = None, None
+    _paired(results, PLAIN)
+    _paired(results, PLAIN_FLOOR)  # the MH-MoE floor against the top-k floor
+    for name, r in results.items():
+        base = "ratio_vs_topk_floor" if name == MULTIHEAD_FLOOR else "ratio_vs_topk"
+        ratio, iqr = r[base], r[base.replace("ratio_", "ratio_iqr_")]
+        r["overhead_pct"] = None if ratio is None else (ratio - 1.0) * 100.0
+        r["overhead_iqr_pct"] = None if iqr is None else [(iqr[0] - 1.0) * 100.0, (iqr[1] - 1.0) * 100.0]
     return {"experts": num_experts, "top_k": top_k, "rounds": rounds, "variants": results}
 
 
@@ -583,7 +635,8 @@ def _print_tables(settings: LayerBenchSettings, cells: list[dict], overhead: dic
     capacity_names = {CAPACITY, DEEPSPEED}
 
     headers = ["E", "k", "dense ms"]
-    for name in names:
+    time_names = [DROPLESS, DROPLESS_FLOOR] + names[1:]
+    for name in time_names:
         headers.append(f"{LABELS[name]} x")
         if name in capacity_names:
             headers.append("dropped")
@@ -591,13 +644,15 @@ def _print_tables(settings: LayerBenchSettings, cells: list[dict], overhead: dic
     for cell in cells:
         v = cell["variants"]
         row = [str(cell["experts"]), str(cell["top_k"]), _fmt(v[DENSE]["median_ms"], ".1f")]
-        for name in names:
+        for name in time_names:
             row.append(_fmt(v[name]["ratio_vs_dense"], ".2f", "x"))
             if name in capacity_names:
                 frac = v[name]["dropped_frac"]
                 row.append(_fmt(None if frac is None else 100 * frac, ".1f", "%"))
         rows.append(row)
-    _table("fwd+bwd time: dense FFN (hidden k*H) in ms, MoE layers as ratio to it", headers, rows)
+    _table("fwd+bwd time: dense FFN (hidden k*H) in ms, MoE layers as ratio to it (median of per-round "
+           "ratios; compute floor = the experts alone on pre-sorted rows with the layer's expert counts)",
+           headers, rows)
 
     headers = ["E", "k", "dense MiB"] + [f"{LABELS[name]} MiB" for name in names]
     rows = []
@@ -617,7 +672,8 @@ def _print_tables(settings: LayerBenchSettings, cells: list[dict], overhead: dic
         rows.append([LABELS[name], _fmt(r["median_ms"], ".1f"), _fmt(r["overhead_pct"], "+.1f", "%"), spread,
                      _fmt(r["peak_mib"], ".1f")])
     _table(f"overhead over plain top-k at E={overhead['experts']} k={overhead['top_k']} (median of "
-           f"{overhead.get('rounds', '?')} per-round ratios to plain top-k, same interleaved run)",
+           f"{overhead.get('rounds', '?')} per-round ratios to plain top-k, same interleaved run; the MH-MoE "
+           f"compute floor against the top-k compute floor)",
            ["variant", "ms", "overhead", "middle half", "peak MiB"], rows)
 
 

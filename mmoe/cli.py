@@ -81,7 +81,7 @@ def _add_bench_args(parser: argparse.ArgumentParser) -> None:
         description="Forward+backward time and peak memory of one MoE layer: a dense GELU FFN with the "
         "same active compute (hidden k*H), mmoe dropless, mmoe with capacity factor 1.25 and DeepSpeed's "
         "MoE (capacity factor 1.25), measured side by side in one run with interleaved repetitions "
-        "(median). Also the overhead of MH-MoE (heads=4, FLOP-matched) and the dense-backprop estimators "
+        "(median). Also the overhead of MH-MoE (--heads, FLOP-matched) and the dense-backprop estimators "
         "over plain top-k at one setting.",
     )
     layer.add_argument("--quick", action="store_true",

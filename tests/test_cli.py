@@ -60,10 +60,10 @@ def test_bench_layer_tiny_writes_ratios(tmp_path: Path):
     (cell,) = report["cells"]
     assert (cell["experts"], cell["top_k"], cell["dense_hidden"]) == (4, 1, 64)
     variants = cell["variants"]
-    assert set(variants) == {"dense", "mmoe_dropless", "mmoe_cf1.25"}  # no DeepSpeed column asked for
+    assert set(variants) == {"dense", "mmoe_dropless", "mmoe_dropless_floor", "mmoe_cf1.25"}  # no DeepSpeed
     assert variants["dense"]["median_ms"] > 0
     assert variants["dense"]["ratio_vs_dense"] == 1.0
-    for name in ("mmoe_dropless", "mmoe_cf1.25"):
+    for name in ("mmoe_dropless", "mmoe_dropless_floor", "mmoe_cf1.25"):
         v = variants[name]
         assert v["error"] is None, v["error"]
         assert len(v["times_ms"]) == 1
@@ -76,4 +76,24 @@ def test_bench_layer_tiny_writes_ratios(tmp_path: Path):
     overhead = report["overhead"]
     assert (overhead["experts"], overhead["top_k"]) == (4, 1)
     assert overhead["variants"]["topk"]["overhead_pct"] == 0.0
+    for name in ("topk_floor", "mh_moe_flops_floor", "mh_moe_flops"):
+        assert overhead["variants"][name]["error"] is None, overhead["variants"][name]["error"]
+        assert overhead["variants"][name]["overhead_pct"] is not None
+    assert "compute floor x" in proc.stdout
     assert "mmoe dropless x" in proc.stdout  # the table reached stdout
+
+
+def test_bench_paired_ratios_cancel_drift():
+    """Per-round ratios: a variant always 10% slower than the base reads 1.10 even when the machine's speed
+    drifts 3x between rounds (a ratio of medians would not)."""
+    from mmoe.bench import _paired
+
+    base = [100.0, 300.0, 120.0, 250.0]
+    results = {"base": {"times_ms": base}, "slow": {"times_ms": [1.1 * t for t in base]},
+               "failed": {"times_ms": []}}
+    _paired(results, "base")
+    assert results["base"]["ratio_vs_base"] == 1.0
+    assert abs(results["slow"]["ratio_vs_base"] - 1.1) < 1e-12
+    lo, hi = results["slow"]["ratio_iqr_vs_base"]
+    assert abs(lo - 1.1) < 1e-12 and abs(hi - 1.1) < 1e-12
+    assert results["failed"]["ratio_vs_base"] is None
