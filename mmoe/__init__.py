@@ -4,6 +4,7 @@ Public API (stable): `MoEConfig`, `MoE`, `Routing`, `aux_loss`, `routing_stats`,
 `mh_moe_config`, `plot_expert_load`, `update_balance_bias`.
 """
 
+from .adaptive import AdaptiveTopK
 from .config import MoEConfig
 from .layer import LayerStats, MoE, aux_loss, moe_layers, routing_stats, update_balance_bias
 from .multihead import mh_moe_config, moe_cost
@@ -26,4 +27,5 @@ __all__ = [
     "plot_expert_load",
     "expert_load_matrix",
     "ROUTERS",
+    "AdaptiveTopK",
 ]

@@ -63,9 +63,9 @@ class MoEConfig:
         batch_prioritized: V-MoE batch-prioritized routing: tokens with a higher max routing weight are
             placed first, so low-confidence tokens are the ones dropped.
         grouped_mm: expert compute: ``"grouped"`` (torch grouped GEMM), ``"padded"`` (rows padded to
-            the largest expert count, one batched GEMM), ``"loop"`` (one matmul per non-empty expert),
-            or ``"auto"``: on CPU padded when it pads at most 25%, else grouped where this torch
-            supports it for the device, else loop.
+            the largest expert count, one batched GEMM), ``"loop"`` (one GEMM per non-empty expert,
+            written in place, forward and backward), or ``"auto"``: on CPU padded when the counts are
+            equal within 2%, else loop; on CUDA grouped where this torch supports it, else loop.
 
     Multi-head (MH-MoE)
         heads: split every token into ``heads`` sub-tokens of width ``dim // heads`` after a head
