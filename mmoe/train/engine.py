@@ -423,7 +423,9 @@ class Trainer:
                     # restored if this micro-batch turns out non-finite, so a bad batch leaves no trace
                     saved = [(b, b.detach().clone()) for b in engine.module.buffers() if b.is_floating_point()]
                     loss, scalars, n = self.task.loss(engine, batch)
-                    aux = aux_loss(engine.module)
+                    # a task that runs the model several times per batch sums the aux losses of every run
+                    # into its loss itself (`aux_loss` only sees the latest forward of each layer)
+                    aux = loss.new_zeros(()) if self.task.collects_aux_loss else aux_loss(engine.module)
                     total = loss + aux
                     if not self._all_finite(total):
                         with torch.no_grad():

@@ -50,6 +50,10 @@ class Task:
     name = "task"
     ModelConfig: type = dict
     unit = "samples"  # throughput unit for the progress bar ("samples", "tokens", "images")
+    # True: `loss` already contains the MoE aux losses of every forward it ran (a task that runs the model
+    # more than once per batch; `mmoe.aux_loss` only sees each layer's latest forward) and the engine does
+    # not add `mmoe.aux_loss(model)` again
+    collects_aux_loss = False
 
     def __init__(self, model_cfg: Any, options: dict[str, Any] | None = None) -> None:
         self.model_cfg = model_cfg
