@@ -115,6 +115,19 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--val-fraction", type=float, default=0.2, help="fraction in the val split (default 0.2)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
+    p = sub.add_parser("shapes", help="generated image-caption pairs: coloured shapes and their relations",
+                       description="Generate N 32x32 images of one or two coloured shapes with captions that name "
+                       "them and their relation ('a blue square left of a yellow triangle'), deterministic for a "
+                       "seed, as image-text pair shards split into train-* and val-* by key hash. The data of "
+                       "configs/beit3_moe_shapes.yaml.")
+    p.add_argument("out", metavar="OUT", help="output directory (shards + manifest.json)")
+    p.add_argument("--num", type=int, default=2000, help="number of pairs (default 2000)")
+    p.add_argument("--img-size", type=int, default=32, help="image side in pixels (default 32)")
+    p.add_argument("--seed", type=int, default=0, help="generator seed (default 0)")
+    p.add_argument("--samples-per-shard", type=int, default=1000, help="samples per shard (default 1000)")
+    p.add_argument("--val-fraction", type=float, default=0.2, help="fraction in the val split (default 0.2)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
     p = sub.add_parser("verify", help="re-check shard sizes, checksums and sample counts against manifest.json",
                        description="Re-check every shard listed in DIR/manifest.json: present, same size, "
                        "same SHA-256, same number of samples. Exit status 1 if any shard fails.")
@@ -151,6 +164,15 @@ def _write(args: argparse.Namespace) -> int:
 
         manifest = write_digits_shards(args.out, samples_per_shard=args.samples_per_shard,
                                        val_fraction=args.val_fraction, progress=not args.quiet)
+        print(f"wrote {manifest.num_shards} shards, {manifest.num_samples} samples to {manifest.directory} ("
+              + ", ".join(f"{n}: {len(s.shards)} shards/{s.samples} samples" for n, s in manifest.splits.items()) + ")")
+        return 0
+    if args.source == "shapes":
+        from multimodal.data import write_shapes
+
+        manifest = write_shapes(args.out, num_samples=args.num, img_size=args.img_size, seed=args.seed,
+                                val_fraction=args.val_fraction, samples_per_shard=args.samples_per_shard,
+                                progress=not args.quiet)
         print(f"wrote {manifest.num_shards} shards, {manifest.num_samples} samples to {manifest.directory} ("
               + ", ".join(f"{n}: {len(s.shards)} shards/{s.samples} samples" for n, s in manifest.splits.items()) + ")")
         return 0

@@ -1,0 +1,251 @@
+"""Data for masked multimodal pre-training: a generated image-caption set, BEiT block masking, captions.
+
+* `write_shapes`: a deterministic synthetic image-text pair set (no download): each image is a plain
+  background with one or two coloured shapes, each caption names them and their relation ("a small red
+  circle", "a blue square left of a yellow triangle"), written as WebDataset shards with
+  `mmoe.data.write_pairs` (PNG + ``txt``; the shapes' parameters are kept in the sample's ``json``).
+* `block_mask`: BEiT's block-wise masking of an image's patch grid.
+* `CaptionTokenizer`: open_clip's byte-level BPE (its vocabulary ships inside the package) with one
+  extra ``[MASK]`` id; `mask_caption` masks captions with `language.models.mask_tokens` (80/10/10).
+* `load_image`: PNG/JPEG bytes -> ``[3, H, W]`` in [0, 1].
+
+BEiT-3's ratios: 40% of image patches (block-wise), 15% of the tokens of text alone, 50% of the text
+tokens of image-text pairs.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import random
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+IMAGE_MASK_RATIO = 0.4
+TEXT_MASK_RATIO = 0.15
+PAIR_TEXT_MASK_RATIO = 0.5
+
+SHAPES = ("circle", "square", "triangle")
+COLORS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 80, 230), "yellow": (235, 215, 40),
+          "white": (245, 245, 245), "purple": (150, 60, 190)}
+BACKGROUND = (25, 25, 25)
+SIZES = {"small": 0.22, "large": 0.36}  # half-width of a shape as a fraction of the image side
+
+
+# ------------------------------------------------------------------------------------------------ shapes
+def _draw(draw, shape: str, cx: float, cy: float, r: float, color: tuple[int, int, int]) -> None:
+    box = (cx - r, cy - r, cx + r, cy + r)
+    if shape == "circle":
+        draw.ellipse(box, fill=color)
+    elif shape == "square":
+        draw.rectangle(box, fill=color)
+    else:
+        draw.polygon([(cx, cy - r), (cx + r, cy + r), (cx - r, cy + r)], fill=color)
+
+
+def shapes_sample(rng: random.Random, img_size: int = 32) -> tuple[bytes, str, dict[str, Any]]:
+    """One image (PNG bytes), its caption and the drawn shapes' parameters.
+
+    One shape: ``"a <size> <color> <shape>"`` anywhere. Two shapes: side by side or one above the other,
+    ``"a <color> <shape> <left of|right of|above|below> a <color> <shape>"`` (distinct colours), the
+    relation read from the first shape to the second.
+    """
+    from PIL import Image, ImageDraw
+
+    img = Image.new("RGB", (img_size, img_size), BACKGROUND)
+    draw = ImageDraw.Draw(img)
+    colors = list(COLORS)
+    shapes = []
+    if rng.random() < 0.5:
+        size = rng.choice(list(SIZES))
+        r = SIZES[size] * img_size
+        cx, cy = rng.uniform(r, img_size - 1 - r), rng.uniform(r, img_size - 1 - r)
+        shape, color = rng.choice(SHAPES), rng.choice(colors)
+        shapes.append({"shape": shape, "color": color, "size": size, "cx": cx, "cy": cy, "r": r})
+        caption = f"a {size} {color} {shape}"
+    else:
+        r = 0.2 * img_size
+        c1, c2 = rng.sample(colors, 2)
+        s1, s2 = rng.choice(SHAPES), rng.choice(SHAPES)
+        a, b = img_size * 0.27, img_size * 0.73  # two slots along one axis
+        other = rng.uniform(r, img_size - 1 - r)
+        relation = rng.choice(["left of", "right of", "above", "below"])
+        first, second = (a, b) if relation in ("left of", "above") else (b, a)
+        if relation in ("left of", "right of"):
+            p1, p2 = (first, other), (second, other)
+        else:
+            p1, p2 = (other, first), (other, second)
+        shapes.append({"shape": s1, "color": c1, "size": "medium", "cx": p1[0], "cy": p1[1], "r": r})
+        shapes.append({"shape": s2, "color": c2, "size": "medium", "cx": p2[0], "cy": p2[1], "r": r})
+        caption = f"a {c1} {s1} {relation} a {c2} {s2}"
+    for s in shapes:
+        _draw(draw, s["shape"], s["cx"], s["cy"], s["r"], COLORS[s["color"]])
+    buf = io.BytesIO()
+    img.save(buf, format="PNG", optimize=False)
+    return buf.getvalue(), caption, {"shapes": [{k: (round(v, 3) if isinstance(v, float) else v)
+                                                   for k, v in s.items()} for s in shapes]}
+
+
+def write_shapes(out_dir: str | os.PathLike, *, num_samples: int = 2000, img_size: int = 32, seed: int = 0,
+                 val_fraction: float = 0.2, **write_shards_kwargs):
+    """Generate ``num_samples`` image-caption pairs (`shapes_sample`) and write them as shards with
+    `mmoe.data.write_pairs` (hash-based ``val_fraction`` split); the same arguments give byte-identical
+    shards. Returns the `Manifest`."""
+    from mmoe.data import write_pairs
+
+    if num_samples < 1:
+        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    if img_size < 8:
+        raise ValueError(f"img_size must be >= 8, got {img_size}")
+    rng = random.Random(seed)
+    with tempfile.TemporaryDirectory(prefix="mmoe-shapes-") as tmp:
+        lines = []
+        for i in range(num_samples):
+            png, caption, meta = shapes_sample(rng, img_size)
+            name = f"{i:07d}.png"
+            Path(tmp, name).write_bytes(png)
+            lines.append(json.dumps({"image": name, "caption": caption, **meta}, sort_keys=True))
+        listing = Path(tmp, "pairs.jsonl")
+        listing.write_text("\n".join(lines) + "\n")
+        return write_pairs(listing, out_dir, val_fraction=val_fraction, **write_shards_kwargs)
+
+
+# ------------------------------------------------------------------------------------------------ masking
+def block_mask(grid_h: int, grid_w: int, num_masked: int, generator: torch.Generator, min_block: int = 4,
+               aspect: tuple[float, float] = (0.3, 1 / 0.3), max_tries: int = 10) -> Tensor:
+    """BEiT's block-wise mask: exactly ``num_masked`` True cells of a ``[grid_h, grid_w]`` patch grid.
+
+    Rectangles are drawn one after another: an area between ``min_block`` and what is still to be masked,
+    an aspect ratio log-uniform in ``aspect``, a random position; the rectangle's cells that are not masked
+    yet are masked (a rectangle that would overshoot the count is retried, up to ``max_tries`` times per
+    round). When no rectangle fits the rest, single random cells complete the count, so the ratio is exact.
+    """
+    total = grid_h * grid_w
+    if not 0 <= num_masked <= total:
+        raise ValueError(f"num_masked must be in [0, {total}], got {num_masked}")
+    mask = torch.zeros(grid_h, grid_w, dtype=torch.bool)
+
+    def uniform(lo: float, hi: float) -> float:
+        return lo + (hi - lo) * float(torch.rand((), generator=generator))
+
+    count = 0
+    while count < num_masked:
+        left = num_masked - count
+        if left < min_block:
+            break
+        added = 0
+        for _ in range(max_tries):
+            area = uniform(min_block, left)
+            ratio = math.exp(uniform(math.log(aspect[0]), math.log(aspect[1])))
+            h, w = int(round(math.sqrt(area * ratio))), int(round(math.sqrt(area / ratio)))
+            if not (1 <= h < grid_h and 1 <= w < grid_w):
+                continue
+            top = int(torch.randint(0, grid_h - h + 1, (), generator=generator))
+            lft = int(torch.randint(0, grid_w - w + 1, (), generator=generator))
+            new = int((~mask[top:top + h, lft:lft + w]).sum())
+            if 0 < new <= left:
+                mask[top:top + h, lft:lft + w] = True
+                added = new
+                break
+        if added == 0:
+            break
+        count += added
+    if count < num_masked:
+        free = (~mask).reshape(-1).nonzero().squeeze(1)
+        pick = free[torch.randperm(free.numel(), generator=generator)[:num_masked - count]]
+        mask.view(-1)[pick] = True
+    return mask
+
+
+# ------------------------------------------------------------------------------------------------ text
+class CaptionTokenizer:
+    """open_clip's BPE tokenizer (vocabulary bundled with open_clip, no download) plus a ``[MASK]`` id.
+
+    ``encode(text)`` = ``[sot] + bpe + [eot]``, truncated to ``context_length`` with ``eot`` kept last.
+    Ids: ``pad_id`` 0, ``mask_id`` = open_clip's vocabulary size (the one extra id), ``vocab_size`` =
+    open_clip's + 1.
+    """
+
+    def __init__(self, context_length: int = 32) -> None:
+        from open_clip.tokenizer import SimpleTokenizer
+
+        if context_length < 3:
+            raise ValueError(f"context_length must be >= 3, got {context_length}")
+        self._tok = SimpleTokenizer()
+        self.context_length = context_length
+        self.sot_id = self._tok.encoder["<start_of_text>"]
+        self.eot_id = self._tok.encoder["<end_of_text>"]
+        self.pad_id = 0
+        self.mask_id = len(self._tok.encoder)
+        self.vocab_size = self.mask_id + 1
+
+    @property
+    def special_ids(self) -> tuple[int, ...]:
+        return (self.pad_id, self.sot_id, self.eot_id, self.mask_id)
+
+    def encode(self, text: str) -> list[int]:
+        if not text or not text.strip():
+            raise ValueError("CaptionTokenizer.encode: empty caption")
+        ids = self._tok.encode(text)[: self.context_length - 2]
+        return [self.sot_id, *ids, self.eot_id]
+
+    def batch(self, texts: list[str], pad_to_max: bool = False) -> tuple[Tensor, Tensor]:
+        """``(ids [B, L], padding_mask [B, L])`` (True = padding), L = longest (or ``context_length``)."""
+        enc = [self.encode(t) for t in texts]
+        return self.pad(enc, self.context_length if pad_to_max else None)
+
+    def pad(self, enc: list[list[int]], length: int | None = None) -> tuple[Tensor, Tensor]:
+        L = length or max(len(e) for e in enc)
+        ids = torch.full((len(enc), L), self.pad_id, dtype=torch.long)
+        for i, e in enumerate(enc):
+            ids[i, :len(e)] = torch.tensor(e[:L], dtype=torch.long)
+        pad = torch.ones_like(ids, dtype=torch.bool)
+        for i, e in enumerate(enc):
+            pad[i, :min(len(e), L)] = False
+        return ids, pad
+
+    def decode(self, ids) -> str:
+        keep = [int(i) for i in ids if int(i) not in self.special_ids]
+        return self._tok.decode(keep).strip()
+
+
+def mask_caption(ids: Tensor, padding_mask: Tensor, ratio: float, tokenizer: CaptionTokenizer,
+                 generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    """BERT masking (`language.models.mask_tokens`, 80% [MASK] / 10% random / 10% kept) of the caption
+    tokens with probability ``ratio``; special ids and padding are never selected. A caption where the
+    draw selects nothing gets one random token selected (and replaced by [MASK]), so every caption adds
+    to the masked-language loss. Returns ``(input_ids, labels)`` (labels -100 where not selected)."""
+    from language.models import mask_tokens
+
+    inputs, labels = mask_tokens(ids, tokenizer.mask_id, tokenizer.vocab_size, tokenizer.special_ids,
+                                 prob=ratio, generator=generator)
+    if ratio > 0:
+        can = ~padding_mask & ~torch.isin(ids, torch.tensor(tokenizer.special_ids))
+        for row in ((labels == -100).all(1) & can.any(1)).nonzero().squeeze(1).tolist():
+            cols = can[row].nonzero().squeeze(1)
+            col = int(cols[torch.randint(0, cols.numel(), (), generator=generator)])
+            labels[row, col] = ids[row, col]
+            inputs[row, col] = tokenizer.mask_id
+    return inputs, labels
+
+
+# ------------------------------------------------------------------------------------------------ images
+def load_image(data: bytes, img_size: int, key: str = "?") -> Tensor:
+    """Image bytes -> RGB ``[3, img_size, img_size]`` float in [0, 1] (resized when needed)."""
+    from PIL import Image, UnidentifiedImageError
+    from torchvision.transforms.functional import pil_to_tensor, resize
+
+    try:
+        img = Image.open(io.BytesIO(data)).convert("RGB")
+    except (UnidentifiedImageError, OSError, ValueError) as err:
+        raise ValueError(f"sample {key}: the image does not decode ({err})") from None
+    t = pil_to_tensor(img)
+    if t.shape[-2:] != (img_size, img_size):
+        t = resize(t, [img_size, img_size], antialias=True)
+    return t.float() / 255.0

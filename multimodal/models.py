@@ -1,0 +1,652 @@
+"""BEiT-3-style multiway transformer with MoE FFNs (methods.md §6, §2).
+
+`MultiwayMoETransformer` encodes images, texts or image-text pairs with one stack of pre-LN blocks::
+
+    x = [vision tokens (CLS + patches) ; text tokens]        # either part may be absent
+    for each block:  x = x + attn(norm1(x))                  # joint attention over the whole sequence
+                     x = x + ffn(norm2(x))                   # V-FFN / L-FFN, or an `mmoe.MoE`
+    out = final_norm(x)  ->  {"vision": x[:, :1+N], "text": x[:, 1+N:]}
+
+Multiway (torchscale's released "decoupled" Multiway Transformer, ``multiway_attention=True``): every
+LayerNorm and the attention's q/k/v/out projections exist twice, one copy for the vision tokens (the first
+``1+N`` positions, the "split position") and one for the text tokens; only the attention *computation* is
+joint. ``multiway_attention=False`` is the paper's layout: LayerNorms and attention shared, only the
+FFNs per modality. Dense blocks always have a V-FFN and an L-FFN (GELU MLPs).
+
+MoE blocks (methods.md §6.3, reading (i), recorded here as this package's choice): block ``i`` is an MoE
+block iff ``moe_every > 0`` and ``i % moe_every == moe_every - 1`` (``moe_every=2``: blocks 1, 3, ...,
+V-MoE / MH-MoE "every other layer"). Its FFN is ONE `mmoe.MoE` expert pool for all modalities:
+
+* ``moe_routing="shared"``: one router; all tokens of the batch are routed in one call, so routing (not the
+  modality) decides which experts a token uses.
+* ``moe_routing="modality"``: ``MoEConfig.num_tasks = 2`` (vision tokens use router 0, text tokens router 1)
+  over the same experts; the layer is called once per modality (`ModalityMoE`).
+
+Only non-padding tokens enter an MoE layer (valid rows are gathered, routed and scattered back; padded
+positions get a zero FFN output), so padding never changes routing, expert loads, capacity or aux losses.
+
+Aux losses and statistics with two routers (`ModalityMoE`): `mmoe.MoE` keeps the aux losses and
+``last_stats`` of its *latest* call only, so a second call (the text tokens) would overwrite the first
+(the vision tokens). `ModalityMoE` is an `mmoe.MoE` subclass whose `ModalityMoE.forward_modalities` makes
+the per-modality calls, keeps each call's aux losses and stats, and then sets the layer's ``_aux`` to their
+sum (per loss name) and ``last_stats`` to the merged statistics. `mmoe.aux_loss` and `mmoe.routing_stats`
+therefore stay correct without knowing about modalities; per-modality expert counts are kept in
+``modality_counts`` (see `routing_by_modality`). Options with per-call state see two calls per forward:
+``dense_backprop="default"`` updates its EMA once per modality, the aux-loss-free load is accumulated per
+task (router), and a capacity limit applies to each modality's tokens separately. (Because the first
+call's output keeps the Default-MoE vectors for its backward, the second call updates a fresh copy of the
+buffer instead of the saved tensor.)
+
+Heads: `mlm_logits` (LayerNorm + linear tied to the token embedding, plus a bias), `mim_pred` (per-patch
+pixels), `itc_embeddings` + ``logit_scale`` (image-text contrastive retrieval).
+
+Deviations from BEiT-3 (also listed in the class docstring):
+* masked image modelling regresses per-patch normalised pixels (MAE's ``norm_pix_loss``, `mim_targets`)
+  instead of predicting BEiT v2 (VQ-KD) visual tokens: that tokenizer's weights are not available here;
+* plain pre-LN blocks (no Magneto sub-LN / its init, no layer scale, no VL-FFN in the top layers, as in
+  torchscale's release); learned absolute positions for both modalities; BEiT's init (truncated normal
+  0.02, output projections scaled by ``1/sqrt(2 * layer_id)``);
+* MoE placement and routing as above (the MH-MoE / X-MoE multimodal setup is unspecified, §6.3 [U]).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from mmoe import LayerStats, MoE, MoEConfig, moe_layers
+from mmoe.experts import MLP
+from mmoe.layer import _in_backward
+
+MODALITIES = ("vision", "text")
+
+
+# ------------------------------------------------------------------------------------------------
+# configuration
+
+
+@dataclass
+class MultiwayConfig:
+    """Configuration of `MultiwayMoETransformer` (see the module docstring for the rules).
+
+    Attributes:
+        vocab_size: token embedding rows (and MLM logits).
+        img_size, patch_size, in_chans: square input images, split into ``(img_size/patch_size)^2`` patches.
+        dim, depth, num_heads: width, number of blocks, attention heads (``dim % num_heads == 0``).
+        mlp_ratio: dense FFN width = ``int(dim * mlp_ratio)``.
+        max_text_len: longest text (learned text positions).
+        moe_every: MoE in blocks ``i % moe_every == moe_every - 1``; 0 = dense model.
+        moe: `mmoe.MoEConfig` fields (``dim`` is filled in; ``expert_hidden`` defaults to the dense FFN width
+            ``// heads``, ``activation`` to ``"gelu"``; ``num_tasks`` is set by ``moe_routing``).
+        moe_routing: ``"shared"`` (one router for all tokens) or ``"modality"`` (router 0 for vision tokens,
+            router 1 for text tokens, one shared expert pool).
+        multiway_attention: per-modality LayerNorms and q/k/v/out projections (torchscale's release);
+            False = shared (the paper).
+        drop_path: stochastic depth rate of the last block (linearly increasing from 0).
+        itc_dim: width of the image-text contrastive embeddings.
+        init_std: std of the truncated normal init.
+        init_rescale: BEiT's rescaling of every block's output projections by ``1/sqrt(2 * layer_id)``.
+        norm_eps: LayerNorm epsilon.
+    """
+
+    vocab_size: int
+    img_size: int = 32
+    patch_size: int = 4
+    in_chans: int = 3
+    dim: int = 64
+    depth: int = 4
+    num_heads: int = 4
+    mlp_ratio: float = 4.0
+    max_text_len: int = 32
+    moe_every: int = 2
+    moe: dict[str, Any] = field(default_factory=lambda: {"num_experts": 8, "top_k": 2})
+    moe_routing: Literal["shared", "modality"] = "shared"
+    multiway_attention: bool = True
+    drop_path: float = 0.0
+    itc_dim: int = 64
+    init_std: float = 0.02
+    init_rescale: bool = True
+    norm_eps: float = 1e-6
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        def bad(name: str, msg: str) -> ValueError:
+            return ValueError(f"MultiwayConfig.{name}: {msg} (got {getattr(self, name)!r})")
+
+        for name in ("vocab_size", "img_size", "patch_size", "in_chans", "dim", "depth", "num_heads",
+                     "max_text_len", "itc_dim"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise bad(name, "must be a positive integer")
+        if self.img_size % self.patch_size:
+            raise bad("patch_size", f"must divide img_size={self.img_size}")
+        if self.dim % self.num_heads:
+            raise bad("num_heads", f"must divide dim={self.dim}")
+        if not isinstance(self.mlp_ratio, (int, float)) or int(self.dim * self.mlp_ratio) < 1:
+            raise bad("mlp_ratio", "must give a positive FFN width int(dim * mlp_ratio)")
+        if not isinstance(self.moe_every, int) or isinstance(self.moe_every, bool) or self.moe_every < 0:
+            raise bad("moe_every", "must be an integer >= 0 (0 = no MoE layer)")
+        if self.moe_routing not in ("shared", "modality"):
+            raise bad("moe_routing", "must be 'shared' or 'modality'")
+        if not isinstance(self.multiway_attention, bool):
+            raise bad("multiway_attention", "must be a bool")
+        if not 0.0 <= self.drop_path < 1.0:
+            raise bad("drop_path", "must be in [0, 1)")
+        if self.init_std <= 0:
+            raise bad("init_std", "must be > 0")
+        if self.norm_eps <= 0:
+            raise bad("norm_eps", "must be > 0")
+        if not isinstance(self.moe, dict):
+            raise bad("moe", "must be a mapping of mmoe.MoEConfig fields")
+        if self.moe_layer_ids():
+            self.moe_config()  # validates the MoE fields
+
+    @property
+    def num_patches(self) -> int:
+        return (self.img_size // self.patch_size) ** 2
+
+    @property
+    def hidden(self) -> int:
+        """Width of the dense V-FFN / L-FFN."""
+        return int(self.dim * self.mlp_ratio)
+
+    def moe_layer_ids(self) -> list[int]:
+        """0-based indices of the blocks whose FFN is an MoE layer."""
+        if self.moe_every == 0:
+            return []
+        return [i for i in range(self.depth) if i % self.moe_every == self.moe_every - 1]
+
+    def moe_config(self) -> MoEConfig:
+        """The `mmoe.MoEConfig` of the MoE layers (defaults filled in as documented)."""
+        names = {f.name for f in dataclasses.fields(MoEConfig)}
+        given = dict(self.moe)
+        unknown = sorted(set(given) - names)
+        if unknown:
+            raise ValueError(f"MultiwayConfig.moe: unknown MoEConfig field(s) {unknown}; "
+                             f"valid: {sorted(names - {'dim'})}")
+        if "dim" in given and given["dim"] != self.dim:
+            raise ValueError(f"MultiwayConfig.moe.dim: the MoE width is the model's dim={self.dim}; leave it out")
+        tasks = 2 if self.moe_routing == "modality" else 1
+        if "num_tasks" in given and given["num_tasks"] != tasks:
+            raise ValueError(f"MultiwayConfig.moe.num_tasks: set by moe_routing={self.moe_routing!r} to {tasks}; "
+                             f"leave it out (got {given['num_tasks']!r})")
+        given["dim"], given["num_tasks"] = self.dim, tasks
+        heads = given.get("heads", 1)
+        heads = heads if isinstance(heads, int) and heads >= 1 else 1
+        if given.get("expert_hidden") is None:
+            given["expert_hidden"] = max(1, self.hidden // heads)
+        given.setdefault("activation", "gelu")
+        try:
+            return MoEConfig(**given)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"MultiwayConfig.moe: {err}") from err
+
+
+# ------------------------------------------------------------------------------------------------
+# image helpers
+
+
+def patchify(images: Tensor, patch_size: int) -> Tensor:
+    """``[B, C, H, W]`` -> ``[B, N, p*p*C]``: patches in row-major order (the patch embedding's order), the
+    pixels of a patch ordered (row, column, channel) as in MAE."""
+    B, C, H, W = images.shape
+    p = patch_size
+    if H % p or W % p:
+        raise ValueError(f"patchify: image size {H}x{W} is not divisible by patch_size={p}")
+    h, w = H // p, W // p
+    x = images.reshape(B, C, h, p, w, p).permute(0, 2, 4, 3, 5, 1)  # [B, h, w, p, p, C]
+    return x.reshape(B, h * w, p * p * C)
+
+
+def mim_targets(images: Tensor, patch_size: int, eps: float = 1e-6) -> Tensor:
+    """Masked-image-modelling targets ``[B, N, p*p*C]``: every patch's pixels normalised by the patch's own
+    mean and (unbiased) variance, ``(x - mean) / sqrt(var + eps)`` (MAE's ``norm_pix_loss``)."""
+    x = patchify(images.float(), patch_size)
+    mean = x.mean(-1, keepdim=True)
+    var = x.var(-1, keepdim=True)
+    return (x - mean) / (var + eps).sqrt()
+
+
+# ------------------------------------------------------------------------------------------------
+# building blocks
+
+
+class Multiway(nn.Module):
+    """Two copies of a token-wise module: ``vision`` for positions ``< split``, ``text`` for the rest."""
+
+    def __init__(self, vision: nn.Module, text: nn.Module) -> None:
+        super().__init__()
+        self.vision, self.text = vision, text
+
+    def forward(self, x: Tensor, split: int) -> Tensor:
+        if split >= x.shape[1]:
+            return self.vision(x)
+        if split <= 0:
+            return self.text(x)
+        return torch.cat([self.vision(x[:, :split]), self.text(x[:, split:])], dim=1)
+
+
+class Shared(nn.Module):
+    """One token-wise module for both modalities (same call signature as `Multiway`)."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.module = module
+
+    def forward(self, x: Tensor, split: int) -> Tensor:
+        return self.module(x)
+
+
+def _maybe_multiway(make, multiway: bool) -> nn.Module:
+    return Multiway(make(), make()) if multiway else Shared(make())
+
+
+class MultiwayAttention(nn.Module):
+    """Multi-head self-attention over the joint sequence; q/k/v and output projections per modality when
+    multiway (torchscale's decoupled Multiway), shared otherwise."""
+
+    def __init__(self, cfg: MultiwayConfig) -> None:
+        super().__init__()
+        D = cfg.dim
+        self.num_heads, self.head_dim = cfg.num_heads, D // cfg.num_heads
+        self.qkv = _maybe_multiway(lambda: nn.Linear(D, 3 * D), cfg.multiway_attention)
+        self.proj = _maybe_multiway(lambda: nn.Linear(D, D), cfg.multiway_attention)
+
+    def forward(self, x: Tensor, split: int, attn_mask: Tensor | None) -> Tensor:
+        B, S, D = x.shape
+        q, k, v = self.qkv(x, split).view(B, S, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # [B, H, S, hd]
+        return self.proj(out.transpose(1, 2).reshape(B, S, D), split)
+
+
+class ModalityMoE(MoE):
+    """An `mmoe.MoE` that routes the valid tokens of a multiway sequence (one call with ``shared`` routing,
+    one call per modality with task-specific routers) and keeps the aux losses and statistics of all its
+    calls (module docstring).
+
+    After `forward_modalities`: ``aux_loss()`` is the sum over the calls, ``last_stats`` the merged
+    statistics (``task`` = -1 when several routers were used), ``modality_stats`` each modality's own
+    `LayerStats` (modality routing only) and ``modality_counts`` ``{"vision": [E], "text": [E]}`` the routed
+    slots per expert of each modality's tokens.
+    """
+
+    def __init__(self, cfg: MoEConfig, per_modality: bool) -> None:
+        super().__init__(cfg)
+        self.per_modality = per_modality
+        self.modality_stats: dict[str, LayerStats] = {}
+        self.modality_counts: dict[str, Tensor] | None = None
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        state["modality_counts"] = None
+        state["modality_stats"] = {}
+        return state
+
+    def forward_modalities(self, rows: dict[str, Tensor]) -> dict[str, Tensor]:
+        """``{"vision": [n_v, D], "text": [n_t, D]}`` valid token rows (either may be missing or empty) ->
+        the MoE outputs, same keys and shapes."""
+        present = [m for m in MODALITIES if m in rows and rows[m].shape[0] > 0]
+        out = {m: rows[m] for m in rows if m not in present}  # empty parts stay empty
+        if not present:
+            return out
+        keep = not _in_backward()  # an activation-checkpointing recomputation keeps nothing
+        E = self.cfg.num_experts
+        if not self.per_modality:
+            x = torch.cat([rows[m] for m in present], dim=0)
+            recorded = self.record_routing
+            self.record_routing = True
+            try:
+                y = MoE.forward(self, x)
+                r = self.last_routing
+            finally:
+                self.record_routing = recorded
+                if not recorded:
+                    self.last_routing = None
+            if keep:
+                counts = {}
+                rows_per_tok = self.cfg.heads
+                start = 0
+                with torch.no_grad():
+                    for m in present:
+                        n = rows[m].shape[0] * rows_per_tok
+                        idx = r.indices[start:start + n]
+                        counts[m] = torch.bincount(idx[idx >= 0].reshape(-1), minlength=E)
+                        start += n
+                self._set_counts(counts)
+                self.modality_stats = {}
+            start = 0
+            for m in present:
+                n = rows[m].shape[0]
+                out[m] = y[start:start + n]
+                start += n
+            return out
+        aux: dict[str, Tensor] = {}
+        stats: dict[str, LayerStats] = {}
+        for i, m in enumerate(present):
+            if i > 0 and self.default is not None and self.training:
+                # the previous call's output depends (for backward) on the Default-MoE vectors, which this
+                # call updates in place: give this call its own copy (same buffer name, new tensor)
+                self.default.vectors = self.default.vectors.clone()
+            out[m] = MoE.forward(self, rows[m], task=MODALITIES.index(m))
+            if keep:
+                for k, v in self._aux.items():
+                    aux[k] = aux[k] + v if k in aux else v
+                stats[m] = self.last_stats
+        if keep:
+            self._aux = aux
+            self.modality_stats = stats
+            self.last_stats = _merge_stats(list(stats.values()))
+            self._set_counts({m: s.tokens_per_expert for m, s in stats.items()})
+        return out
+
+    def _set_counts(self, counts: dict[str, Tensor]) -> None:
+        E = self.cfg.num_experts
+        ref = next(iter(counts.values()))
+        self.modality_counts = {m: counts.get(m, torch.zeros(E, dtype=ref.dtype, device=ref.device)).detach()
+                                for m in MODALITIES}
+
+
+def _merge_stats(stats: list[LayerStats]) -> LayerStats:
+    """One `LayerStats` for several calls of a layer: counts and aux losses summed, fractions averaged by
+    the rows / slots / tokens they are fractions of."""
+    if len(stats) == 1:
+        return stats[0]
+    routed = [float(s.tokens_per_expert.sum()) for s in stats]
+    rows = [s.num_rows for s in stats]
+    aux: dict[str, float] = {}
+    for s in stats:
+        for k, v in s.aux.items():
+            aux[k] = aux.get(k, 0.0) + v
+    return LayerStats(
+        tokens_per_expert=sum(s.tokens_per_expert for s in stats),
+        kept_per_expert=sum(s.kept_per_expert for s in stats),
+        dropped_frac=sum(s.dropped_frac * n for s, n in zip(stats, routed)) / max(sum(routed), 1.0),
+        entropy=sum(s.entropy * n for s, n in zip(stats, rows)) / max(sum(rows), 1),
+        activation=sum(s.activation * n for s, n in zip(stats, rows)) / max(sum(rows), 1),  # rows = tokens*heads
+        num_rows=sum(rows),
+        task=stats[0].task if len({s.task for s in stats}) == 1 else -1,
+        aux=aux,
+    )
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: drop the residual branch of a whole sample with probability ``p`` (training)."""
+
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.p == 0.0 or not self.training:
+            return x
+        keep = 1.0 - self.p
+        mask = x.new_empty(x.shape[0], *([1] * (x.dim() - 1))).bernoulli_(keep)
+        return x * mask / keep
+
+
+class MultiwayBlock(nn.Module):
+    """Pre-LN block: joint attention, then V-FFN / L-FFN (dense) or a `ModalityMoE` on the valid tokens."""
+
+    def __init__(self, cfg: MultiwayConfig, is_moe: bool, drop_path: float) -> None:
+        super().__init__()
+        D = cfg.dim
+        norm = lambda: nn.LayerNorm(D, eps=cfg.norm_eps)  # noqa: E731
+        self.norm1 = _maybe_multiway(norm, cfg.multiway_attention)
+        self.attn = MultiwayAttention(cfg)
+        self.norm2 = _maybe_multiway(norm, cfg.multiway_attention)
+        self.is_moe = is_moe
+        if is_moe:
+            self.ffn: nn.Module = ModalityMoE(cfg.moe_config(), per_modality=cfg.moe_routing == "modality")
+        else:
+            self.ffn = Multiway(MLP(D, cfg.hidden, "gelu"), MLP(D, cfg.hidden, "gelu"))
+        self.drop_path = DropPath(drop_path)
+
+    def forward(self, x: Tensor, split: int, attn_mask: Tensor | None, valid: Tensor) -> Tensor:
+        x = x + self.drop_path(self.attn(self.norm1(x, split), split, attn_mask))
+        h = self.norm2(x, split)
+        y = self._moe(h, split, valid) if self.is_moe else self.ffn(h, split)
+        return x + self.drop_path(y)
+
+    def _moe(self, h: Tensor, split: int, valid: Tensor) -> Tensor:
+        """The MoE on the valid tokens only (gathered per modality, routed, scattered back; 0 elsewhere)."""
+        B, S, D = h.shape
+        flat = h.reshape(B * S, D)
+        pos = torch.arange(S, device=h.device)
+        index = {}
+        for m, part in (("vision", pos < split), ("text", pos >= split)):
+            sel = valid & part  # [B, S]
+            if bool(sel.any()):
+                index[m] = sel.reshape(-1).nonzero().squeeze(1)  # batch-major, then position
+        out = self.ffn.forward_modalities({m: flat.index_select(0, i) for m, i in index.items()})
+        y = flat.new_zeros(B * S, D)
+        for m, i in index.items():
+            y = y.index_copy(0, i, out[m].to(y.dtype))
+        return y.reshape(B, S, D)
+
+
+# ------------------------------------------------------------------------------------------------
+# the model
+
+
+class MultiwayMoETransformer(nn.Module):
+    """BEiT-3-style multiway transformer with MoE FFNs (module docstring).
+
+    ``forward(image=None, text=None, text_padding_mask=None, image_mask=None)`` -> ``{"vision": [B, 1+N, D]
+    or None, "text": [B, L, D] or None}`` final (normed) hidden states.
+
+    * ``image [B, C, H, W]``; ``image_mask [B, N]`` bool, True = masked patch: its patch embedding is
+      replaced by the learned mask token (BEiT), so nothing of its pixels enters the model.
+    * ``text [B, L]`` token ids (``L <= max_text_len``); ``text_padding_mask [B, L]`` bool, True = padding:
+      padded keys are masked out of the attention and padded tokens skip the MoE layers.
+    * both: an image-text pair, sequence ``[vision tokens ; text tokens]`` with joint attention.
+
+    Deviations from BEiT-3: masked image modelling predicts per-patch normalised pixels (`mim_targets`,
+    MAE's norm_pix_loss) instead of VQ-KD visual tokens (the tokenizer weights are not available); no
+    Magneto sub-LN, layer scale or VL-FFN; MoE placement/routing is methods.md §6.3 reading (i).
+    """
+
+    def __init__(self, cfg: MultiwayConfig) -> None:
+        super().__init__()
+        cfg.validate()
+        self.cfg = cfg
+        D, N = cfg.dim, cfg.num_patches
+        # vision embedding
+        self.patch_embed = nn.Conv2d(cfg.in_chans, D, kernel_size=cfg.patch_size, stride=cfg.patch_size)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, D))
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, D))
+        self.vision_pos = nn.Parameter(torch.zeros(1, 1 + N, D))
+        # text embedding
+        self.token_embed = nn.Embedding(cfg.vocab_size, D)
+        self.text_pos = nn.Parameter(torch.zeros(1, cfg.max_text_len, D))
+        moe_ids = set(cfg.moe_layer_ids())
+        rates = torch.linspace(0, cfg.drop_path, cfg.depth).tolist() if cfg.depth > 1 else [cfg.drop_path]
+        self.blocks = nn.ModuleList([MultiwayBlock(cfg, i in moe_ids, rates[i]) for i in range(cfg.depth)])
+        self.norm = _maybe_multiway(lambda: nn.LayerNorm(D, eps=cfg.norm_eps), cfg.multiway_attention)
+        # heads
+        self.mlm_norm = nn.LayerNorm(D, eps=cfg.norm_eps)
+        self.mlm_bias = nn.Parameter(torch.zeros(cfg.vocab_size))
+        self.mim_norm = nn.LayerNorm(D, eps=cfg.norm_eps)
+        self.mim_head = nn.Linear(D, cfg.patch_size ** 2 * cfg.in_chans)
+        self.itc_vision = nn.Linear(D, cfg.itc_dim, bias=False)
+        self.itc_text = nn.Linear(D, cfg.itc_dim, bias=False)
+        # shape [1], not 0-dim: DeepSpeed cannot view a 0-dim parameter as bytes when it broadcasts the model
+        self.logit_scale = nn.Parameter(torch.full((1,), math.log(1 / 0.07)))
+        self.reset_parameters()
+
+    # ------------------------------------------------------------------ introspection
+    @property
+    def moe_layer_ids(self) -> list[int]:
+        return [i for i, b in enumerate(self.blocks) if b.is_moe]
+
+    @property
+    def moe_layers(self) -> list[tuple[str, MoE]]:
+        """``(name, layer)`` of every MoE layer (`mmoe.moe_layers`)."""
+        return moe_layers(self)
+
+    # ------------------------------------------------------------------ init
+    def reset_parameters(self) -> None:
+        """BEiT init: truncated normal (std ``init_std``, cut at 2 std) for linear / conv / embedding weights
+        and the learned tokens and positions, zero biases, LayerNorm 1 / 0; the experts like the dense FFN;
+        with ``init_rescale`` every block's attention output and FFN / expert output weights are divided by
+        ``sqrt(2 * layer_id)`` (layer_id = block index + 1). Routers and MH-MoE projections keep mmoe's
+        init; ``logit_scale`` = log(1/0.07)."""
+        std = self.cfg.init_std
+
+        def tn(w: Tensor) -> None:
+            nn.init.trunc_normal_(w, std=std, a=-2 * std, b=2 * std)
+
+        moe_params = {id(p) for _, m in moe_layers(self) for p in m.parameters()}
+        with torch.no_grad():
+            for mod in self.modules():
+                if isinstance(mod, MoE):
+                    ex = mod.experts
+                    for w in (ex.w1, ex.w2, ex.w3):
+                        if w is not None:
+                            tn(w)
+                    for b in (ex.b1, ex.b2, ex.b3):
+                        if b is not None:
+                            b.zero_()
+                    if mod.shared is not None:
+                        for lin in (mod.shared.fc1, mod.shared.fc2, mod.shared.fc3):
+                            if lin is not None:
+                                tn(lin.weight)
+                                if lin.bias is not None:
+                                    lin.bias.zero_()
+                    continue
+                if id(getattr(mod, "weight", None)) in moe_params:
+                    continue  # inside an MoE (MH-MoE head / merge projections): mmoe's init
+                if isinstance(mod, (nn.Linear, nn.Conv2d, nn.Embedding)):
+                    tn(mod.weight)
+                    if getattr(mod, "bias", None) is not None:
+                        mod.bias.zero_()
+                elif isinstance(mod, nn.LayerNorm):
+                    mod.weight.fill_(1.0)
+                    mod.bias.zero_()
+            for p in (self.cls_token, self.mask_token, self.vision_pos, self.text_pos):
+                tn(p)
+            self.mlm_bias.zero_()
+            self.logit_scale.fill_(math.log(1 / 0.07))
+            if self.cfg.init_rescale:
+                for i, block in enumerate(self.blocks):
+                    s = 1.0 / math.sqrt(2.0 * (i + 1))
+                    for lin in _branches(block.attn.proj):
+                        lin.weight.mul_(s)
+                    if block.is_moe:
+                        block.ffn.experts.w2.mul_(s)
+                        if block.ffn.shared is not None:
+                            block.ffn.shared.fc2.weight.mul_(s)
+                    else:
+                        for mlp in (block.ffn.vision, block.ffn.text):
+                            mlp.fc2.weight.mul_(s)
+
+    # ------------------------------------------------------------------ embeddings
+    def embed_image(self, image: Tensor, image_mask: Tensor | None = None) -> Tensor:
+        """``[B, C, H, W]`` -> vision tokens ``[B, 1+N, D]`` (CLS first; masked patches = mask token)."""
+        cfg = self.cfg
+        if image.dim() != 4 or image.shape[1] != cfg.in_chans or tuple(image.shape[2:]) != (cfg.img_size,) * 2:
+            raise ValueError(f"image must be [B, {cfg.in_chans}, {cfg.img_size}, {cfg.img_size}], "
+                             f"got {tuple(image.shape)}")
+        x = self.patch_embed(image).flatten(2).transpose(1, 2)  # [B, N, D]
+        B, N, _ = x.shape
+        if image_mask is not None:
+            if tuple(image_mask.shape) != (B, N):
+                raise ValueError(f"image_mask must be [B, N] = [{B}, {N}], got {tuple(image_mask.shape)}")
+            w = image_mask.to(device=x.device, dtype=torch.bool).unsqueeze(-1)
+            x = torch.where(w, self.mask_token.to(x.dtype).expand(B, N, -1), x)
+        x = torch.cat([self.cls_token.expand(B, -1, -1).to(x.dtype), x], dim=1)
+        return x + self.vision_pos.to(x.dtype)
+
+    def embed_text(self, text: Tensor) -> Tensor:
+        """Token ids ``[B, L]`` -> text tokens ``[B, L, D]``."""
+        if text.dim() != 2:
+            raise ValueError(f"text must be token ids [B, L], got shape {tuple(text.shape)}")
+        L = text.shape[1]
+        if L > self.cfg.max_text_len:
+            raise ValueError(f"text length {L} > max_text_len={self.cfg.max_text_len}")
+        return self.token_embed(text) + self.text_pos[:, :L]
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, image: Tensor | None = None, text: Tensor | None = None,
+                text_padding_mask: Tensor | None = None, image_mask: Tensor | None = None) -> dict[str, Tensor | None]:
+        if image is None and text is None:
+            raise ValueError("forward needs an image, a text or both")
+        if image is None and image_mask is not None:
+            raise ValueError("image_mask given without an image")
+        if text is None and text_padding_mask is not None:
+            raise ValueError("text_padding_mask given without a text")
+        parts = []
+        if image is not None:
+            parts.append(self.embed_image(image, image_mask))
+        if text is not None:
+            parts.append(self.embed_text(text))
+        if len(parts) == 2 and parts[0].shape[0] != parts[1].shape[0]:
+            raise ValueError(f"image and text batch sizes differ: {parts[0].shape[0]} vs {parts[1].shape[0]}")
+        x = torch.cat(parts, dim=1)
+        B, S, _ = x.shape
+        split = parts[0].shape[1] if image is not None else 0
+        valid = torch.ones(B, S, dtype=torch.bool, device=x.device)
+        attn_mask = None
+        if text_padding_mask is not None:
+            pad = text_padding_mask.to(device=x.device, dtype=torch.bool)
+            if tuple(pad.shape) != tuple(text.shape):
+                raise ValueError(f"text_padding_mask must have the text's shape {tuple(text.shape)}, "
+                                 f"got {tuple(pad.shape)}")
+            valid[:, split:] = ~pad
+            keys = valid.clone()
+            keys[~keys.any(1)] = True  # a row with no valid token at all: attend anywhere (avoids NaN)
+            attn_mask = keys[:, None, None, :]  # [B, 1, 1, S], True = may attend
+        for block in self.blocks:
+            x = block(x, split, attn_mask, valid)
+        x = self.norm(x, split)
+        return {"vision": x[:, :split] if image is not None else None,
+                "text": x[:, split:] if text is not None else None}
+
+    # ------------------------------------------------------------------ heads
+    def mlm_logits(self, text_hidden: Tensor) -> Tensor:
+        """Masked-language-modelling logits ``[..., vocab_size]``: LayerNorm, then the token embedding
+        matrix (tied) plus a bias."""
+        return F.linear(self.mlm_norm(text_hidden), self.token_embed.weight, self.mlm_bias)
+
+    def mim_pred(self, vision_hidden: Tensor) -> Tensor:
+        """Masked-image-modelling predictions ``[B, N, p*p*C]`` of the patches' normalised pixels
+        (`mim_targets`) from the vision hidden states ``[B, 1+N, D]`` (CLS dropped)."""
+        return self.mim_head(self.mim_norm(vision_hidden[:, 1:]))
+
+    def itc_embeddings(self, vision_hidden: Tensor | None = None,
+                       text_hidden: Tensor | None = None) -> tuple[Tensor | None, Tensor | None]:
+        """L2-normalised contrastive embeddings ``[B, itc_dim]`` of the vision CLS token and the text's first
+        token (each None when its input is None). Similarities: ``logit_scale.exp() * img @ txt.T``."""
+        img = F.normalize(self.itc_vision(vision_hidden[:, 0]), dim=-1) if vision_hidden is not None else None
+        txt = F.normalize(self.itc_text(text_hidden[:, 0]), dim=-1) if text_hidden is not None else None
+        return img, txt
+
+
+def _branches(m: nn.Module) -> list[nn.Module]:
+    return [m.vision, m.text] if isinstance(m, Multiway) else [m.module]
+
+
+def build_multiway(cfg: MultiwayConfig | dict) -> MultiwayMoETransformer:
+    """`MultiwayMoETransformer` from a `MultiwayConfig` or a dict of its fields."""
+    if isinstance(cfg, dict):
+        cfg = MultiwayConfig(**cfg)
+    return MultiwayMoETransformer(cfg)
+
+
+def routing_by_modality(model: nn.Module) -> dict[str, dict[str, list[int]]]:
+    """Per MoE layer (by module name): ``{"vision": [E], "text": [E]}`` routed slots per expert of each
+    modality's (valid) tokens in the latest forward (a token counts ``heads * top_k`` slots; slots later
+    dropped by a capacity limit are counted). Layers without a forward yet are left out."""
+    out = {}
+    for name, m in moe_layers(model):
+        counts = getattr(m, "modality_counts", None)
+        if counts is not None:
+            out[name] = {k: v.tolist() for k, v in counts.items()}
+    return out
