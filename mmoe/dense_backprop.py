@@ -67,7 +67,9 @@ class DefaultVectors(nn.Module):
 
     def term(self, probs: Tensor, computed: Tensor) -> Tensor:
         """``sum_{i not computed} pi_i * ema_i``: ``[T, D]``, differentiable w.r.t. ``probs`` only."""
-        return probs.float().masked_fill(computed, 0.0) @ self.vectors
+        # a copy: the product saves its operands for backward, and the next forward of this layer (a second
+        # call before backward, e.g. one per modality or per stream) updates the vectors in place
+        return probs.float().masked_fill(computed, 0.0) @ self.vectors.clone()
 
 
 def expert_group_term(y_slots: Tensor, plan: DispatchPlan, probs: Tensor, computed: Tensor, group_k: int,

@@ -331,10 +331,6 @@ class ModalityMoE(MoE):
         aux: dict[str, Tensor] = {}
         stats: dict[str, LayerStats] = {}
         for i, m in enumerate(present):
-            if i > 0 and self.default is not None and self.training:
-                # the previous call's output depends (for backward) on the Default-MoE vectors, which this
-                # call updates in place: give this call its own copy (same buffer name, new tensor)
-                self.default.vectors = self.default.vectors.clone()
             out[m] = MoE.forward(self, rows[m], task=MODALITIES.index(m))
             if keep:
                 for k, v in self._aux.items():

@@ -301,3 +301,21 @@ def test_expert_paths_agree_with_per_expert_reference(activation, bias):
     for got, want in zip(run("loop", autocast=True), ref_bf16):
         assert got.dtype == want.dtype
         torch.testing.assert_close(got, want, rtol=0.05, atol=0.05)
+
+
+def test_default_moe_layer_called_twice_before_backward():
+    """Two forwards of one Default-MoE layer in one graph (e.g. a model run on several streams per loss): the
+    second forward's in-place EMA update must not invalidate the first forward's saved tensors, and the
+    router gradient is the sum of both forwards' gradients."""
+    torch.manual_seed(0)
+    moe = mmoe.MoE(mmoe.MoEConfig(dim=8, num_experts=4, top_k=1, expert_hidden=8, dense_backprop="default"))
+    moe.default.vectors.normal_()
+    x1, x2 = torch.randn(6, 8), torch.randn(5, 8)
+    ref = copy.deepcopy(moe)
+    (moe(x1).sum() + moe(x2).sum()).backward()  # raised "modified by an inplace operation" before the fix
+    ref(x1).sum().backward()
+    g1 = ref.router.weight.grad.clone()
+    ref.router.weight.grad = None
+    ref(x2).sum().backward()
+    torch.testing.assert_close(moe.router.weight.grad, g1 + ref.router.weight.grad)
+    torch.testing.assert_close(moe.default.vectors, ref.default.vectors)
