@@ -648,32 +648,6 @@ def _opt(batch: dict, key: str, dev: torch.device) -> Tensor | None:
 def plot_routing_by_language(counts: dict[str, Tensor], languages: Sequence[str], path, title: str | None = None):
     """Heatmaps (one per MoE layer) of the share of each language's routed slots per expert (rows sum to
     1); returns the path written."""
-    from pathlib import Path
+    from mmoe.stats import plot_routing_shares
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = list(counts)
-    if not names:
-        raise ValueError("plot_routing_by_language: no MoE layer counts")
-    n = len(names)
-    E = counts[names[0]].shape[1]
-    fig, axes = plt.subplots(1, n, figsize=(max(3.0, 0.3 * E + 1.5) * n, 0.3 * len(languages) + 1.8), squeeze=False)
-    for ax, name in zip(axes[0], names):
-        c = counts[name].float()
-        share = c / c.sum(1, keepdim=True).clamp_min(1.0)
-        im = ax.imshow(share.numpy(), aspect="auto", cmap="viridis", vmin=0.0, interpolation="nearest")
-        ax.set_title(name, fontsize=8)
-        ax.set_xlabel("expert")
-        ax.set_yticks(range(len(languages)))
-        ax.set_yticklabels(list(languages)[: c.shape[0]], fontsize=7)
-        fig.colorbar(im, ax=ax)
-    fig.suptitle(title or "share of each language's routed slots per expert")
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return plot_routing_shares(counts, languages, path, title or "share of each language's routed slots per expert")

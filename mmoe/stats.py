@@ -54,3 +54,35 @@ def plot_expert_load(stats: dict[str, LayerStats] | nn.Module, path: str | Path,
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return path
+
+
+def plot_routing_shares(counts: dict[str, torch.Tensor], groups, path: str | Path, title: str) -> Path:
+    """Heatmaps, one per MoE layer, of the share of each group's routed slots per expert (rows sum to 1):
+    ``counts[layer]`` is ``[groups, E]`` (e.g. per language, per modality). Returns the path written."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(counts)
+    if not names:
+        raise ValueError(f"{title}: no MoE layer counts")
+    n = len(names)
+    E = counts[names[0]].shape[1]
+    fig, axes = plt.subplots(1, n, figsize=(max(3.0, 0.3 * E + 1.5) * n, 0.3 * len(groups) + 1.8), squeeze=False)
+    for ax, name in zip(axes[0], names):
+        c = counts[name].float()
+        share = c / c.sum(1, keepdim=True).clamp_min(1.0)
+        im = ax.imshow(share.numpy(), aspect="auto", cmap="viridis", vmin=0.0, interpolation="nearest")
+        ax.set_title(name, fontsize=8)
+        ax.set_xlabel("expert")
+        ax.set_yticks(range(c.shape[0]))
+        ax.set_yticklabels(list(groups)[: c.shape[0]], fontsize=7)
+        fig.colorbar(im, ax=ax)
+    fig.suptitle(title)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -44,7 +44,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -100,7 +99,7 @@ class MultimodalModelConfig(MultiwayConfig):
         return MultiwayConfig(**values)
 
 
-def _batch_seed(seeds: list[int]) -> int:
+def _batch_seed(seeds: list) -> int:
     digest = hashlib.sha256(",".join(map(str, seeds)).encode()).digest()
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
@@ -151,18 +150,14 @@ class MaskedMultimodalTask(Task):
         ids = self.tokenizer.encode(caption)
         seed = sample.get("__seed__")
         if seed is None:
-            seed = _batch_seed([int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "little")])
+            seed = _batch_seed([key])
         return {"image": image, "ids": ids, "seed": int(seed)}
 
     def collate(self, examples: list[dict]) -> dict[str, Tensor]:
         cfg = self.model_cfg
         g = torch.Generator().manual_seed(_batch_seed([e["seed"] for e in examples]))
         images = torch.stack([e["image"] for e in examples])
-        L = max(len(e["ids"]) for e in examples)
-        ids = torch.full((len(examples), L), self.tokenizer.pad_id, dtype=torch.long)
-        for i, e in enumerate(examples):
-            ids[i, :len(e["ids"])] = torch.tensor(e["ids"], dtype=torch.long)
-        pad = ids == self.tokenizer.pad_id
+        ids, pad = self.tokenizer.pad([e["ids"] for e in examples])
         grid = cfg.img_size // cfg.patch_size
         n_mask = max(1, round(cfg.image_mask_ratio * grid * grid))
 
@@ -317,25 +312,8 @@ def _is_main_rank() -> bool:
 
 def plot_routing_by_modality(counts: dict[str, dict[str, list[float]]], path: str | Path) -> Path:
     """Heatmap per MoE layer: rows = modalities, columns = experts, colour = share of the modality's slots."""
-    import matplotlib
+    from mmoe.stats import plot_routing_shares
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    layers = list(counts)
-    fig, axes = plt.subplots(len(layers), 1, figsize=(8, 1.2 + 1.1 * len(layers)), squeeze=False)
-    for ax, layer in zip(axes[:, 0], layers):
-        mods = list(counts[layer])
-        m = torch.tensor([counts[layer][k] for k in mods], dtype=torch.float64)
-        share = m / m.sum(1, keepdim=True).clamp_min(1)
-        im = ax.imshow(share.numpy(), aspect="auto", cmap="viridis", vmin=0)
-        ax.set_yticks(range(len(mods)), mods)
-        ax.set_title(layer, fontsize=9)
-        ax.set_xlabel("expert")
-        fig.colorbar(im, ax=ax, fraction=0.025, label="share of slots")
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    modalities = list(next(iter(counts.values()), {}))
+    mats = {layer: torch.tensor([c[m] for m in modalities], dtype=torch.float64) for layer, c in counts.items()}
+    return plot_routing_shares(mats, modalities, path, "share of each modality's routed slots per expert")
