@@ -1,13 +1,20 @@
-"""``mmoe tokenizer SOURCE OUT_PREFIX``: train the multilingual SentencePiece tokenizer
-(`language.tokenizer.train_tokenizer`) from text shards or a folder of ``.txt`` files."""
+"""The language family's commands, found by ``mmoe`` through the ``mmoe.commands`` entry points (standard
+library only at module level: ``mmoe tokenizer --help`` loads no torch):
+
+- ``mmoe tokenizer SOURCE OUT_PREFIX``: train the multilingual SentencePiece tokenizer
+  (`language.tokenizer.train_tokenizer`) from text shards or a folder of ``.txt`` files;
+- ``mmoe generate CHECKPOINT --prompt TEXT``: generate text with a trained causal LM (`language.generate`).
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
 
+from mmoe.cli import Command, lazy
 
-def add_args(parser: argparse.ArgumentParser) -> None:
+
+def add_tokenizer_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("source", help="text shards (a folder with manifest.json, a manifest, a brace pattern) "
                         "or a .txt file / folder of .txt files named by language (en.txt, de/...)")
     parser.add_argument("out_prefix", help="writes OUT_PREFIX.model, .vocab and .json")
@@ -27,8 +34,8 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
 
 
-def run(args: argparse.Namespace) -> int:
-    from mmoe.cli import CLIError
+def run_tokenizer(args: argparse.Namespace) -> int:
+    from mmoe.errors import CLIError
     from mmoe.data import DataError
 
     from .tokenizer import train_tokenizer
@@ -45,3 +52,23 @@ def run(args: argparse.Namespace) -> int:
     print(json.dumps({"model": str(tok.path), "vocab_size": tok.vocab_size,
                       "sampling_probability": {k: round(v["probability"], 4) for k, v in langs.items()}}))
     return 0
+
+
+def add_generate_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("checkpoint", help="checkpoint folder, a run's checkpoints folder, or a run folder")
+    parser.add_argument("--prompt", required=True, help="text to continue")
+    parser.add_argument("--max-new-tokens", type=int, default=50, help="tokens to generate at most (default 50)")
+    parser.add_argument("--temperature", type=float, default=0.0,
+                        help="0 = greedy (default); > 0 samples from softmax(logits / T)")
+    parser.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0 = all)")
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
+    parser.add_argument("--seed", type=int, default=0, help="sampling seed (default 0: reproducible)")
+    parser.add_argument("--config", default=None, help="the run's YAML config (default: RUN/config.yaml)")
+    parser.add_argument("--tokenizer", default=None, help="tokenizer .model (default: from the config / run)")
+    parser.add_argument("--no-cache", action="store_true", help="recompute the whole context every step")
+
+
+TOKENIZER = Command(add_tokenizer_args, run_tokenizer,
+                    "train a multilingual SentencePiece tokenizer from text shards or .txt files")
+GENERATE = Command(add_generate_args, lazy("language.generate", "run"),
+                   "generate text from a trained language-model checkpoint (greedy or sampled)")

@@ -65,7 +65,7 @@ def load_lm(checkpoint_dir: str | Path, config: str | Path | None = None, *,
     """
     import dataclasses
 
-    from mmoe.configs import from_dict
+    from mmoe.train.configfile import from_dict
     from mmoe.train import checkpoint as ckpt_lib
     from mmoe.train.config import load_train_config
     from mmoe.train.tasks import get_task
@@ -212,24 +212,10 @@ def generate(model: MoETransformerLM, tokenizer, prompt: str, max_new_tokens: in
 # command line
 
 
-def add_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("checkpoint", help="checkpoint folder, a run's checkpoints folder, or a run folder")
-    parser.add_argument("--prompt", required=True, help="text to continue")
-    parser.add_argument("--max-new-tokens", type=int, default=50, help="tokens to generate at most (default 50)")
-    parser.add_argument("--temperature", type=float, default=0.0,
-                        help="0 = greedy (default); > 0 samples from softmax(logits / T)")
-    parser.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0 = all)")
-    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
-    parser.add_argument("--seed", type=int, default=0, help="sampling seed (default 0: reproducible)")
-    parser.add_argument("--config", default=None, help="the run's YAML config (default: RUN/config.yaml)")
-    parser.add_argument("--tokenizer", default=None, help="tokenizer .model (default: from the config / run)")
-    parser.add_argument("--no-cache", action="store_true", help="recompute the whole context every step")
-
-
 def run(args: argparse.Namespace) -> int:
     """``mmoe generate``: prints the prompt followed by its continuation; returns the exit status."""
-    from mmoe.cli import CLIError
-    from mmoe.configs import ConfigError
+    from mmoe.errors import CLIError
+    from mmoe.train.configfile import ConfigError
     from mmoe.train.checkpoint import CheckpointError
 
     if args.max_new_tokens < 0:

@@ -1,31 +1,63 @@
 """mmoe: one Mixture-of-Experts routing core for vision, language and multimodal models.
 
 Public API (stable): `MoEConfig`, `MoE`, `Routing`, `aux_loss`, `routing_stats`, plus helpers
-`mh_moe_config`, `plot_expert_load`, `update_balance_bias`.
+`mh_moe_config`, `plot_expert_load`, `update_balance_bias` and the "MoE inside a model" helpers.
+
+The names are loaded on first use (PEP 562), so ``import mmoe.cli`` / ``mmoe --help`` load no torch;
+``from mmoe import MoE`` and ``mmoe.MoE`` work as usual.
 """
 
-from .adaptive import AdaptiveTopK
-from .config import MoEConfig
-from .layer import LayerStats, MoE, aux_loss, moe_layers, routing_stats, update_balance_bias
-from .multihead import mh_moe_config, moe_cost
-from .routing import ROUTERS, Routing
-from .stats import expert_load_matrix, plot_expert_load
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "MoEConfig",
-    "MoE",
-    "Routing",
-    "LayerStats",
-    "aux_loss",
-    "routing_stats",
-    "update_balance_bias",
-    "moe_layers",
-    "mh_moe_config",
-    "moe_cost",
-    "plot_expert_load",
-    "expert_load_matrix",
-    "ROUTERS",
-    "AdaptiveTopK",
-]
+_EXPORTS = {
+    "MoEConfig": "config",
+    "moe_config_from_section": "config",
+    "moe_block_indices": "config",
+    "MoE": "layer",
+    "LayerStats": "layer",
+    "aux_loss": "layer",
+    "routing_stats": "layer",
+    "update_balance_bias": "layer",
+    "moe_layers": "layer",
+    "mh_moe_config": "multihead",
+    "moe_cost": "multihead",
+    "Routing": "routing",
+    "ROUTERS": "routing",
+    "plot_expert_load": "stats",
+    "expert_load_matrix": "stats",
+    "plot_routing_shares": "stats",
+    "count_params": "stats",
+    "ParamCount": "stats",
+    "RoutingCounter": "stats",
+    "AdaptiveTopK": "adaptive",
+    "MMoEError": "errors",
+}
+
+__all__ = list(_EXPORTS)
+
+if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerly
+    from .adaptive import AdaptiveTopK
+    from .config import MoEConfig, moe_block_indices, moe_config_from_section
+    from .errors import MMoEError
+    from .layer import LayerStats, MoE, aux_loss, moe_layers, routing_stats, update_balance_bias
+    from .multihead import mh_moe_config, moe_cost
+    from .routing import ROUTERS, Routing
+    from .stats import ParamCount, RoutingCounter, count_params, expert_load_matrix, plot_expert_load, plot_routing_shares
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'mmoe' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

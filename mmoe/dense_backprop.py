@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from .dispatch import DispatchPlan
-from .losses import all_reduce_
+from .parallel import all_reduce_
 
 
 def computed_mask(plan: DispatchPlan, num_rows: int, num_experts: int) -> Tensor:

@@ -11,7 +11,6 @@ import math
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import losses
@@ -19,7 +18,7 @@ from .config import MoEConfig
 from .dense_backprop import DefaultVectors, computed_mask, dense_oracle_term, expert_group_term
 from .dispatch import DispatchPlan, combine, expert_capacity, make_plan
 from .experts import MLP, Experts
-from .distributed import expert_parallel_forward
+from .parallel import all_reduce_, expert_parallel_forward
 from .routing import Routing, build_router
 
 
@@ -73,7 +72,7 @@ class MoE(nn.Module):
         cfg.validate()
         self.cfg = cfg
         self.dp_group = dp_group
-        # expert parallelism: set by `mmoe.distributed.shard_experts` (None / 1 = every expert local)
+        # expert parallelism: set by `mmoe.parallel.shard_experts` (None / 1 = every expert local)
         self.ep_group = None
         self.ep_size = 1
         D, dh, E = cfg.dim, cfg.expert_dim, cfg.num_experts
@@ -337,7 +336,7 @@ def update_balance_bias(model: nn.Module) -> None:
         if m.balance_bias is None:
             continue
         load = m.balance_load.clone()
-        losses.all_reduce_(load, group=m.dp_group)
+        all_reduce_(load, group=m.dp_group)
         used = load.sum(-1, keepdim=True) > 0
         delta = m.cfg.balance_bias_rate * torch.sign(load.mean(-1, keepdim=True) - load)
         m.balance_bias += torch.where(used, delta, torch.zeros_like(delta))

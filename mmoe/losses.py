@@ -9,29 +9,10 @@ local mean probabilities.
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 
+from .parallel import _all_reduce
 from .routing import Routing
-
-
-def dp_active(group) -> bool:
-    """True when ``group`` is a process group with more than one rank."""
-    return group is not None and dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
-
-
-def all_reduce_(*ts: Tensor, group=None) -> None:
-    """In-place sum over ``group``; a no-op without one (the layer never needs torch.distributed)."""
-    if dp_active(group):
-        for t in ts:
-            dist.all_reduce(t, group=group)
-
-
-def _all_reduce(t: Tensor, group) -> Tensor:
-    if dp_active(group):
-        t = t.clone()
-        dist.all_reduce(t, group=group)
-    return t
 
 
 def expert_counts(indices: Tensor, num_experts: int) -> Tensor:

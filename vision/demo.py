@@ -53,7 +53,7 @@ def model_sections(embed_dim: int = 64, depth: int = 4) -> tuple[dict, dict]:
 
 def train_config(model: dict, data_dir: Path, run_dir: Path, steps: int, batch_size: int, seed: int,
                  progress: bool):
-    from mmoe.configs import from_dict
+    from mmoe.train.configfile import from_dict
     from mmoe.train.config import TrainConfig
 
     return from_dict(TrainConfig, {
@@ -74,7 +74,7 @@ def _throughput(run_dir: Path) -> float:
     """Median logged training throughput (images/s, data loading included) after the first logs."""
     import statistics
 
-    from mmoe.runlog import read_jsonl
+    from mmoe.train.runlog import read_jsonl
 
     vals = [r["throughput"] for r in read_jsonl(run_dir / "metrics.jsonl") if "throughput" in r]
     vals = vals[2:] or vals
@@ -89,10 +89,10 @@ def run(args: argparse.Namespace) -> int:
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     from mmoe import routing_stats
-    from mmoe.cli import CLIError
-    from mmoe.runlog import plot_curves
+    from mmoe.errors import CLIError
+    from mmoe.train.runlog import plot_curves
     from mmoe.train.engine import Trainer
-    from mmoe.train.toy import write_digits_shards
+    from vision.digits import write_digits_shards
 
     from .models import count_params
 

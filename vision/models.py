@@ -1,8 +1,8 @@
 """ViT-MoE: timm's VisionTransformer with the MLP of chosen blocks replaced by `mmoe.MoE`.
 
-After ``import vision`` the models are in timm's registry::
+After ``import vision.models`` the models are in timm's registry::
 
-    import timm, vision
+    import timm, vision.models
     m = timm.create_model("vit_moe_small_patch16_224", num_experts=8, top_k=2, heads=2,
                           dense_backprop="default", moe_layers="every_2", num_classes=10)
 
@@ -26,7 +26,6 @@ import dataclasses
 import re
 from typing import Any, Sequence
 
-import torch
 from torch import nn
 
 from mmoe import MoE, MoEConfig
@@ -74,7 +73,7 @@ def moe_block_indices(depth: int, placement: str | Sequence[int]) -> list[int]:
 
 def vit_moe_config(embed_dim: int, mlp_ratio: float = 4.0, moe: dict[str, Any] | None = None) -> MoEConfig:
     """The `MoEConfig` of a ViT-MoE block: ``dim = embed_dim``, expert hidden = the MLP width / heads."""
-    from mmoe.configs import from_dict
+    from mmoe.train.configfile import from_dict
 
     opts = dict(moe or {})
     if "dim" in opts and opts["dim"] != embed_dim:

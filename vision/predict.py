@@ -24,7 +24,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
-    from mmoe.cli import CLIError
+    from mmoe.errors import CLIError
     from mmoe.train import checkpoint as ckpt_lib
 
     try:
@@ -39,8 +39,8 @@ class Predictor:
     def __init__(self, checkpoint: str | Path, config: str | Path | None = None, use_ema: bool = True) -> None:
         import torch
 
-        from mmoe.cli import CLIError
-        from mmoe.configs import ConfigError
+        from mmoe.errors import CLIError
+        from mmoe.train.configfile import ConfigError
         from mmoe.train import checkpoint as ckpt_lib
         from mmoe.train.config import load_train_config
         from mmoe.train.tasks import get_task
@@ -54,7 +54,7 @@ class Predictor:
         except ConfigError as err:
             raise CLIError(str(err)) from None
         meta = ckpt_lib.read_meta(self.checkpoint)
-        from mmoe.configs import from_dict
+        from mmoe.train.configfile import from_dict
 
         task_cls = get_task(cfg.task)
         self.task = task_cls(from_dict(task_cls.ModelConfig, cfg.model, source=str(cfg_path), path="model"),
@@ -85,7 +85,7 @@ class Predictor:
     def predict(self, images, topk: int = 5) -> list[dict]:
         import torch
 
-        from mmoe.cli import CLIError
+        from mmoe.errors import CLIError
         from mmoe.data import DataError
 
         xs = []

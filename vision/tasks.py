@@ -33,8 +33,9 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import nn
 
+from mmoe.train.ema import WeightEMA
 from mmoe.train.tasks import Task, register_task
 
 
@@ -84,7 +85,7 @@ def build_classifier(cfg: ClassifierConfig) -> nn.Module:
     """The model of a `ClassifierConfig` (also used by ``mmoe predict`` and the demo)."""
     import timm
 
-    import vision  # noqa: F401 - registers the vit_moe_* models
+    import vision.models  # noqa: F401 - registers the vit_moe_* models
 
     kwargs = dict(num_classes=cfg.num_classes, img_size=cfg.img_size, in_chans=cfg.in_chans,
                   drop_path_rate=cfg.drop_path_rate, **cfg.kwargs)
@@ -114,55 +115,6 @@ def build_classifier(cfg: ClassifierConfig) -> nn.Module:
 
         load_vit_state(model, cfg.init, what="model.init: ")
     return model
-
-
-class WeightEMA:
-    """Exponential moving average of every floating-point tensor of a model's state (parameters and
-    buffers), kept beside the model and swapped in for evaluation.
-
-    Written here rather than using timm's ``ModelEmaV3`` because that keeps a deep copy of the module;
-    under expert parallelism the module holds process groups and only this rank's experts, and swapping
-    tensors keeps one model that the engine already knows how to run.
-    """
-
-    def __init__(self, model: nn.Module, decay: float) -> None:
-        self.decay = decay
-        self.updates = 0
-        self.shadow = {k: v.detach().float().clone() for k, v in model.state_dict().items() if v.is_floating_point()}
-        self._backup: dict[str, Tensor] | None = None
-
-    @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
-        self.updates += 1
-        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
-        for k, v in model.state_dict().items():
-            if k in self.shadow:
-                self.shadow[k].lerp_(v.detach().float(), 1.0 - d)
-
-    @torch.no_grad()
-    def swap_in(self, model: nn.Module) -> None:
-        state = model.state_dict()
-        self._backup = {k: state[k].detach().clone() for k in self.shadow}
-        for k, v in self.shadow.items():
-            state[k].copy_(v)
-
-    @torch.no_grad()
-    def swap_out(self, model: nn.Module) -> None:
-        if self._backup is None:
-            return
-        state = model.state_dict()
-        for k, v in self._backup.items():
-            state[k].copy_(v)
-        self._backup = None
-
-    def state_dict(self) -> dict:
-        return {"decay": self.decay, "updates": self.updates, "shadow": {k: v.cpu() for k, v in self.shadow.items()}}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.updates = int(state["updates"])
-        for k, v in state["shadow"].items():
-            if k in self.shadow:
-                self.shadow[k].copy_(v)
 
 
 def _seeded(fn, arg, seed: int):
@@ -209,7 +161,7 @@ class ImageClassificationTask(Task):
     unit = "images"
 
     def __init__(self, model_cfg: ClassifierConfig, options=None) -> None:
-        from mmoe.configs import from_dict
+        from mmoe.train.configfile import from_dict
 
         super().__init__(model_cfg, options)
         self.opt: ClassificationOptions = from_dict(ClassificationOptions, self.options, path="task_options")

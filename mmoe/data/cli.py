@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import argparse
 
+from ..argtypes import positive_int as _positive_int
+
 
 def _size(text: str) -> int:
     from .writers import parse_size
@@ -25,16 +27,6 @@ def _size(text: str) -> int:
         return parse_size(text)
     except ValueError as err:
         raise argparse.ArgumentTypeError(str(err))
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
 
 
 def _fraction(text: str) -> float:
@@ -62,6 +54,9 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
                         help="bad input files or lines: stop with an error (default) or skip them with a "
                         "warning (counted in the manifest)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+_BUILTIN = ("imagefolder", "coco", "text", "pairs", "verify")
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
@@ -106,27 +101,17 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--caption-field", default="caption", help="jsonl field with the caption (default caption)")
     _add_common(p)
 
-    p = sub.add_parser("digits", help="the 8x8 handwritten digits that scikit-learn ships (no download)",
-                       description="Shard the 1,797 handwritten digit images that scikit-learn ships as PNGs "
-                       "with 'cls' labels, split into train-* and val-* by key hash (--val-fraction, default "
-                       "0.2). The data of configs/tiny.yaml and of the tests.")
-    p.add_argument("out", metavar="OUT", help="output directory (shards + manifest.json)")
-    p.add_argument("--samples-per-shard", type=int, default=200, help="samples per shard (default 200)")
-    p.add_argument("--val-fraction", type=float, default=0.2, help="fraction in the val split (default 0.2)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    # sources of the task families (``mmoe.shards`` entry points: ``digits`` from vision, ``shapes`` from
+    # multimodal); only the one asked for is loaded
+    from ..cli import family_entry_points, load_entry_point
 
-    p = sub.add_parser("shapes", help="generated image-caption pairs: coloured shapes and their relations",
-                       description="Generate N 32x32 images of one or two coloured shapes with captions that name "
-                       "them and their relation ('a blue square left of a yellow triangle'), deterministic for a "
-                       "seed, as image-text pair shards split into train-* and val-* by key hash. The data of "
-                       "configs/beit3_moe_shapes.yaml.")
-    p.add_argument("out", metavar="OUT", help="output directory (shards + manifest.json)")
-    p.add_argument("--num", type=int, default=2000, help="number of pairs (default 2000)")
-    p.add_argument("--img-size", type=int, default=32, help="image side in pixels (default 32)")
-    p.add_argument("--seed", type=int, default=0, help="generator seed (default 0)")
-    p.add_argument("--samples-per-shard", type=int, default=1000, help="samples per shard (default 1000)")
-    p.add_argument("--val-fraction", type=float, default=0.2, help="fraction in the val split (default 0.2)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    for name, ep in family_entry_points("mmoe.shards").items():
+        if name in _BUILTIN:
+            continue
+        source = load_entry_point(ep, f"shard source {name!r}")
+        q = sub.add_parser(name, help=source.help, description=source.help)
+        source.add_args(q)
+        q.set_defaults(_write=source.run)
 
     p = sub.add_parser("verify", help="re-check shard sizes, checksums and sample counts against manifest.json",
                        description="Re-check every shard listed in DIR/manifest.json: present, same size, "
@@ -144,38 +129,21 @@ def _human_bytes(n: int) -> str:
 
 def run(args: argparse.Namespace) -> int:
     """Run ``mmoe shards SOURCE ...``; user mistakes and bad data become one-line `CLIError`s."""
-    from mmoe.cli import CLIError
-
-    from .errors import DataError
+    from mmoe.errors import CLIError
 
     try:
         if args.source == "verify":
             return _verify(args)
         return _write(args)
-    except (DataError, FileNotFoundError, NotADirectoryError, PermissionError) as err:
+    except (FileNotFoundError, NotADirectoryError, PermissionError) as err:
         raise CLIError(str(err)) from None
 
 
 def _write(args: argparse.Namespace) -> int:
     from . import writers
 
-    if args.source == "digits":
-        from mmoe.train.toy import write_digits_shards
-
-        manifest = write_digits_shards(args.out, samples_per_shard=args.samples_per_shard,
-                                       val_fraction=args.val_fraction, progress=not args.quiet)
-        print(f"wrote {manifest.num_shards} shards, {manifest.num_samples} samples to {manifest.directory} ("
-              + ", ".join(f"{n}: {len(s.shards)} shards/{s.samples} samples" for n, s in manifest.splits.items()) + ")")
-        return 0
-    if args.source == "shapes":
-        from multimodal.data import write_shapes
-
-        manifest = write_shapes(args.out, num_samples=args.num, img_size=args.img_size, seed=args.seed,
-                                val_fraction=args.val_fraction, samples_per_shard=args.samples_per_shard,
-                                progress=not args.quiet)
-        print(f"wrote {manifest.num_shards} shards, {manifest.num_samples} samples to {manifest.directory} ("
-              + ", ".join(f"{n}: {len(s.shards)} shards/{s.samples} samples" for n, s in manifest.splits.items()) + ")")
-        return 0
+    if getattr(args, "_write", None) is not None:  # a family's source
+        return args._write(args)
     options = dict(prefix=args.prefix, samples_per_shard=args.samples_per_shard,
                    max_shard_bytes=args.max_shard_size, val_fraction=args.val_fraction, progress=not args.quiet)
     if args.source == "imagefolder":
@@ -189,7 +157,7 @@ def _write(args: argparse.Namespace) -> int:
         manifest = writers.write_pairs(args.list, args.out, image_field=args.image_field,
                                        caption_field=args.caption_field, on_error=args.on_error, **options)
     else:
-        from mmoe.cli import CLIError
+        from mmoe.errors import CLIError
 
         raise CLIError(f"unknown shard source {args.source!r}")
     per_split = ", ".join(f"{name}: {len(split.shards)} shards/{split.samples} samples"
@@ -200,10 +168,16 @@ def _write(args: argparse.Namespace) -> int:
     return 0
 
 
+def split_summary(manifest) -> str:
+    """``wrote N shards, M samples to DIR (train: a shards/b samples, ...)``: the line a writer prints."""
+    return (f"wrote {manifest.num_shards} shards, {manifest.num_samples} samples to {manifest.directory} ("
+            + ", ".join(f"{n}: {len(s.shards)} shards/{s.samples} samples" for n, s in manifest.splits.items()) + ")")
+
+
 def _verify(args: argparse.Namespace) -> int:
     import sys
 
-    from mmoe.cli import CLIError
+    from mmoe.errors import CLIError
 
     from .manifest import Manifest, verify_shards
 

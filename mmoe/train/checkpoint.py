@@ -34,12 +34,10 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from ..errors import CheckpointError
+
 STEP_RE = re.compile(r"^step_(\d+)$")
 EXPERT_FILE_RE = re.compile(r"^experts-ep(\d+)-of(\d+)\.safetensors$")
-
-
-class CheckpointError(RuntimeError):
-    pass
 
 
 def _expert_param_names(model: nn.Module) -> set[str]:

@@ -42,8 +42,8 @@ def _setup_env() -> None:
 
 
 def _load(args):
-    from ..cli import CLIError
-    from ..configs import ConfigError
+    from ..errors import CLIError
+    from .configfile import ConfigError
     from .config import load_train_config
 
     if not os.path.isfile(args.config):
@@ -56,8 +56,8 @@ def _load(args):
 
 def run_train(args) -> int:
     _setup_env()
-    from ..cli import CLIError
-    from ..configs import ConfigError
+    from ..errors import CLIError
+    from .configfile import ConfigError
     from ..data import DataError
     from . import checkpoint as ckpt_lib
     from .engine import Trainer, TrainingError
@@ -84,8 +84,8 @@ def run_eval(args) -> int:
     _setup_env()
     from pathlib import Path
 
-    from ..cli import CLIError
-    from ..configs import ConfigError
+    from ..errors import CLIError
+    from .configfile import ConfigError
     from ..data import DataError
     from . import checkpoint as ckpt_lib
     from .engine import Trainer, TrainingError

@@ -9,7 +9,7 @@ train: {max_steps: 300, log_every: 10, eval_every: 100, save_every: 100}
 dist: {zero_stage: 0, ep_size: 1}
 run: {dir: runs/tiny, seed: 0}
 ```
-Unknown keys and wrong types are errors naming the key and the file (`mmoe.configs`); any key can be
+Unknown keys and wrong types are errors naming the key and the file (`mmoe.train.configfile`); any key can be
 overridden on the command line with ``key.sub=value``.
 """
 
@@ -91,7 +91,7 @@ class TrainConfig:
 
 def check_train_config(cfg: TrainConfig, source: str) -> None:
     """Checks across fields that the dataclass types cannot express; errors name ``source`` and the key."""
-    from ..configs import ConfigError
+    from .configfile import ConfigError
 
     if not cfg.task:
         raise ConfigError(source, "task", "required (one of the registered tasks)")
@@ -104,7 +104,7 @@ def check_train_config(cfg: TrainConfig, source: str) -> None:
 
 
 def load_train_config(path, overrides=()) -> TrainConfig:
-    from ..configs import load_config
+    from .configfile import load_config
 
     cfg = load_config(TrainConfig, path, overrides)
     check_train_config(cfg, str(path))

@@ -1,16 +1,15 @@
 """The training engine: one trainer for every task, on DeepSpeed.
 
 `Trainer(cfg)` sets up ``torch.distributed`` (gloo on CPU, NCCL on GPUs), the expert-parallel groups,
-the task's model with its experts sharded (`mmoe.distributed.shard_experts`), MoE-aware parameter
+the task's model with its experts sharded (`mmoe.train.sharding.shard_experts`), MoE-aware parameter
 groups (weight decay off for norms, biases and routers unless configured; expert parameters in
 DeepSpeed "moe" groups so they are reduced over the expert-data-parallel group only), a DeepSpeed
 engine (ZeRO 0/1/2, gradient clipping and accumulation, bf16 where the device has it), the shard
 loaders with exact resume, checkpoints, and logging. ``Trainer.fit()`` trains; ``Trainer.evaluate()``
 evaluates.
 
-DeepSpeed finds MoE layers by ``isinstance(module, deepspeed.moe.layer.MoE)``; `_teach_deepspeed` adds
-`mmoe.MoE` to that check so its expert-parallel bookkeeping (expert groups, no cross-group all-reduce,
-no broadcast of rank 0's experts over the others) applies to our layers.
+Everything DeepSpeed-specific (start-up, expert groups, the generated DeepSpeed config, teaching its engine
+that `mmoe.MoE` is an MoE layer) is in `mmoe.train.deepspeed`, the only module that imports DeepSpeed.
 
 Non-finite losses: the decision is global (all ranks agree, so expert-parallel collectives stay in
 step). A micro-batch whose loss is NaN/inf is dropped before backward — DeepSpeed never sees it, so the
@@ -20,10 +19,8 @@ forward updated (the Default-MoE EMA, balance-bias loads) are restored; it is lo
 
 from __future__ import annotations
 
-import math
 import os
 import random
-import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -31,111 +28,23 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch import nn
 
-from ..layer import MoE, aux_loss, moe_layers, routing_stats, update_balance_bias
+
+from ..errors import TrainingError
+from ..layer import aux_loss, moe_layers, routing_stats, update_balance_bias
 from . import checkpoint as ckpt_lib
+from . import deepspeed as ds
+from .optim import lr_lambda, param_groups
+from .sharding import shard_experts
 from .config import TrainConfig
 from .tasks import Task, get_task
 
 
-class TrainingError(RuntimeError):
-    """A run that cannot go on (diverged, bad setup); the message says why."""
-
-
 # ---------------------------------------------------------------------------------------- setup
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def init_distributed(backend: str = "auto") -> None:
-    """Initialise torch.distributed through DeepSpeed (a single process gets a world of one)."""
-    if not torch.cuda.is_available():
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    import deepspeed
-
-    if dist.is_available() and dist.is_initialized():
-        return
-    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(_free_port()))
-    if backend == "auto":
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if os.environ.get("WORLD_SIZE") == "1" and not torch.cuda.is_available():
-        # DeepSpeed's CPU backend compiles a shared-memory all-reduce op (about a minute on a fresh
-        # machine) that a single process never uses: skip it
-        import importlib
-
-        # (the attribute deepspeed.comm.torch is the torch package; fetch the submodule itself)
-        importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
-    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
-
-
-def _teach_deepspeed() -> None:
-    import deepspeed.runtime.engine as ds_engine
-
-    current = ds_engine.MoE
-    if isinstance(current, tuple):
-        if MoE in current:
-            return
-        ds_engine.MoE = current + (MoE,)
-    else:
-        ds_engine.MoE = (current, MoE)
-
-
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % (2**32))
     torch.manual_seed(seed)
-
-
-def param_groups(model: nn.Module, cfg, lr_scales: dict[str, float] | None = None) -> list[dict]:
-    """AdamW groups: decay / no decay (norms, biases, routers as configured) x lr scale x expert (moe).
-
-    ``lr_scales``: optional per-parameter lr multipliers by name (a task's layer-wise lr decay), applied on
-    top of ``router_lr_scale``."""
-    groups: dict[tuple, dict] = {}
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        is_router = ".routers." in f".{name}" or name.startswith("routers.")
-        is_norm_or_bias = p.ndim <= 1 or name.endswith(".bias") or "norm" in name.lower()
-        if getattr(p, "expert", False) and name.split(".")[-1].startswith("b"):
-            is_norm_or_bias = True  # stacked expert biases b1/b2/b3 are [E, H]
-        decay = not ((is_norm_or_bias and not cfg.decay_norm_and_bias) or (is_router and not cfg.decay_router))
-        lr_scale = cfg.router_lr_scale if is_router else 1.0
-        if lr_scales:
-            lr_scale = round(lr_scale * float(lr_scales.get(name, 1.0)), 12)
-        moe_name = getattr(p, "group_name", None) if getattr(p, "allreduce", True) is False else None
-        key = (decay, lr_scale, moe_name)
-        if key not in groups:
-            g = {"params": [], "weight_decay": cfg.weight_decay if decay else 0.0, "lr_scale": lr_scale,
-                 "name": f"{'decay' if decay else 'no_decay'}_lr{lr_scale:g}" + (f"_{moe_name}" if moe_name else "")}
-            if moe_name:
-                g["moe"] = True
-                g["name"] = moe_name
-            groups[key] = g
-        groups[key]["params"].append(p)
-    return list(groups.values())
-
-
-def lr_lambda(cfg, max_steps: int):
-    warm = cfg.warmup_steps
-    floor = cfg.min_lr_ratio
-
-    def f(step: int) -> float:
-        if warm and step < warm:
-            return (step + 1) / warm
-        if cfg.schedule == "constant":
-            return 1.0
-        progress = min(1.0, (step - warm) / max(1, max_steps - warm))
-        if cfg.schedule == "linear":
-            return floor + (1 - floor) * (1 - progress)
-        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
-
-    return f
 
 
 class SyntheticLoader:
@@ -166,16 +75,16 @@ class SyntheticLoader:
 class Trainer:
     def __init__(self, cfg: TrainConfig, *, config_source: str = "<config>", resume: bool | str = False,
                  train: bool = True) -> None:
-        from ..configs import from_dict, save_config
+        from .configfile import from_dict, save_config
 
         self.cfg = cfg
-        init_distributed(cfg.dist.backend)
+        ds.init_distributed(cfg.dist.backend)
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         else:
-            from ..perf import tune_cpu_allocator
+            from .perf import tune_cpu_allocator
 
             tune_cpu_allocator()
         ep = cfg.dist.ep_size
@@ -192,7 +101,7 @@ class Trainer:
         try:
             self.task: Task = task_cls(model_cfg, cfg.task_options)
         except ValueError as err:
-            from ..configs import ConfigError
+            from .configfile import ConfigError
 
             raise ConfigError(config_source, "task_options", str(err)) from None
         try:
@@ -203,14 +112,9 @@ class Trainer:
         # the same seed on every rank: identical full model, then each rank keeps its experts
         seed_everything(cfg.run.seed)
         model = self.task.build_model()
-        from deepspeed.utils import groups
-
-        from ..distributed import shard_experts
-
-        groups._create_expert_and_data_parallel(ep)
-        self.ep_group = groups._get_expert_parallel_group(f"ep_size_{ep}")
+        self.ep_group, expert_dp_group = ds.expert_groups(ep)
         self.ep_rank = dist.get_rank(self.ep_group)
-        self.expert_dp_rank = dist.get_rank(groups._get_expert_data_parallel_group(f"ep_size_{ep}"))
+        self.expert_dp_rank = dist.get_rank(expert_dp_group)
         shard_experts(model, self.ep_group)
         for _, m in moe_layers(model):
             m.dp_group = dist.group.WORLD if self.world > 1 else None
@@ -228,23 +132,9 @@ class Trainer:
         for g in opt.param_groups:
             g["lr"] = cfg.optim.lr * g.get("lr_scale", 1.0)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.optim, cfg.train.max_steps))
-        ds_config = {
-            "train_micro_batch_size_per_gpu": cfg.data.batch_size,
-            "gradient_accumulation_steps": cfg.train.grad_accum,
-            # ZeRO 0 clips with a per-rank norm that misses the other ranks' experts (ranks would diverge
-            # under expert parallelism): we clip ourselves there (`_clip_grads`); ZeRO 1/2 get it right
-            "gradient_clipping": cfg.train.grad_clip if cfg.dist.zero_stage > 0 else 0.0,
-            "zero_optimization": {"stage": cfg.dist.zero_stage},
-            "bf16": {"enabled": self.bf16},
-            "steps_per_print": 10**9,
-            "wall_clock_breakdown": False,
-            "zero_allow_untested_optimizer": True,
-        }
-        _teach_deepspeed()
-        import deepspeed
-
-        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
-            model=model, optimizer=opt, lr_scheduler=sched, config=ds_config, dist_init_required=False)
+        ds_config = ds.deepspeed_config(micro_batch=cfg.data.batch_size, grad_accum=cfg.train.grad_accum,
+                                        grad_clip=cfg.train.grad_clip, zero_stage=cfg.dist.zero_stage, bf16=self.bf16)
+        self.engine, self.optimizer, self.scheduler = ds.initialize(model, opt, sched, ds_config)
 
         # per-rank randomness for dropout / jitter / sampling from here on
         seed_everything(cfg.run.seed + 1_000_003 * self.rank)
@@ -398,7 +288,7 @@ class Trainer:
         return {k: v / self.world for k, v in self._sum_over_ranks(values).items()}
 
     def fit(self) -> dict[str, float]:
-        from ..runlog import RunLogger
+        from .runlog import RunLogger
 
         cfg = self.cfg
         tl = cfg.train
@@ -477,7 +367,7 @@ class Trainer:
         finally:
             self.logger.close()
         if self.rank == 0:
-            from ..runlog import plot_curves
+            from .runlog import plot_curves
 
             keys = ["loss"] + (["val/loss"] if last_eval else [])
             plot_curves([self.run_dir], self.run_dir / "plots" / "loss.png", keys=keys)

@@ -26,22 +26,32 @@ def register_task(name: str) -> Callable[[type["Task"]], type["Task"]]:
 
 
 def get_task(name: str) -> type["Task"]:
-    _import_builtin_tasks()
-    if name not in TASKS:
-        raise KeyError(f"unknown task {name!r}; registered tasks: {', '.join(sorted(TASKS)) or 'none'}")
-    return TASKS[name]
+    """The task class registered as ``name``: by `register_task` in this process, or by a task family's
+    ``mmoe.tasks`` entry point (imported only now). An unknown name, or a family that fails to import, is a
+    `KeyError` that lists the known tasks (the engine turns it into a config error naming file and key)."""
+    if name in TASKS:
+        return TASKS[name]
+    from ..cli import family_entry_points
+
+    eps = family_entry_points("mmoe.tasks")
+    if name not in eps:
+        known = sorted(set(TASKS) | set(eps))
+        raise KeyError(f"unknown task {name!r}; known tasks: {', '.join(known) or 'none'} (task families "
+                       "register theirs as 'mmoe.tasks' entry points)")
+    try:
+        cls = eps[name].load()
+    except ImportError as err:
+        raise KeyError(f"task {name!r} comes from {eps[name].value}, which cannot be imported ({err}); is "
+                       "that package installed?") from None
+    TASKS.setdefault(name, cls)
+    return cls
 
 
-def _import_builtin_tasks() -> None:
-    # task families register themselves on import; missing optional families are fine
-    import importlib
+def task_names() -> list[str]:
+    """Every known task name (registered in this process or declared by an installed family)."""
+    from ..cli import family_entry_points
 
-    for mod in ("mmoe.train.toy", "vision.tasks", "language.tasks", "multimodal.tasks"):
-        try:
-            importlib.import_module(mod)
-        except ModuleNotFoundError as err:
-            if err.name is None or not mod.startswith(err.name):
-                raise
+    return sorted(set(TASKS) | set(family_entry_points("mmoe.tasks")))
 
 
 class Task:

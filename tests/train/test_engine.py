@@ -16,8 +16,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from mmoe.runlog import read_jsonl
+from mmoe.train.runlog import read_jsonl
 from mmoe.train import checkpoint as ckpt_lib
+
+from helpers import _env, _free_port, mmoe_cmd, run_mmoe  # noqa: F401 (tests/helpers.py)
 
 pytestmark = pytest.mark.distributed
 
@@ -29,35 +31,6 @@ optim: {lr: 3.0e-3, warmup_steps: 2}
 train: {max_steps: 6, log_every: 1, stats_every: 3, progress: false, grad_clip: 0.05}
 run: {dir: RUN}
 """
-
-
-def _env():
-    env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
-    env.pop("RANK", None)
-    env.pop("WORLD_SIZE", None)
-    return env
-
-
-def mmoe_cmd(args, world: int = 1) -> list[str]:
-    if world == 1:
-        return [sys.executable, "-m", "mmoe", *args]
-    launcher = Path(sys.executable).with_name("deepspeed")
-    return [str(launcher), "--num_gpus", str(world), "--master_port", str(_free_port()), "--module", "mmoe", *args]
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def run_mmoe(args, world: int = 1, check: bool = True, timeout: int = 240) -> subprocess.CompletedProcess:
-    p = subprocess.run(mmoe_cmd(args, world), env=_env(), capture_output=True, text=True, timeout=timeout)
-    if check and p.returncode != 0:
-        raise AssertionError(f"mmoe {' '.join(args)} (world {world}) failed:\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}")
-    return p
 
 
 def write_cfg(tmp: Path, name: str, text: str = BASE) -> Path:
@@ -163,7 +136,7 @@ run: {dir: RUN}
 
 @pytest.fixture(scope="module")
 def digits(tmp_path_factory):
-    from mmoe.train.toy import write_digits_shards
+    from vision.digits import write_digits_shards
 
     out = tmp_path_factory.mktemp("digits")
     write_digits_shards(out, samples_per_shard=100)
@@ -278,18 +251,18 @@ def test_every_router_trains_through_deepspeed(tmp_path):
     checkpointing) and its loss moves: a regression test for parameters DeepSpeed cannot handle (the
     X-MoE temperature was once a 0-dim tensor that DeepSpeed could not flatten)."""
     script = tmp_path / "many.py"
-    script.write_text(f"""
+    script.write_text("""
 import json, sys
-from mmoe.configs import from_dict
+from mmoe.train.configfile import from_dict
 from mmoe.train.config import TrainConfig
 from mmoe.train.engine import Trainer
-out = {{}}
+out = {}
 for name, moe in json.loads(sys.argv[1]).items():
-    cfg = from_dict(TrainConfig, {{"task": "digits_mlp",
-        "model": {{"dim": 32, "depth": 2, "moe": {{"num_experts": 4, "top_k": 2, "expert_hidden": 32, **moe}}}},
-        "data": {{"train": "synthetic", "batch_size": 16}}, "optim": {{"lr": 3e-3}},
-        "train": {{"max_steps": 4, "log_every": 1, "stats_every": 2, "progress": False}},
-        "dist": {{"zero_stage": 2}}, "run": {{"dir": sys.argv[2] + "/" + name, "tensorboard": False}}}})
+    cfg = from_dict(TrainConfig, {"task": "digits_mlp",
+        "model": {"dim": 32, "depth": 2, "moe": {"num_experts": 4, "top_k": 2, "expert_hidden": 32, **moe}},
+        "data": {"train": "synthetic", "batch_size": 16}, "optim": {"lr": 3e-3},
+        "train": {"max_steps": 4, "log_every": 1, "stats_every": 2, "progress": False},
+        "dist": {"zero_stage": 2}, "run": {"dir": sys.argv[2] + "/" + name, "tensorboard": False}})
     Trainer(cfg).fit()
     out[name] = True
 print(json.dumps(out))

@@ -1,4 +1,4 @@
-"""`mmoe compare` (mmoe.compare): variants parsing and override application (MH-MoE matching included),
+"""`mmoe compare` (mmoe.tools.compare): variants parsing and override application (MH-MoE matching included),
 error messages, and a tiny end-to-end comparison on synthetic causal-LM data: results, table, plot,
 skipping finished runs, resuming an interrupted one, refusing a run folder of another config."""
 
@@ -15,10 +15,10 @@ import pytest
 import torch
 
 from mmoe import MoEConfig, mh_moe_config
-from mmoe import compare
-from mmoe.cli import CLIError
-from mmoe.configs import ConfigError
-from mmoe.runlog import read_jsonl, truncate_after
+from mmoe.tools import compare
+from mmoe.errors import CLIError
+from mmoe.train.configfile import ConfigError
+from mmoe.train.runlog import read_jsonl, truncate_after
 
 BASE = """\
 task: causal_lm
@@ -97,7 +97,7 @@ def test_variants_are_parsed_and_applied_in_order(tmp_path):
 
 
 def test_override_values_keep_their_types():
-    from mmoe.configs import parse_override
+    from mmoe.train.configfile import parse_override
 
     for value in ["default", "2", "1e-3", "null", "true", 0.001, 2, None, True, [1, "a"], "a b", ""]:
         text = compare._override_text("a.b", value)

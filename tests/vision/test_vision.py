@@ -13,10 +13,11 @@ from safetensors.torch import save_file
 
 import mmoe
 import vision
+import vision.models  # noqa: F401 - registers the vit_moe_* models in timm
 from vision.models import VisionTransformerMoE, moe_block_indices
-from vision.tasks import ClassificationOptions, ImageClassificationTask, WeightEMA, layer_lr_scales
+from vision.tasks import ImageClassificationTask, WeightEMA, layer_lr_scales
 
-from test_engine import run_mmoe  # noqa: E402 - the engine tests' subprocess helper
+from helpers import run_mmoe  # noqa: E402 - tests/helpers.py
 
 SMALL = dict(img_size=32, patch_size=8, num_classes=7)
 
@@ -217,7 +218,7 @@ def test_layer_decay_scales_follow_depth():
     assert s["blocks.1.mlp.experts.w1"] == pytest.approx(0.5 ** (L - 1))
     assert s["head.weight"] == 1.0 and s["norm.weight"] == 0.5  # as timm's param_groups_layer_decay
     from mmoe.train.config import OptimConfig
-    from mmoe.train.engine import param_groups
+    from mmoe.train.optim import param_groups
 
     groups = param_groups(m, OptimConfig(), s)
     scale_of = {id(p): g["lr_scale"] for g in groups for p in g["params"]}
@@ -284,7 +285,7 @@ def test_task_option_errors():
 
 @pytest.fixture(scope="module")
 def digits(tmp_path_factory):
-    from mmoe.train.toy import write_digits_shards
+    from vision.digits import write_digits_shards
 
     d = tmp_path_factory.mktemp("digits") / "shards"
     write_digits_shards(d, samples_per_shard=300, val_fraction=0.2)
@@ -336,7 +337,7 @@ def test_training_on_digits_learns(trained):
 def test_predict_matches_the_model(trained, digits, tmp_path):
     from PIL import Image
 
-    from mmoe.train.toy import digits_samples
+    from vision.digits import digits_samples
     from vision.predict import Predictor
 
     run, _ = trained
@@ -372,7 +373,7 @@ def test_predict_matches_the_model(trained, digits, tmp_path):
 def test_resume_with_ema_and_augmentation_is_exact(digits, tmp_path):
     import shutil
 
-    from mmoe.runlog import read_jsonl
+    from mmoe.train.runlog import read_jsonl
 
     extra = ", ema_decay: 0.99, auto_augment: rand-m5-n1, mixup: 0.4, cutmix: 0.4, layer_decay: 0.8"
     cfg = write_config(tmp_path, digits, "straight", steps=16, save=8, extra=extra)
@@ -396,7 +397,7 @@ def test_resume_with_ema_and_augmentation_is_exact(digits, tmp_path):
     assert ema["loss"] == pytest.approx(a["val_loss"], rel=1e-6)
     assert raw["loss"] != pytest.approx(ema["loss"], rel=1e-6)
     # mmoe predict uses the EMA of a one-process run too, unless told not to
-    from mmoe.train.toy import digits_samples
+    from vision.digits import digits_samples
     from vision.predict import Predictor
 
     img = tmp_path / "digit.png"

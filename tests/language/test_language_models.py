@@ -361,7 +361,7 @@ run: {{dir: {run}, seed: 0, tensorboard: false}}
 
 
 def test_engine_training_lowers_validation_loss(trained_run, lm_data):
-    from mmoe.runlog import read_jsonl
+    from mmoe.train.runlog import read_jsonl
 
     rows = read_jsonl(trained_run / "metrics.jsonl")
     val = [r for r in rows if "val/loss" in r]
@@ -409,7 +409,7 @@ def test_generation_from_checkpoint_is_reproducible(trained_run, capsys):
 
 
 def test_lm_tiny_config_is_valid():
-    from mmoe.configs import from_dict
+    from mmoe.train.configfile import from_dict
     from mmoe.train.config import load_train_config
 
     cfg = load_train_config(str(ROOT / "configs" / "lm_tiny.yaml"))
@@ -449,7 +449,7 @@ def test_non_causal_moe_options_warn_in_a_causal_lm():
 def test_evaluation_writes_routing_by_language(trained_run):
     """The final evaluation counts the experts each language's tokens use, per MoE layer: every routed
     slot of every validation token once (tokens x top_k), matching the per-language token counts."""
-    from mmoe.runlog import read_jsonl
+    from mmoe.train.runlog import read_jsonl
 
     data = json.loads((trained_run / "routing_by_language.json").read_text())
     assert data and all(set(per_lang) == set(LANGS) for per_lang in data.values())

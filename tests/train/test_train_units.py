@@ -5,13 +5,12 @@ from __future__ import annotations
 import math
 
 import pytest
-import torch
 
-from mmoe.configs import ConfigError
-from mmoe.distributed import shard_experts
+from mmoe.train.configfile import ConfigError
+from mmoe.train.sharding import shard_experts
 from mmoe.train.config import OptimConfig, load_train_config
-from mmoe.train.engine import lr_lambda, param_groups
-from mmoe.train.toy import DigitsModelConfig, MLPMoE
+from mmoe.train.optim import lr_lambda, param_groups
+from vision.digits import DigitsModelConfig, MLPMoE
 
 
 def _groups(**opt):
@@ -81,7 +80,7 @@ def test_train_config_errors(tmp_path):
 
 
 def test_model_section_is_validated_by_the_task():
-    from mmoe.configs import from_dict
+    from mmoe.train.configfile import from_dict
 
     with pytest.raises(ConfigError, match="model.dimm"):
         from_dict(DigitsModelConfig, {"dimm": 3}, source="x.yaml", path="model")

@@ -347,7 +347,7 @@ class RunLogger:
                     w.add_scalar(f"routing/{name}/{key}", value, global_step=int(step))
         if not plot:
             return None
-        from .stats import plot_expert_load
+        from ..stats import plot_expert_load
 
         path = self.run_dir / "plots" / f"expert_load_step{int(step):07d}.png"
         return plot_expert_load(dict(stats), path, title=f"expert load, step {int(step)}")

@@ -85,6 +85,8 @@ from typing import Any, Literal, TypeVar, Union
 
 import yaml
 
+from ..errors import ConfigError
+
 __all__ = [
     "ConfigError",
     "from_dict",
@@ -118,22 +120,6 @@ class _Dumper(yaml.SafeDumper):
 
 for _cls in (_Loader, _Dumper):
     _cls.add_implicit_resolver("tag:yaml.org,2002:float", _SCI_FLOAT, list("-+0123456789."))
-
-
-class ConfigError(ValueError):
-    """A configuration problem: ``"<origin>: <key>: <problem>"``.
-
-    ``origin`` is ``file:line`` when the value came from a file (else the file, ``"<dict>"`` or the
-    override that set it), ``key`` the dotted key path (``""`` for the whole document).
-    """
-
-    def __init__(self, origin: str, key: str, problem: str) -> None:
-        self.origin, self.key, self.problem = origin, key, problem
-        parts = [p for p in (origin, key) if p]
-        super().__init__(": ".join([*parts, problem]))
-
-    def __reduce__(self):  # picklable (e.g. raised inside a DataLoader worker)
-        return (type(self), (self.origin, self.key, self.problem))
 
 
 # ---------------------------------------------------------------------------------------- helpers
@@ -304,8 +290,11 @@ def _build(cls: type, data: Any, path: str, ctx: _Ctx) -> Any:
         kwargs[name] = _convert(tp, value, fpath, ctx)
     try:
         return cls(**kwargs)
-    except ConfigError:
-        raise
+    except ConfigError as e:
+        if e.origin:
+            raise
+        # a section's own validation names a key relative to the section: give it its path and file:line
+        raise ctx.error(_join(path, e.key) if e.key else path, e.problem) from None
     except (ValueError, TypeError) as e:
         raise _section_error(cls, e, path, ctx) from None
 

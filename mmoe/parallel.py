@@ -1,4 +1,9 @@
-"""Expert parallelism: experts sharded over a process group, tokens exchanged by all-to-all.
+"""Collectives of the core: data-parallel all-reduce helpers and expert parallelism's all-to-all.
+
+Data parallelism: `all_reduce_` / `dp_active` are no-ops without a process group, so a layer never needs
+``torch.distributed`` (the balance loss, Default-MoE's EMA and the aux-loss-free load use them).
+
+Expert parallelism: experts sharded over a process group, tokens exchanged by all-to-all.
 
 With an expert-parallel group of size ``P`` a layer's ``E`` experts are split into ``P`` contiguous
 blocks of ``E / P``: rank ``p`` of the group holds experts ``[p*E/P, (p+1)*E/P)``. Routing, the
@@ -15,7 +20,7 @@ Gradient semantics match one process holding the global batch when the training 
 the ranks' local losses: non-expert gradients are averaged over the data-parallel group, and expert
 gradients (which already hold every rank's tokens) are divided by the data-parallel world size and
 summed over the expert-data-parallel group only — which is what DeepSpeed does for parameters marked
-``allreduce = False`` (`shard_experts` marks them).
+``allreduce = False`` (`mmoe.train.sharding.shard_experts` marks them).
 
 It runs on CPU with gloo (two ranks on one machine are enough to test it) and on GPUs with NCCL.
 """
@@ -25,6 +30,25 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+
+
+def dp_active(group) -> bool:
+    """True when ``group`` is a process group with more than one rank."""
+    return group is not None and dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
+
+
+def all_reduce_(*ts: Tensor, group=None) -> None:
+    """In-place sum over ``group``; a no-op without one (the layer never needs torch.distributed)."""
+    if dp_active(group):
+        for t in ts:
+            dist.all_reduce(t, group=group)
+
+
+def _all_reduce(t: Tensor, group) -> Tensor:
+    if dp_active(group):
+        t = t.clone()
+        dist.all_reduce(t, group=group)
+    return t
 
 
 class _AllToAll(torch.autograd.Function):
@@ -80,46 +104,3 @@ def expert_parallel_forward(experts: nn.Module, x: Tensor, counts: Tensor, group
     y = experts(rows.index_select(0, perm), recv_counts.sum(0))
     y = y.new_empty(y.shape).index_copy(0, perm, y) if y.shape[0] else y
     return all_to_all(y, in_splits, out_splits, group)
-
-
-def _shard(p: nn.Parameter, start: int, stop: int) -> nn.Parameter:
-    q = nn.Parameter(p.detach()[start:stop].clone(), requires_grad=p.requires_grad)
-    for k, v in vars(p).items():
-        setattr(q, k, v)
-    return q
-
-
-def shard_experts(model: nn.Module, ep_group, *, group_name: str | None = None) -> nn.Module:
-    """Keep only this rank's block of experts in every `mmoe.MoE` of ``model``, in place.
-
-    Build the full model identically on every rank (same seed), then call this: each rank keeps
-    experts ``[r*E/P, (r+1)*E/P)`` of every layer, so the sharded model is numerically the full one.
-    Expert parameters get ``allreduce = False`` and ``group_name`` (DeepSpeed's markers: reduced over the
-    expert-data-parallel group only). ``ep_group=None`` or a group of size 1 keeps every expert but
-    still marks them, so one code path serves every ``ep_size``.
-    """
-    from .layer import moe_layers
-
-    P, r = group_size(ep_group), group_rank(ep_group)
-    name = group_name or f"ep_size_{P}"
-    for lname, m in moe_layers(model):
-        E = m.cfg.num_experts
-        if E % P:
-            raise ValueError(f"{lname}: num_experts={E} is not divisible by the expert-parallel size {P}")
-        if m.cfg.dense_backprop == "dense_oracle" and P > 1:
-            raise ValueError(f"{lname}: dense_backprop='dense_oracle' runs every expert on every token and "
-                             "is not supported with expert parallelism (use ep_size=1)")
-        ex = m.experts
-        El = E // P
-        if ex.num_experts != E:
-            raise ValueError(f"{lname}: experts are already sharded ({ex.num_experts} of {E})")
-        start = r * El
-        for pname, p in list(ex.named_parameters(recurse=False)):
-            q = _shard(p, start, start + El) if P > 1 else p
-            q.allreduce = False
-            q.group_name = name
-            setattr(ex, pname, q)
-        ex.num_experts, ex.expert_offset = El, start
-        m.ep_group = ep_group if P > 1 else None
-        m.ep_size = P
-    return model

@@ -1,4 +1,4 @@
-"""`mmoe.runlog`: metrics/routing/events JSON lines, non-finite values, resume, TensorBoard, plots."""
+"""`mmoe.train.runlog`: metrics/routing/events JSON lines, non-finite values, resume, TensorBoard, plots."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import mmoe
-from mmoe.runlog import RunLogger, plot_curves, read_jsonl, truncate_after
+from mmoe.train.runlog import RunLogger, plot_curves, read_jsonl, truncate_after
 
 
 def _png_size(path: Path) -> tuple[int, int]:
@@ -218,7 +218,7 @@ def test_disabled_logger_does_not_import_tensorboard(tmp_path):
     import subprocess
 
     code = (
-        "import sys; from mmoe.runlog import RunLogger;"
+        "import sys; from mmoe.train.runlog import RunLogger;"
         f"RunLogger({str(tmp_path / 'r')!r}, total_steps=3, enabled=False).log(1, loss=1.0);"
         "print('tensorboard' in sys.modules, 'torch.utils.tensorboard' in sys.modules)"
     )

@@ -22,9 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..config import MoEConfig
-from ..layer import MoE
-from .tasks import Task, register_task
+from mmoe.config import MoEConfig
+from mmoe.layer import MoE
+from mmoe.train.tasks import Task, register_task
 
 @dataclass
 class DigitsModelConfig:
@@ -39,7 +39,7 @@ class DigitsModelConfig:
 class MLPMoE(nn.Module):
     def __init__(self, cfg: DigitsModelConfig) -> None:
         super().__init__()
-        from ..configs import from_dict
+        from mmoe.train.configfile import from_dict
 
         moe_cfg = from_dict(MoEConfig, {"dim": cfg.dim, **cfg.moe}, path="model.moe")
         self.inp = nn.Linear(cfg.image_size * cfg.image_size, cfg.dim)
@@ -74,7 +74,7 @@ class DigitsTask(Task):
     def decode(self, sample: dict):
         from PIL import Image
 
-        from ..data import decode_image, decode_label
+        from mmoe.data import decode_image, decode_label
 
         s = self.model_cfg.image_size
         img = decode_image(sample, mode="L")
@@ -134,7 +134,7 @@ def write_digits_shards(out_dir: str | Path, *, samples_per_shard: int = 200, va
                         progress: bool = False):
     """Write scikit-learn's digits as ``out_dir/train-*.tar`` and ``out_dir/val-*.tar`` (split by key hash)
     with a ``manifest.json``; returns the `mmoe.data.Manifest`."""
-    from ..data import write_shards
+    from mmoe.data import write_shards
 
     return write_shards(digits_samples(), out_dir, samples_per_shard=samples_per_shard, val_fraction=val_fraction,
                         source="sklearn-digits", progress=progress,

@@ -74,7 +74,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
-from .cli import _positive_int, int_list
+from ..argtypes import int_list
+from ..argtypes import positive_int as _positive_int
 
 VARIANTS_KEY = "variants"
 MH_MOE_KEY = "mh_moe"
@@ -126,8 +127,8 @@ class CompareFile:
 
 
 def _override_text(key: str, value: Any) -> str:
-    """``key=value`` that `mmoe.configs.parse_override` reads back as ``value`` (type kept)."""
-    from .configs import parse_override
+    """``key=value`` that `mmoe.train.configfile.parse_override` reads back as ``value`` (type kept)."""
+    from ..train.configfile import parse_override
 
     if isinstance(value, str):
         try:
@@ -149,7 +150,7 @@ def _flatten(prefix: str, value: Any, out: list[tuple[str, Any]]) -> None:
 
 def parse_variants(raw: Any, path: str, origins: dict[str, str]) -> dict[str, Variant]:
     """The ``variants:`` mapping of a compare file as `Variant` objects (errors name file and line)."""
-    from .configs import ConfigError, from_dict
+    from ..train.configfile import ConfigError, from_dict
 
     where = origins.get(VARIANTS_KEY, path)
     if raw is None:
@@ -192,7 +193,7 @@ def parse_variants(raw: Any, path: str, origins: dict[str, str]) -> dict[str, Va
 
 def load_compare_file(path: str | os.PathLike) -> CompareFile:
     """Read a compare config: ``base`` files merged, ``variants`` popped and parsed (not yet validated)."""
-    from .configs import load_yaml
+    from ..train.configfile import load_yaml
 
     path = str(path)
     data, origins = load_yaml(path)
@@ -204,7 +205,7 @@ def load_compare_file(path: str | os.PathLike) -> CompareFile:
 
 def select_variants(cf: CompareFile, names: Sequence[str] | None) -> list[Variant]:
     """The variants named (all of the file's, in file order, when ``names`` is empty)."""
-    from .configs import ConfigError
+    from ..train.configfile import ConfigError
 
     if not names:
         return list(cf.variants.values())
@@ -216,8 +217,8 @@ def select_variants(cf: CompareFile, names: Sequence[str] | None) -> list[Varian
 
 
 def _task_class(task: str, source: str):
-    from .configs import ConfigError
-    from .train.tasks import get_task
+    from ..train.configfile import ConfigError
+    from ..train.tasks import get_task
 
     try:
         return get_task(task)
@@ -227,8 +228,8 @@ def _task_class(task: str, source: str):
 
 def base_moe_config(task_cls, model: dict, source: str, origins: dict | None = None):
     """The `mmoe.MoEConfig` of a model section (the task's ``moe_config()``, else ``dim`` + ``moe``)."""
-    from .config import MoEConfig
-    from .configs import ConfigError, from_dict
+    from ..config import MoEConfig
+    from ..train.configfile import ConfigError, from_dict
 
     if task_cls.ModelConfig is not dict:
         mc = from_dict(task_cls.ModelConfig, model, source=source, path="model", origins=origins)
@@ -246,9 +247,9 @@ def base_moe_config(task_cls, model: dict, source: str, origins: dict | None = N
 def variant_config(cf: CompareFile, variant: Variant, *, overrides: Sequence[str] = (), seed: int | None = None,
                    run_dir: str | os.PathLike | None = None, steps: int | None = None):
     """The validated `TrainConfig` of one (variant, seed) run (see the module docstring for the order)."""
-    from .configs import ConfigError, apply_overrides, from_dict
-    from .multihead import mh_moe_config
-    from .train.config import TrainConfig, check_train_config
+    from ..train.configfile import ConfigError, apply_overrides, from_dict
+    from ..multihead import mh_moe_config
+    from ..train.config import TrainConfig, check_train_config
 
     origins = dict(cf.origins)
     for text in overrides:
@@ -316,8 +317,8 @@ def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
 
 def config_differences(saved_path: Path, cfg) -> list[str]:
     """Dotted keys whose values differ between a run's saved ``config.yaml`` and ``cfg``."""
-    from .configs import load_config, to_dict
-    from .train.config import TrainConfig
+    from ..train.configfile import load_config, to_dict
+    from ..train.config import TrainConfig
 
     saved = _flat(to_dict(load_config(TrainConfig, saved_path)))
     now = _flat(to_dict(cfg))
@@ -326,7 +327,7 @@ def config_differences(saved_path: Path, cfg) -> list[str]:
 
 
 def _last_checkpoint_step(run_dir: Path) -> int | None:
-    from .train import checkpoint as ckpt_lib
+    from ..train import checkpoint as ckpt_lib
 
     latest = ckpt_lib.find_latest(run_dir / "checkpoints")
     if latest is None:
@@ -336,7 +337,7 @@ def _last_checkpoint_step(run_dir: Path) -> int | None:
 
 def run_status(run_dir: Path, cfg) -> tuple[str, list[str]]:
     """``("new" | "partial" | "finished" | "mismatch", differing keys)`` of a run directory."""
-    from .runlog import read_jsonl
+    from ..train.runlog import read_jsonl
 
     if not (run_dir / "config.yaml").is_file():
         return "new", []
@@ -369,7 +370,7 @@ def train_run(run: Run, source: str) -> dict:
     """Train (or resume) one run in this process; returns the final validation metrics."""
     import gc
 
-    from .train.engine import Trainer
+    from ..train.engine import Trainer
 
     t0 = time.perf_counter()
     resume = run.status == "partial"
@@ -395,7 +396,7 @@ def train_run(run: Run, source: str) -> dict:
 
 
 def _task_for(cfg, source: str):
-    from .configs import from_dict
+    from ..train.configfile import from_dict
 
     task_cls = _task_class(cfg.task, source)
     model_cfg = from_dict(task_cls.ModelConfig, cfg.model, source=source, path="model")
@@ -408,8 +409,8 @@ def model_size(cfg, source: str) -> dict:
     """Total / active parameters of the built model and the MoE cost (`mmoe.moe_cost`) of its MoE layers."""
     import warnings
 
-    from .layer import moe_layers
-    from .multihead import moe_cost
+    from ..layer import moe_layers
+    from ..multihead import moe_cost
 
     task = _task_for(cfg, source)
     with warnings.catch_warnings():
@@ -433,7 +434,7 @@ def model_size(cfg, source: str) -> dict:
 
 
 def _data_key(cfg) -> str:
-    from .configs import to_dict
+    from ..train.configfile import to_dict
 
     d = to_dict(cfg)
     model = {k: v for k, v in d["model"].items() if k not in ("moe", "moe_every", "first_dense", "moe_init", "dropout")}
@@ -447,9 +448,8 @@ def count_tokens(cfg, source: str) -> list[int] | None:
     (the engine's own loader, every rank) without the model; None when the batches are not token batches."""
     import types
 
-    import torch
 
-    from .train.engine import Trainer
+    from ..train.engine import Trainer
 
     task = _task_for(cfg, source)
     specials = getattr(task, "specials", None)
@@ -528,7 +528,7 @@ def _load_stats(record: dict) -> dict:
 
 def collect_run(run: Run) -> dict | None:
     """The measurements of one run from its files (None when it has not logged anything yet)."""
-    from .runlog import read_jsonl
+    from ..train.runlog import read_jsonl
 
     recs = read_jsonl(run.dir / "metrics.jsonl")
     if not recs:
@@ -766,11 +766,11 @@ def run(args: argparse.Namespace) -> int:
 
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    from .cli import CLIError
-    from .configs import ConfigError
-    from .data import DataError
-    from .train import checkpoint as ckpt_lib
-    from .train.engine import TrainingError
+    from ..errors import CLIError
+    from ..train.configfile import ConfigError
+    from ..data import DataError
+    from ..train import checkpoint as ckpt_lib
+    from ..train.engine import TrainingError
 
     source = args.config
     if not os.path.isfile(source):

@@ -29,9 +29,7 @@ import contextlib
 import ctypes
 import dataclasses
 import gc
-import io
 import json
-import logging
 import math
 import os
 import platform
@@ -48,7 +46,8 @@ import torch
 from torch import Tensor, nn
 
 import mmoe
-from mmoe.cli import BENCH_LAYER_FULL, BENCH_LAYER_QUICK, CLIError
+from mmoe.errors import CLIError
+from mmoe.tools.bench import LAYER_FULL, LAYER_QUICK
 
 CAPACITY_FACTOR = 1.25
 DS_MIN_CAPACITY = 4
@@ -103,7 +102,7 @@ class LayerBenchSettings:
 
 def layer_settings_from_args(args: argparse.Namespace) -> LayerBenchSettings:
     """Resolve ``mmoe bench layer`` flags: explicit flags > ``--quick`` sizes > full sizes."""
-    sizes = dict(BENCH_LAYER_QUICK if args.quick else BENCH_LAYER_FULL)
+    sizes = dict(LAYER_QUICK if args.quick else LAYER_FULL)
     sizes.update({name: getattr(args, name) for name in sizes if getattr(args, name) is not None})
     settings = LayerBenchSettings(
         **sizes,
@@ -277,8 +276,7 @@ class _DeepSpeed:
 
         if not dist.is_available():
             raise RuntimeError("torch.distributed is not available in this torch build")
-        import deepspeed
-        from deepspeed.moe.layer import MoE
+        from mmoe.train.deepspeed import moe_layer_class
 
         if not dist.is_initialized():
             port = _free_port()
@@ -286,16 +284,7 @@ class _DeepSpeed:
                               WORLD_SIZE="1")
             dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
             self._owns_process_group = True
-        # DeepSpeed builds a CPU comm op here and says so on stdout; torch warns about CUDA_HOME on the way.
-        build_log = logging.getLogger("torch.utils.cpp_extension")
-        level = build_log.level
-        build_log.setLevel(logging.ERROR)
-        try:
-            with contextlib.redirect_stdout(io.StringIO()):
-                deepspeed.init_distributed(dist_backend="gloo")
-        finally:
-            build_log.setLevel(level)
-        self.moe_class, self.version = MoE, deepspeed.__version__
+        self.moe_class, self.version = moe_layer_class()
 
     def variant(self, x: Tensor, num_experts: int, top_k: int, hidden: int) -> Variant:
         if self.moe_class is None:
@@ -562,7 +551,7 @@ def run_layer_bench(settings: LayerBenchSettings) -> int:
     if settings.threads is not None:
         torch.set_num_threads(settings.threads)
     if settings.device == "cpu":
-        from .perf import tune_cpu_allocator
+        from ..train.perf import tune_cpu_allocator
 
         tune_cpu_allocator()  # applies to every variant alike (dense, mmoe, DeepSpeed)
     print(_header(settings))

@@ -12,7 +12,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import mmoe
-from mmoe.distributed import shard_experts
+from mmoe.train.sharding import shard_experts
 
 pytestmark = pytest.mark.distributed
 

@@ -1,4 +1,4 @@
-"""`mmoe.configs`: strict YAML configs over dataclasses (types, line numbers, overrides, inheritance)."""
+"""`mmoe.train.configfile`: strict YAML configs over dataclasses (types, line numbers, overrides, inheritance)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from typing import Any, Literal
 import pytest
 
 from mmoe import MoEConfig
-from mmoe.configs import (
+from mmoe.train.configfile import (
     ConfigError,
     apply_overrides,
     from_dict,

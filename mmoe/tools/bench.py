@@ -1,0 +1,66 @@
+"""``mmoe bench``: the command's flags and dispatch (standard library only: ``mmoe bench --help`` loads no
+torch). The measurements live in `mmoe.tools.layer_bench`."""
+
+from __future__ import annotations
+
+import argparse
+
+from ..argtypes import int_list, positive_int
+
+__all__ = ["LAYER_FULL", "LAYER_QUICK", "add_args", "run"]
+
+# `mmoe bench layer` sizes: the full run and --quick (explicit flags override either).
+LAYER_FULL = dict(tokens=8192, dim=512, experts=[8, 32, 128], topk=[1, 2], repeats=5)
+LAYER_QUICK = dict(tokens=1024, dim=128, experts=[4, 8], topk=[1, 2], repeats=2)
+
+
+def _csv(values: list[int]) -> str:
+    return ",".join(map(str, values))
+
+
+def add_args(parser: argparse.ArgumentParser) -> None:
+    """Fill the ``mmoe bench`` parser (one sub-parser per target)."""
+    full, quick = LAYER_FULL, LAYER_QUICK
+    targets = parser.add_subparsers(dest="target", metavar="TARGET", required=True, parser_class=type(parser))
+    layer = targets.add_parser(
+        "layer",
+        help="one MoE layer vs a dense FFN of equal active compute and DeepSpeed's MoE (fwd+bwd time, memory)",
+        description="Forward+backward time and peak memory of one MoE layer: a dense GELU FFN with the "
+        "same active compute (hidden k*H), mmoe dropless, mmoe with capacity factor 1.25 and DeepSpeed's "
+        "MoE (capacity factor 1.25), measured side by side in one run with interleaved repetitions "
+        "(median). Also the overhead of MH-MoE (--heads, FLOP-matched) and the dense-backprop estimators "
+        "over plain top-k at one setting.",
+    )
+    layer.add_argument("--quick", action="store_true",
+                       help=f"small run: --tokens {quick['tokens']} --dim {quick['dim']} --experts "
+                       f"{_csv(quick['experts'])} --topk {_csv(quick['topk'])} --repeats {quick['repeats']}")
+    layer.add_argument("--experts", type=int_list, metavar="E,E,..",
+                       help=f"expert counts (default {_csv(full['experts'])})")
+    layer.add_argument("--topk", type=int_list, metavar="K,K,..",
+                       help=f"experts per token (default {_csv(full['topk'])})")
+    layer.add_argument("--tokens", type=positive_int, help=f"tokens per batch (default {full['tokens']})")
+    layer.add_argument("--dim", type=positive_int, help=f"model width (default {full['dim']})")
+    layer.add_argument("--expert-hidden", type=positive_int, metavar="H",
+                       help="hidden width of one expert (default 2*dim); the dense FFN gets k*H")
+    layer.add_argument("--repeats", type=positive_int, metavar="N",
+                       help=f"timed repetitions (default {full['repeats']})")
+    layer.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                       help="where to run (default: cuda if available, else cpu)")
+    layer.add_argument("--bf16", action="store_true", help="run forward and loss under bf16 autocast")
+    layer.add_argument("--no-deepspeed", action="store_true", help="leave DeepSpeed's MoE out")
+    layer.add_argument("--threads", type=positive_int, metavar="N",
+                       help="torch intra-op threads (default: torch's own choice)")
+    layer.add_argument("--heads", type=positive_int, default=2,
+                       help="MH-MoE heads of the FLOP-matched overhead row (default 2)")
+    layer.add_argument("--seed", type=int, default=0, help="seed for weights and inputs (default 0)")
+    layer.add_argument("--json", metavar="PATH", help="also write every raw number to this JSON file")
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..errors import CLIError
+
+    if args.target == "layer":
+        from . import layer_bench  # torch and the core load here, not at `mmoe bench --help`
+
+        return layer_bench.run_layer_bench(layer_bench.layer_settings_from_args(args))
+    raise CLIError(f"unknown bench target {args.target!r}")

@@ -1,0 +1,37 @@
+"""The vision family's commands (``mmoe demo``, ``mmoe predict``) and shard source (``mmoe shards digits``),
+found by ``mmoe`` through the ``mmoe.commands`` / ``mmoe.shards`` entry points. Standard library only at
+module level: ``mmoe demo --help`` loads no torch."""
+
+from __future__ import annotations
+
+import argparse
+
+from mmoe.cli import Command, lazy
+
+
+def _add_digits_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("out", metavar="OUT", help="output directory (shards + manifest.json)")
+    p.add_argument("--samples-per-shard", type=int, default=200, help="samples per shard (default 200)")
+    p.add_argument("--val-fraction", type=float, default=0.2, help="fraction in the val split (default 0.2)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _write_digits(args: argparse.Namespace) -> int:
+    from mmoe.data.cli import split_summary
+
+    from .digits import write_digits_shards
+
+    manifest = write_digits_shards(args.out, samples_per_shard=args.samples_per_shard,
+                                   val_fraction=args.val_fraction, progress=not args.quiet)
+    print(split_summary(manifest))
+    return 0
+
+
+DEMO = Command(lazy("vision.demo", "add_args"), lazy("vision.demo", "run"),
+               "train a ViT-MoE (MH-MoE + Default MoE) and a dense ViT of equal active compute on "
+               "scikit-learn's digits; accuracies, throughput, expert-load heatmap, loss curves")
+PREDICT = Command(lazy("vision.predict", "add_args"), lazy("vision.predict", "run"),
+                  "classify image files with a trained checkpoint (top-k classes with scores)")
+DIGITS_SHARDS = Command(_add_digits_args, _write_digits,
+                        "the 8x8 handwritten digits that scikit-learn ships (no download): PNGs with 'cls' "
+                        "labels, split into train-* and val-* by key hash (--val-fraction, default 0.2)")
