@@ -302,7 +302,7 @@ def test_verify_catches_modified_and_missing_shards(tmp_path: Path, capsys):
     assert len(problems) == 2
     assert "shard-000001.tar" in problems[0] and "sha256" in problems[0]
     assert "shard-000003.tar" in problems[1] and "missing" in problems[1]
-    assert mmoe_main(["shards", "verify", str(tmp_path / "out")]) == 1
+    assert mmoe_main(["shards", "verify", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert "shard-000001.tar" in err and "shard-000003.tar" in err and "2 problem(s)" in err
 
@@ -485,10 +485,10 @@ def test_cli_imagefolder_writes_and_bad_path_is_one_line(tmp_path: Path, capsys)
     assert manifest.info["classes"] == ["a", "b"]
 
     code = mmoe_main(["shards", "imagefolder", str(tmp_path / "nowhere"), str(tmp_path / "out2"), "--quiet"])
-    assert code == 1
+    assert code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("mmoe: error:") and "nowhere" in err[0]
     assert not (tmp_path / "out2").exists()
 
     code = mmoe_main(["shards", "text", str(tmp_path / "src"), str(tmp_path / "out3"), "--quiet"])
-    assert code == 1 and "no .txt files" in capsys.readouterr().err
+    assert code == 2 and "no .txt files" in capsys.readouterr().err

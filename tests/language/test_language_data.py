@@ -56,7 +56,7 @@ def test_samples_are_one_file_per_language_in_their_scripts():
     from mmoe.data import TextSource
 
     folder = sample_text_dir()
-    assert folder.is_dir() and folder == Path(__file__).resolve().parents[1] / "language" / "samples"
+    assert folder.is_dir() and folder == Path(__file__).resolve().parents[2] / "language" / "samples"
     assert sorted(p.stem for p in folder.glob("*.txt")) == LANGS
     for lang in LANGS:
         data = (folder / f"{lang}.txt").read_bytes()
@@ -480,4 +480,4 @@ def test_tokenizer_command(tmp_path):
     assert len(probs) == 11 and abs(sum(probs.values()) - 1) < 1e-3
     bad = subprocess.run([sys.executable, "-m", "mmoe", "tokenizer", str(tmp_path / "nothing"), str(out)],
                          capture_output=True, text=True, env=env)
-    assert bad.returncode == 1 and "nothing" in bad.stderr and "Traceback" not in bad.stderr
+    assert bad.returncode == 2 and "nothing" in bad.stderr and "Traceback" not in bad.stderr

@@ -22,7 +22,7 @@ from language.tasks import CausalLMTask, LMModelConfig, MaskedLMTask
 from mmoe.layer import moe_layers
 
 LANGS = ["ar", "de", "el", "en", "es", "fr", "hi", "ja", "ko", "ru", "zh"]
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def tiny(kind: str = "causal", dense_backprop: str = "none", heads: int = 1, **kw) -> MoETransformerLM:

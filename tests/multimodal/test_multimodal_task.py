@@ -17,7 +17,7 @@ import torch
 from multimodal.data import (COLORS, CaptionTokenizer, block_mask, load_image, mask_caption, shapes_sample,
                              write_shapes)
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _digests(d: Path) -> dict[str, str]:

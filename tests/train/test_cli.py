@@ -86,7 +86,7 @@ def test_bench_layer_tiny_writes_ratios(tmp_path: Path):
 def test_bench_paired_ratios_cancel_drift():
     """Per-round ratios: a variant always 10% slower than the base reads 1.10 even when the machine's speed
     drifts 3x between rounds (a ratio of medians would not)."""
-    from mmoe.tools.bench import _paired
+    from mmoe.tools.layer_bench import _paired
 
     base = [100.0, 300.0, 120.0, 250.0]
     results = {"base": {"times_ms": base}, "slow": {"times_ms": [1.1 * t for t in base]},

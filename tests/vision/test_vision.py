@@ -366,7 +366,7 @@ def test_predict_matches_the_model(trained, digits, tmp_path):
     out = json.loads(p.stdout.strip().splitlines()[-1])
     assert out["top"][0]["class"] == res[0]["top"][0]["class"] and len(out["top"]) == 2
     bad = run_mmoe(["predict", str(run), str(tmp_path / "missing.png")], check=False)
-    assert bad.returncode == 1 and "missing.png" in bad.stderr
+    assert bad.returncode == 2 and "missing.png" in bad.stderr
     Image.open(files[0])  # the files are real images
 
 
