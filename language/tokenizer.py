@@ -11,7 +11,7 @@ trains on the shipped samples.
 
 Languages are balanced as in XLM-R / mT5: with ``n_l`` the amount of text of language ``l`` and
 ``N = sum(n_l)``, language ``l`` gets the share ``p_l = (n_l / N) ** temperature / Z`` of the training text
-(`language.data.temperature_ratios`). ``temperature=1`` keeps the natural proportions, ``0`` gives every
+(`language.mixing.temperature_ratios`). ``temperature=1`` keeps the natural proportions, ``0`` gives every
 language the same share; 0.3 (the default, XLM-R's alpha) upsamples small languages strongly.
 
 *What ``n_l`` counts*: characters (Unicode code points) by default (``count_by="chars"``), because
@@ -58,7 +58,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
-from .data import temperature_ratios
+from .mixing import temperature_ratios
 
 UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 3
 SPECIAL_PIECES = {"unk": "<unk>", "bos": "<s>", "eos": "</s>", "pad": "<pad>"}

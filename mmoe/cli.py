@@ -20,7 +20,9 @@ import importlib
 import sys
 from typing import Callable, NamedTuple, NoReturn, Sequence
 
-__all__ = ["Command", "COMMANDS", "build_parser", "main", "family_entry_points"]
+from .plugins import family_entry_points, load_entry_point
+
+__all__ = ["Command", "COMMANDS", "build_parser", "main", "lazy"]
 
 PROG = "mmoe"
 
@@ -62,25 +64,6 @@ COMMANDS: dict[str, Command] = {
     "compare": Command(lazy("mmoe.tools.compare", "add_args"), lazy("mmoe.tools.compare", "run"),
                        "train one config with several routing variants and seeds; table and validation-loss plot"),
 }
-
-
-def family_entry_points(group: str) -> dict:
-    """``{name: EntryPoint}`` of an entry-point group (``mmoe.commands``, ``mmoe.shards``, ``mmoe.tasks``);
-    nothing is imported."""
-    from importlib.metadata import entry_points
-
-    return {ep.name: ep for ep in entry_points(group=group)}
-
-
-def load_entry_point(ep, what: str):
-    """``ep.load()``, with an import failure of the family turned into one explained line."""
-    from .errors import MMoEError
-
-    try:
-        return ep.load()
-    except ImportError as err:
-        raise MMoEError(f"{what} comes from {ep.value}, which cannot be imported ({err}); is that package "
-                        "installed (pip install -e .)?") from None
 
 
 def _commands() -> dict[str, Command]:

@@ -103,7 +103,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
 
     # sources of the task families (``mmoe.shards`` entry points: ``digits`` from vision, ``shapes`` from
     # multimodal); only the one asked for is loaded
-    from ..cli import family_entry_points, load_entry_point
+    from ..plugins import family_entry_points, load_entry_point
 
     for name, ep in family_entry_points("mmoe.shards").items():
         if name in _BUILTIN:

@@ -62,5 +62,6 @@ def run(args: argparse.Namespace) -> int:
     if args.target == "layer":
         from . import layer_bench  # torch and the core load here, not at `mmoe bench --help`
 
-        return layer_bench.run_layer_bench(layer_bench.layer_settings_from_args(args))
+        sizes = LAYER_QUICK if args.quick else LAYER_FULL
+        return layer_bench.run_layer_bench(layer_bench.layer_settings_from_args(args, sizes))
     raise CLIError(f"unknown bench target {args.target!r}")

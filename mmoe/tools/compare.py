@@ -766,60 +766,52 @@ def run(args: argparse.Namespace) -> int:
 
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    from ..errors import CLIError
-    from ..train.configfile import ConfigError
-    from ..data import DataError
-    from ..train import checkpoint as ckpt_lib
-    from ..train.engine import TrainingError
+    from ..errors import CLIError, MMoEError
 
     source = args.config
     if not os.path.isfile(source):
         raise CLIError(f"config file not found: {source}")
     out = Path(args.out) if args.out else Path("runs") / "compare" / Path(source).stem
-    try:
-        cf = load_compare_file(source)
-        variants = select_variants(cf, args.variants)
-        runs = plan_runs(cf, variants, args.seeds, out, overrides=args.overrides or (), steps=args.steps)
-        mismatched = []
+    # config errors come out as they are (file:line, key); a run that fails says which run it was
+    cf = load_compare_file(source)
+    variants = select_variants(cf, args.variants)
+    runs = plan_runs(cf, variants, args.seeds, out, overrides=args.overrides or (), steps=args.steps)
+    mismatched = []
+    for r in runs:
+        r.status, diff = run_status(r.dir, r.cfg)
+        if r.status == "mismatch":
+            mismatched.append(f"{r.dir} ({', '.join(diff[:6])}{', ...' if len(diff) > 6 else ''})")
+    if mismatched and not args.plot_only:
+        raise CLIError("run folder(s) hold a run with a different config: " + "; ".join(mismatched)
+                       + ". Use another --out, or delete them")
+    if args.plot_only:
+        for m in mismatched:
+            print(f"mmoe compare: skipping {m}: different config", file=sys.stderr)
+        runs = [r for r in runs if r.status != "mismatch"]
+    sizes = {v.name: model_size(next(r.cfg for r in runs if r.variant is v), source)
+             for v in variants if any(r.variant is v for r in runs)}
+    cache: dict = {}
+    tokens = {(r.variant.name, r.seed): tokens_seen(r, source, cache) for r in runs}
+    if not args.plot_only:
+        todo = [r for r in runs if r.status != "finished"]
         for r in runs:
-            r.status, diff = run_status(r.dir, r.cfg)
-            if r.status == "mismatch":
-                mismatched.append(f"{r.dir} ({', '.join(diff[:6])}{', ...' if len(diff) > 6 else ''})")
-        if mismatched and not args.plot_only:
-            raise CLIError("run folder(s) hold a run with a different config: " + "; ".join(mismatched)
-                           + ". Use another --out, or delete them")
-        if args.plot_only:
-            for m in mismatched:
-                print(f"mmoe compare: skipping {m}: different config", file=sys.stderr)
-            runs = [r for r in runs if r.status != "mismatch"]
-        sizes = {v.name: model_size(next(r.cfg for r in runs if r.variant is v), source)
-                 for v in variants if any(r.variant is v for r in runs)}
-        cache: dict = {}
-        tokens = {(r.variant.name, r.seed): tokens_seen(r, source, cache) for r in runs}
-        if not args.plot_only:
-            todo = [r for r in runs if r.status != "finished"]
-            for r in runs:
-                if r.status == "finished":
-                    print(f"mmoe compare: {r.variant.name} seed {r.seed}: finished run in {r.dir}, skipped",
-                          file=sys.stderr)
-            for i, r in enumerate(todo, 1):
-                what = "resuming" if r.status == "partial" else "training"
-                print(f"mmoe compare: [{i}/{len(todo)}] {what} {r.variant.name} seed {r.seed} "
-                      f"({r.cfg.train.max_steps} steps) -> {r.dir}", file=sys.stderr)
-                try:
-                    train_run(r, source)
-                except (TrainingError, DataError, ckpt_lib.CheckpointError) as err:
-                    raise CLIError(f"{r.variant.name} seed {r.seed} ({r.dir}): {err}") from None
-                r.status, _ = run_status(r.dir, r.cfg)
-                store_tokens(r, tokens.get((r.variant.name, r.seed)))
-                write_results(runs, sizes, tokens, source=source, out=out)
-        elif not any((r.dir / "metrics.jsonl").is_file() for r in runs):
-            raise CLIError(f"--plot-only: no runs of {source} under {out} yet")
-        results = write_results(runs, sizes, tokens, source=source, out=out)
-    except ConfigError as err:
-        raise CLIError(str(err)) from None
-    except (TrainingError, DataError, ckpt_lib.CheckpointError) as err:
-        raise CLIError(str(err)) from None
+            if r.status == "finished":
+                print(f"mmoe compare: {r.variant.name} seed {r.seed}: finished run in {r.dir}, skipped",
+                      file=sys.stderr)
+        for i, r in enumerate(todo, 1):
+            what = "resuming" if r.status == "partial" else "training"
+            print(f"mmoe compare: [{i}/{len(todo)}] {what} {r.variant.name} seed {r.seed} "
+                  f"({r.cfg.train.max_steps} steps) -> {r.dir}", file=sys.stderr)
+            try:
+                train_run(r, source)
+            except MMoEError as err:
+                raise CLIError(f"{r.variant.name} seed {r.seed} ({r.dir}): {err}") from None
+            r.status, _ = run_status(r.dir, r.cfg)
+            store_tokens(r, tokens.get((r.variant.name, r.seed)))
+            write_results(runs, sizes, tokens, source=source, out=out)
+    elif not any((r.dir / "metrics.jsonl").is_file() for r in runs):
+        raise CLIError(f"--plot-only: no runs of {source} under {out} yet")
+    results = write_results(runs, sizes, tokens, source=source, out=out)
     if not _is_main():
         return 0
     if args.json:

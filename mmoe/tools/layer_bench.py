@@ -47,7 +47,6 @@ from torch import Tensor, nn
 
 import mmoe
 from mmoe.errors import CLIError
-from mmoe.tools.bench import LAYER_FULL, LAYER_QUICK
 
 CAPACITY_FACTOR = 1.25
 DS_MIN_CAPACITY = 4
@@ -100,9 +99,10 @@ class LayerBenchSettings:
     heads: int = 2  # MH-MoE heads of the FLOP-matched overhead row (MH-MoE v2's smallest config)
 
 
-def layer_settings_from_args(args: argparse.Namespace) -> LayerBenchSettings:
-    """Resolve ``mmoe bench layer`` flags: explicit flags > ``--quick`` sizes > full sizes."""
-    sizes = dict(LAYER_QUICK if args.quick else LAYER_FULL)
+def layer_settings_from_args(args: argparse.Namespace, sizes: dict) -> LayerBenchSettings:
+    """Resolve ``mmoe bench layer`` flags: explicit flags > ``sizes`` (`mmoe.tools.bench`'s full or
+    ``--quick`` sizes)."""
+    sizes = dict(sizes)
     sizes.update({name: getattr(args, name) for name in sizes if getattr(args, name) is not None})
     settings = LayerBenchSettings(
         **sizes,

@@ -43,38 +43,28 @@ def _setup_env() -> None:
 
 def _load(args):
     from ..errors import CLIError
-    from .configfile import ConfigError
     from .config import load_train_config
 
     if not os.path.isfile(args.config):
         raise CLIError(f"config file not found: {args.config}")
-    try:
-        return load_train_config(args.config, args.overrides)
-    except ConfigError as err:
-        raise CLIError(str(err)) from None
+    return load_train_config(args.config, args.overrides)  # a ConfigError names file:line and key
 
 
 def run_train(args) -> int:
     _setup_env()
-    from ..errors import CLIError
-    from .configfile import ConfigError
-    from ..data import DataError
-    from . import checkpoint as ckpt_lib
-    from .engine import Trainer, TrainingError
+    from .engine import Trainer
 
     if args.resume not in (None, "latest") and "=" in args.resume and not os.path.exists(args.resume):
         # `--resume key=value`: the override was taken for the optional checkpoint argument
         args.overrides.append(args.resume)
         args.resume = "latest"
     cfg = _load(args)
-    try:
-        trainer = Trainer(cfg, config_source=args.config,
-                          resume=(True if args.resume == "latest" else args.resume) if args.resume else False)
-        if args.resume and getattr(trainer, "_resumed_from", None) is None and trainer.rank == 0:
-            print(f"mmoe: no checkpoint under {trainer.ckpt_dir} yet; starting from step 0", file=sys.stderr)
-        metrics = trainer.fit()
-    except (TrainingError, ConfigError, DataError, ckpt_lib.CheckpointError) as err:
-        raise CLIError(str(err)) from None
+    # config, data, checkpoint and training errors are `mmoe.errors.MMoEError`s: `mmoe.cli.main` prints them
+    trainer = Trainer(cfg, config_source=args.config,
+                      resume=(True if args.resume == "latest" else args.resume) if args.resume else False)
+    if args.resume and getattr(trainer, "_resumed_from", None) is None and trainer.rank == 0:
+        print(f"mmoe: no checkpoint under {trainer.ckpt_dir} yet; starting from step 0", file=sys.stderr)
+    metrics = trainer.fit()
     if trainer.rank == 0:
         print(json.dumps({"step": trainer.step, **{f"val_{k}": v for k, v in metrics.items()}}))
     return 0
@@ -85,10 +75,8 @@ def run_eval(args) -> int:
     from pathlib import Path
 
     from ..errors import CLIError
-    from .configfile import ConfigError
-    from ..data import DataError
     from . import checkpoint as ckpt_lib
-    from .engine import Trainer, TrainingError
+    from .engine import Trainer
 
     cfg = _load(args)
     path = Path(args.checkpoint)
@@ -97,12 +85,9 @@ def run_eval(args) -> int:
         if latest is None:
             raise CLIError(f"{path}: no complete checkpoint there")
         path = latest
-    try:
-        trainer = Trainer(cfg, config_source=args.config, train=False)
-        trainer.load_for_eval(path)
-        metrics = trainer.evaluate(split=args.split)
-    except (TrainingError, ConfigError, DataError, ckpt_lib.CheckpointError) as err:
-        raise CLIError(str(err)) from None
+    trainer = Trainer(cfg, config_source=args.config, train=False)
+    trainer.load_for_eval(path)
+    metrics = trainer.evaluate(split=args.split)
     if trainer.rank == 0:
         out = {"checkpoint": str(path), **metrics}
         print(json.dumps(out))

@@ -31,7 +31,7 @@ def get_task(name: str) -> type["Task"]:
     `KeyError` that lists the known tasks (the engine turns it into a config error naming file and key)."""
     if name in TASKS:
         return TASKS[name]
-    from ..cli import family_entry_points
+    from ..plugins import family_entry_points
 
     eps = family_entry_points("mmoe.tasks")
     if name not in eps:
@@ -49,7 +49,7 @@ def get_task(name: str) -> type["Task"]:
 
 def task_names() -> list[str]:
     """Every known task name (registered in this process or declared by an installed family)."""
-    from ..cli import family_entry_points
+    from ..plugins import family_entry_points
 
     return sorted(set(TASKS) | set(family_entry_points("mmoe.tasks")))
 
