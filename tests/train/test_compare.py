@@ -16,7 +16,7 @@ import torch
 
 from mmoe import MoEConfig, mh_moe_config
 from mmoe.tools import compare
-from mmoe.errors import CLIError
+from mmoe.errors import MMoEError
 from mmoe.train.configfile import ConfigError
 from mmoe.train.runlog import read_jsonl, truncate_after
 
@@ -134,7 +134,7 @@ def test_mh_moe_variant_errors(tmp_path):
 
 def test_unknown_variant_names_the_file_and_the_choices(tmp_path):
     path = write_configs(tmp_path)
-    with pytest.raises(CLIError) as err:
+    with pytest.raises(MMoEError) as err:
         compare.run(parse([str(path), "--variants", "topk,nope", "--out", str(tmp_path / "out")]))
     msg = str(err.value)
     assert str(path) in msg and "'nope'" in msg and "available: topk, mh, mh_params, default" in msg
@@ -144,17 +144,17 @@ def test_unknown_variant_names_the_file_and_the_choices(tmp_path):
 def test_bad_keys_are_reported_before_training(tmp_path):
     path = write_configs(tmp_path, COMPARE + "  typo: {optim.lrr: 0.1}\n")
     want = r"compare\.yaml:\d+: variant 'typo': override 'optim\.lrr=0\.1'.*did you mean 'lr'"
-    with pytest.raises(CLIError, match=want):
+    with pytest.raises(MMoEError, match=want):
         compare.run(parse([str(path), "--out", str(tmp_path / "out")]))
     path = write_configs(tmp_path / "m", COMPARE + "  typo: {model.moe.dense_backprp: none}\n")
-    with pytest.raises(CLIError, match=r"compare\.yaml:\d+: variant 'typo': .*dense_backprp"):
+    with pytest.raises(MMoEError, match=r"compare\.yaml:\d+: variant 'typo': .*dense_backprp"):
         compare.run(parse([str(path), "--out", str(tmp_path / "m" / "out")]))
     path = write_configs(tmp_path / "r", COMPARE + "  seeded: {run.seed: 3}\n")
-    with pytest.raises(CLIError, match=r"variants\.seeded\.run\.seed: set by mmoe compare"):
+    with pytest.raises(MMoEError, match=r"variants\.seeded\.run\.seed: set by mmoe compare"):
         compare.run(parse([str(path), "--out", str(tmp_path / "r" / "out")]))
     text = COMPARE.replace("train: {grad_clip: 0.5}", "train: {eval_batches: null}")
     no_eval = write_configs(tmp_path / "e", text)
-    with pytest.raises(CLIError, match="train.eval_batches"):
+    with pytest.raises(MMoEError, match="train.eval_batches"):
         compare.run(parse([str(no_eval), "--out", str(tmp_path / "e" / "out")]))
     for r in [tmp_path / "out", tmp_path / "m" / "out", tmp_path / "r" / "out", tmp_path / "e" / "out"]:
         assert not r.exists()
@@ -287,8 +287,8 @@ def test_interrupted_run_resumes_and_plot_only(compared, tmp_path, capsys):
 def test_run_folder_of_another_config_is_refused(compared, tmp_path):
     path, out = compared
     before = _snapshot(out)
-    with pytest.raises(CLIError, match=r"seed0 \(train\.max_steps\).*another --out"):
+    with pytest.raises(MMoEError, match=r"seed0 \(train\.max_steps\).*another --out"):
         compare.run(parse([str(path), "--variants", "topk", "--seeds", "0", "--out", str(out), "--steps", "6"]))
     assert _snapshot(out) == before
-    with pytest.raises(CLIError, match="no runs"):
+    with pytest.raises(MMoEError, match="no runs"):
         compare.run(parse([str(path), "--out", str(tmp_path / "empty"), "--plot-only"]))
