@@ -1,6 +1,6 @@
 """mmoe: one Mixture-of-Experts routing core for vision, language and multimodal models.
 
-Public API (stable): `MoEConfig`, `MoE`, `Routing`, `aux_loss`, `routing_stats`, plus helpers
+Public API (stable): `MoEConfig`, `MoE`, `Routing`, `aux_loss`, `routing_stats`, plus helpers `clear_aux`,
 `mh_moe_config`, `plot_expert_load`, `update_balance_bias` and the "MoE inside a model" helpers.
 
 The names are loaded on first use (PEP 562), so ``import mmoe.cli`` / ``mmoe --help`` load no torch;
@@ -21,6 +21,7 @@ _EXPORTS = {
     "MoE": "layer",
     "LayerStats": "layer",
     "aux_loss": "layer",
+    "clear_aux": "layer",
     "routing_stats": "layer",
     "update_balance_bias": "layer",
     "moe_layers": "layer",
@@ -44,7 +45,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
     from .adaptive import AdaptiveTopK
     from .config import MoEConfig, moe_block_indices, moe_config_from_section
     from .errors import MMoEError
-    from .layer import LayerStats, MoE, aux_loss, moe_layers, routing_stats, update_balance_bias
+    from .layer import LayerStats, MoE, aux_loss, clear_aux, moe_layers, routing_stats, update_balance_bias
     from .multihead import mh_moe_config, moe_cost
     from .routing import ROUTERS, Routing
     from .stats import ParamCount, RoutingCounter, count_params, expert_load_matrix, plot_expert_load, plot_routing_shares

@@ -19,6 +19,10 @@
   exact dense gradient ``dL/dpi_i = <dL/dy, E_i(x)>`` for all i (the upper bound the estimators
   approximate).
 
+Mixed multi-task batches (`mmoe.MoE` called with per-row task ids): the expert-group tables are built per
+task (as separate calls per task would), the oracle is per row anyway, and the Default-MoE EMA takes ONE
+update per forward from the kept slots of all tasks (the experts and their default vectors are shared).
+
 "Computed" means a kept slot: in capacity mode a dropped slot's expert also falls back to its default
 vector / group approximation.
 """
@@ -73,29 +77,36 @@ class DefaultVectors(nn.Module):
 
 
 def expert_group_term(y_slots: Tensor, plan: DispatchPlan, probs: Tensor, computed: Tensor, group_k: int,
-                      group=None) -> Tensor:
-    """The expert-group approximation ``y'(x) = sum_{i not computed} pi_i * mean_{j in G(x)} A[j, i]``."""
+                      group=None, row_group: Tensor | None = None, num_groups: int = 1) -> Tensor:
+    """The expert-group approximation ``y'(x) = sum_{i not computed} pi_i * mean_{j in G(x)} A[j, i]``.
+
+    ``row_group [T]`` (ids in ``[0, num_groups)``, e.g. the rows' tasks): one table ``A`` per group, built
+    from that group's rows only, so a mixed multi-task batch gets what separate calls per task would. The
+    all-reduce over ``group`` always covers all ``num_groups`` tables (every rank calls the same collective).
+    """
     T, E = probs.shape
     D = y_slots.shape[-1]
     G = probs.detach().topk(group_k, dim=-1).indices  # [T, Kg]
+    if row_group is not None:
+        G = G + (row_group * E).unsqueeze(1)  # block id (group, j) in [0, num_groups * E)
     y = y_slots.detach().float()
-    sums = torch.zeros(E * E, D, device=y.device)
-    cnt = torch.zeros(E * E, device=y.device)
+    sums = torch.zeros(num_groups * E * E, D, device=y.device)
+    cnt = torch.zeros(num_groups * E * E, device=y.device)
     ones = torch.ones(plan.token.numel(), device=y.device)
     for g in range(group_k):
-        key = G[plan.token, g] * E + plan.expert  # pair (j, i)
+        key = G[plan.token, g] * E + plan.expert  # pair ((group, j), i)
         sums.index_add_(0, key, y)
         cnt.index_add_(0, key, ones)
     all_reduce_(sums, cnt, group=group)
-    A = (sums / cnt.clamp_min(1.0).unsqueeze(-1)).view(E, E, D)  # A[j, i]
+    A = (sums / cnt.clamp_min(1.0).unsqueeze(-1)).view(num_groups * E, E, D)  # A[(group, j), i]
     pm = probs.float().masked_fill(computed, 0.0)  # [T, E]
     out = torch.zeros(T, D, device=y.device, dtype=torch.float32)
     for g in range(group_k):
         j = G[:, g]
         order = torch.argsort(j, stable=True)
-        counts = torch.bincount(j, minlength=E)
+        counts = torch.bincount(j, minlength=num_groups * E)
         parts = []
-        for jj, rows in zip(range(E), pm[order].split(counts.tolist())):
+        for jj, rows in zip(range(num_groups * E), pm[order].split(counts.tolist())):
             if rows.shape[0]:
                 parts.append(rows @ A[jj])
         out = out.index_add(0, order, torch.cat(parts, 0))

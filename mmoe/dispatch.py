@@ -7,6 +7,8 @@ Capacity mode (GShard / V-MoE): slots are placed rank-major (every token's 1st c
 choice), tokens in sequence order or, with batch-prioritized routing, by decreasing max routing weight;
 an expert keeps its first ``capacity`` slots and drops the rest. A dropped slot contributes nothing:
 a token's output is exactly the weighted sum over its kept slots (no renormalisation after dropping).
+With row ``groups`` (the tasks of a mixed multi-task batch) the capacity is per (group, expert): each
+group's rows compete only with each other, exactly as if each group were dispatched on its own.
 """
 
 from __future__ import annotations
@@ -30,7 +32,8 @@ class DispatchPlan:
         routed: ``[E]`` valid slots per expert before any capacity drop (int64).
         kept: ``[T, K]`` bool, slot is valid and kept.
         num_valid: number of valid (non-empty) slots.
-        capacity: per-expert capacity, or None when dropless.
+        capacity: per-expert capacity (a ``[G]`` tensor, per group, when the plan was made with
+            groups), or None when dropless.
     """
 
     token: Tensor
@@ -40,7 +43,7 @@ class DispatchPlan:
     routed: Tensor
     kept: Tensor
     num_valid: int
-    capacity: int | None
+    capacity: int | Tensor | None
 
     @property
     def num_dropped(self) -> int:
@@ -52,14 +55,17 @@ def expert_capacity(num_tokens: int, num_experts: int, top_k: int, capacity_fact
     return max(1, math.ceil(capacity_factor * num_tokens * top_k / num_experts))
 
 
-def make_plan(indices: Tensor, num_experts: int, capacity: int | None = None,
-              priority: Tensor | None = None) -> DispatchPlan:
+def make_plan(indices: Tensor, num_experts: int, capacity: int | Tensor | None = None,
+              priority: Tensor | None = None, groups: Tensor | None = None) -> DispatchPlan:
     """Build the dispatch plan for ``indices [T, K]`` (``-1`` = empty slot).
 
     ``priority [T]`` (optional, capacity mode): tokens with a higher value are placed first within each
-    choice rank (batch-prioritized routing).
+    choice rank (batch-prioritized routing). ``groups [T]`` (optional, int64 ids in ``[0, G)``): capacity
+    is counted per (group, expert) and ``capacity`` is then a ``[G]`` tensor of per-group capacities;
+    kept slots stay sorted by expert (then by group).
     """
     T, K = indices.shape
+    E = num_experts
     device = indices.device
     if priority is not None:
         tok_order = torch.argsort(priority, descending=True, stable=True)
@@ -69,20 +75,34 @@ def make_plan(indices: Tensor, num_experts: int, capacity: int | None = None,
     seq_slot = (tok_order.unsqueeze(0) * K + torch.arange(K, device=device).unsqueeze(1)).reshape(-1)
     seq_exp = indices.reshape(-1)[seq_slot]
     valid = seq_exp >= 0
-    key = torch.where(valid, seq_exp, torch.full_like(seq_exp, num_experts))  # empty slots sort last
+    # sort key: the expert, or (expert, group) when capacity is per group; empty slots sort last
+    G = 1
+    if groups is not None and isinstance(capacity, Tensor) and capacity.numel() > 1:
+        G = int(capacity.numel())
+        key = seq_exp * G + groups[seq_slot // K]
+    else:
+        key = seq_exp
+    key = torch.where(valid, key, torch.full_like(key, E * G))
     order = torch.argsort(key, stable=True)
-    sorted_exp = key[order]
-    routed_all = torch.bincount(sorted_exp, minlength=num_experts + 1)
-    routed = routed_all[:num_experts]
+    sorted_key = key[order]
+    sorted_exp = sorted_key // G
+    routed = torch.bincount(sorted_exp, minlength=E + 1)[:E]
     num_valid = int(valid.sum())
     if capacity is None:
-        keep_sorted = sorted_exp < num_experts
+        keep_sorted = sorted_exp < E
         counts = routed.clone()
     else:
-        starts = torch.cumsum(routed_all, 0) - routed_all
-        pos = torch.arange(order.numel(), device=device) - starts[sorted_exp]
-        keep_sorted = (sorted_exp < num_experts) & (pos < capacity)
-        counts = routed.clamp(max=capacity)
+        bucket_all = torch.bincount(sorted_key, minlength=E * G + 1)
+        starts = torch.cumsum(bucket_all, 0) - bucket_all
+        pos = torch.arange(order.numel(), device=device) - starts[sorted_key]
+        if G > 1:
+            cap = capacity.to(device)
+            keep_sorted = (sorted_exp < E) & (pos < cap[sorted_key % G])
+            counts = torch.minimum(bucket_all[: E * G].view(E, G), cap.unsqueeze(0)).sum(1)
+        else:
+            cap = int(capacity)
+            keep_sorted = (sorted_exp < E) & (pos < cap)
+            counts = routed.clamp(max=cap)
     sel = order[keep_sorted]
     slot = seq_slot[sel]
     kept = torch.zeros(T * K, dtype=torch.bool, device=device)

@@ -3,14 +3,25 @@ a dense-backprop estimator added to the combine and optional always-on shared ex
 
 Shape legend: N input tokens, D = dim, h = heads, T = N*h routed rows of width D/h, E experts,
 K slots per row, S kept slots.
+
+Multi-task (``num_tasks > 1``): ``moe(x, task=...)`` takes one task id or a tensor of ids per token. A
+mixed batch is one call: each task's rows are routed by that task's router (its top-k, its aux-loss-free
+bias), then all rows share ONE dispatch plan and ONE expert computation (see `MoE.forward` for how
+capacity, the estimators and the statistics treat the tasks).
+
+Aux losses accumulate over every training forward until they are collected: ``mmoe.aux_loss(model)``
+returns their sum and clears them, so a loss that runs the model several times (streams, modalities)
+gets every run's aux terms from one call.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import losses
@@ -18,13 +29,19 @@ from .config import MoEConfig
 from .dense_backprop import DefaultVectors, computed_mask, dense_oracle_term, expert_group_term
 from .dispatch import DispatchPlan, combine, expert_capacity, make_plan
 from .experts import MLP, Experts
-from .parallel import all_reduce_, expert_parallel_forward
+from .parallel import _all_reduce, all_reduce_, expert_parallel_forward
 from .routing import Routing, build_router
 
 
 @dataclass
 class LayerStats:
-    """Routing statistics of one MoE layer's latest forward (detached tensors)."""
+    """Routing statistics of one MoE layer's latest forward (detached tensors).
+
+    ``task`` is the forward's task id, or -1 when its rows belonged to several tasks. ``per_task`` maps each
+    task present in the forward to the same statistics over that task's rows only (its ``per_task`` is
+    empty); for a single-task forward it has one entry equal to the layer-wide numbers. ``aux`` holds the
+    forward's weighted aux terms (summed over tasks; per task in ``per_task``).
+    """
 
     tokens_per_expert: Tensor  # [E] slots routed to each expert (before capacity)
     kept_per_expert: Tensor  # [E] slots computed
@@ -34,6 +51,7 @@ class LayerStats:
     num_rows: int  # rows routed (sub-tokens when heads > 1)
     task: int = 0
     aux: dict[str, float] = field(default_factory=dict)
+    per_task: dict[int, LayerStats] = field(default_factory=dict)
 
     @property
     def load(self) -> Tensor:
@@ -42,7 +60,7 @@ class LayerStats:
         return t / t.sum().clamp_min(1.0)
 
     def as_dict(self) -> dict:
-        return {
+        out = {
             "tokens_per_expert": self.tokens_per_expert.tolist(),
             "kept_per_expert": self.kept_per_expert.tolist(),
             "dropped_frac": self.dropped_frac,
@@ -52,6 +70,9 @@ class LayerStats:
             "task": self.task,
             **{f"aux_{k}": v for k, v in self.aux.items()},
         }
+        if len(self.per_task) > 1:  # a single-task forward's entry repeats the numbers above
+            out["per_task"] = {str(t): s.as_dict() for t, s in self.per_task.items()}
+        return out
 
 
 class MoE(nn.Module):
@@ -63,9 +84,38 @@ class MoE(nn.Module):
             over it, and the Default-MoE EMA sums/counts (and the aux-loss-free load) are all-reduced
             over it. ``None``: everything is local; the layer never needs ``torch.distributed``.
 
-    After each forward, ``self.aux_loss()`` is the weighted sum of this layer's auxiliary losses and
-    ``self.last_stats`` its routing statistics (`mmoe.aux_loss` / `mmoe.routing_stats` collect them).
+    ``forward(x, task)``: ``task`` is ``None`` (single-task layers), an int, or an integer tensor of task
+    ids with shape ``x.shape[:-1]`` (one per token; with ``heads > 1`` every sub-token of a token uses the
+    token's task). A mixed batch is routed task by task, in ascending task id (each task's rows by
+    ``routers[t]`` with ``top_k(t)`` and ``balance_bias[t]``; random draws — jitter, noise, SparseMixer
+    sampling — happen in that order, as in separate calls per task in that order), and then ALL rows go
+    through one dispatch plan and one expert computation. Per task, the result equals separate calls:
+
+    * capacity (``capacity_factor``) is per task: ``capacity(rows of task t, t)`` per expert for each
+      task's rows, which compete only with each other; expert choice selects per task among its rows;
+    * aux losses are computed per task (the balance loss on each task's own routing) and summed;
+    * ``expert_group`` tables are per task; ``dense_oracle`` is per row anyway;
+    * exception, ``dense_backprop="default"``: the EMA takes ONE update per forward, from the kept slots of
+      all tasks (the paper's per-batch mean; the experts and their default vectors are shared), and every
+      row uses the updated vectors. Separate calls would update twice, in sequence.
+
+    With ``dp_group`` or expert parallelism, all ranks must call a layer the same way (every rank with an
+    int, or every rank with a tensor): the per-task collectives always cover all ``num_tasks`` tasks.
+
+    Aux losses accumulate: every training-mode forward adds its weighted aux terms to the layer's pending
+    sum, ``aux_loss()`` returns that sum (without clearing), ``clear_aux()`` drops it, and
+    ``mmoe.aux_loss(model)`` returns every layer's sum and clears it. Only forwards whose aux terms can
+    get a gradient are added: nothing from eval-mode forwards, from forwards under ``torch.no_grad()``, or
+    from an activation-checkpointing recomputation inside backward. So non-reentrant checkpointing
+    (``use_reentrant=False``) counts a layer's aux terms once, with their gradient; *reentrant*
+    checkpointing runs its first pass under no_grad, and its layers' aux terms (which could get no gradient
+    there) are not collected at all. At most ``max_pending_aux`` forwards are kept (each holds its autograd
+    graph): beyond that the oldest is dropped with a warning. ``last_stats`` is the routing statistics of
+    the latest forward (`LayerStats`, with ``per_task``), kept for every forward.
     """
+
+    # forwards whose aux terms a layer keeps until they are collected (each holds its autograd graph)
+    max_pending_aux = 64
 
     def __init__(self, cfg: MoEConfig, *, dp_group=None) -> None:
         super().__init__()
@@ -97,7 +147,8 @@ class MoE(nn.Module):
             self.register_buffer("balance_load", torch.zeros(cfg.num_tasks, E))
         else:
             self.balance_bias = self.balance_load = None
-        self._aux: dict[str, Tensor] = {}
+        self._aux: list[dict[str, Tensor]] = []  # one dict of weighted aux terms per pending forward
+        self._warned_pending = False
         self.last_stats: LayerStats | None = None
         # set True to keep the latest `Routing` (with its autograd graph) in `last_routing`, e.g. to read
         # router gradients ``last_routing.probs.grad`` after ``retain_grad()`` in analyses and tests
@@ -105,10 +156,10 @@ class MoE(nn.Module):
         self.last_routing: Routing | None = None
 
     def __getstate__(self):
-        # the latest aux losses / routing hold autograd graphs: never copy or pickle them (deepcopy of a
+        # the pending aux losses / routing hold autograd graphs: never copy or pickle them (deepcopy of a
         # model after a forward, e.g. for an EMA teacher, must work)
         state = self.__dict__.copy()
-        state["_aux"] = {}
+        state["_aux"] = []
         state["last_routing"] = None
         return state
 
@@ -157,9 +208,13 @@ class MoE(nn.Module):
             y = self.merge_proj(y)
         return y.reshape(shape)
 
-    def route(self, x: Tensor, task: int | None = None) -> Routing:
-        """The routing of ``x [..., D]``; over sub-tokens when heads > 1 (rows of `to_rows`)."""
-        return self._route_rows(self.to_rows(x), self._task(task))
+    def route(self, x: Tensor, task: int | Tensor | None = None) -> Routing:
+        """The routing of ``x [..., D]``; over sub-tokens when heads > 1 (rows of `to_rows`).
+
+        ``task`` as in `forward`; with a tensor of task ids each row is routed by its task's router and the
+        result has ``K = max`` over the tasks' slots (shorter rows padded with ``-1`` / weight 0)."""
+        row_task, tasks = self._row_tasks(task, x.shape[:-1])
+        return self._route_tasks(self.to_rows(x), row_task, tasks)[0]
 
     def expert_forward(self, i: int, h: Tensor) -> Tensor:
         """Expert ``i`` applied to rows ``h [n, D/h]``."""
@@ -178,25 +233,44 @@ class MoE(nn.Module):
         return expert_capacity(num_rows, cfg.num_experts, self.top_k(task), cf)
 
     def aux_loss(self) -> Tensor:
-        """Weighted sum of this layer's auxiliary losses from the latest forward."""
-        if not self._aux:
+        """Weighted sum of this layer's auxiliary losses over every forward since they were last cleared
+        (`clear_aux`, `mmoe.aux_loss`); zero when there are none. Does not clear them."""
+        terms = [v for aux in self._aux for v in aux.values()]
+        if not terms:
             return self.experts.w1.new_zeros(())
-        return sum(self._aux.values())
+        return sum(terms)
+
+    @property
+    def pending_aux_forwards(self) -> int:
+        """Forwards whose aux terms are pending (added since they were last collected or cleared)."""
+        return len(self._aux)
+
+    def clear_aux(self) -> None:
+        """Drop the pending aux losses (and the graphs they hold)."""
+        self._aux = []
 
     # ------------------------------------------------------------------ forward
-    def forward(self, x: Tensor, task: int | None = None) -> Tensor:
+    def forward(self, x: Tensor, task: int | Tensor | None = None) -> Tensor:
         cfg = self.cfg
-        t = self._task(task)
         shape = x.shape
         if shape[-1] != cfg.dim:
             raise ValueError(f"MoE expects inputs [..., {cfg.dim}], got {tuple(shape)}")
+        row_task, tasks = self._row_tasks(task, shape[:-1])
         h = self.to_rows(x)  # [T, dh]
         T = h.shape[0]
-        r = self._route_rows(h, t)
+        r, parts = self._route_tasks(h, row_task, tasks)
         if self.record_routing:
             self.last_routing = r
         priority = r.probs.max(-1).values if cfg.batch_prioritized else None
-        plan = make_plan(r.indices, cfg.num_experts, self.capacity(T, t), priority)
+        if row_task is None:
+            plan = make_plan(r.indices, cfg.num_experts, self.capacity(T, tasks[0]), priority)
+        else:  # capacity per task: each task's rows compete only with each other
+            caps = [self.capacity(int(rows.numel()), t) for t, rows, _ in parts]
+            cap = None
+            if caps[0] is not None:
+                cap = torch.zeros(cfg.num_tasks, dtype=torch.long, device=h.device)
+                cap[[t for t, _, _ in parts]] = torch.tensor(caps, device=h.device)
+            plan = make_plan(r.indices, cfg.num_experts, cap, priority, groups=row_task)
         x_slots = h.index_select(0, plan.token)
         if self.ep_group is not None:
             y_slots = expert_parallel_forward(self.experts, x_slots, plan.counts, self.ep_group)
@@ -209,12 +283,17 @@ class MoE(nn.Module):
         # the recomputation must use it as is to reproduce the original values
         recompute = _in_backward()
         if cfg.dense_backprop != "none":
+            groups = row_task
+            if groups is None and cfg.num_tasks > 1:
+                groups = torch.full((T,), tasks[0], dtype=torch.long, device=h.device)
             with torch.autocast(h.device.type, enabled=False):  # estimator math in fp32
-                y = y + self._dense_backprop(h, r, plan, y_slots, update=not recompute).to(y.dtype)
+                y = y + self._dense_backprop(h, r, plan, y_slots, groups, update=not recompute).to(y.dtype)
         out = self.from_rows(y, shape)
         if self.shared is not None:
             out = out + self.shared(x.reshape(-1, cfg.dim)).reshape(shape).to(out.dtype)
-        self._record(r, plan, t, keep=not recompute)
+        # only forwards that can give the aux loss a gradient are collected (not no_grad, eval or recompute)
+        collect = self.training and torch.is_grad_enabled() and not recompute
+        self._record(r, parts, plan, row_task, keep=not recompute, collect=collect)
         return out
 
     # ------------------------------------------------------------------ internals
@@ -227,6 +306,37 @@ class MoE(nn.Module):
             raise ValueError(f"task={task} out of range for num_tasks={self.cfg.num_tasks}")
         return int(task)
 
+    def _row_tasks(self, task, lead: torch.Size) -> tuple[Tensor | None, list[int]]:
+        """``(row_task [T] or None, sorted task ids present)``; None when every row has the same task."""
+        if not isinstance(task, Tensor) or task.dim() == 0:
+            return None, [self._task(None if task is None else int(task))]
+        if task.dtype == torch.bool or task.is_floating_point() or task.is_complex():
+            raise ValueError(f"task ids must be an integer tensor, got {task.dtype}")
+        if tuple(task.shape) != tuple(lead):
+            raise ValueError(f"task ids must have the input's shape without its last dim {tuple(lead)}, "
+                             f"got {tuple(task.shape)}")
+        flat = task.reshape(-1).to(dtype=torch.long, device=self.task_top_k.device)
+        tasks = torch.unique(flat).tolist()
+        for t in tasks:
+            self._task(t)  # range check
+        if len(tasks) <= 1:  # one task (or no rows): the single-task path
+            return None, tasks or [0]
+        if self.cfg.heads > 1:
+            flat = flat.repeat_interleave(self.cfg.heads)
+        return flat, tasks
+
+    def _route_tasks(self, h: Tensor, row_task: Tensor | None,
+                     tasks: list[int]) -> tuple[Routing, list[tuple[int, Tensor | None, Routing]]]:
+        """The routing of all rows and, per task present, ``(task, its rows or None = all, its routing)``."""
+        if row_task is None:
+            r = self._route_rows(h, tasks[0])
+            return r, [(tasks[0], None, r)]
+        parts = []
+        for t in tasks:  # ascending task id: random draws in the order of separate calls
+            rows = (row_task == t).nonzero().squeeze(1)
+            parts.append((t, rows, self._route_rows(h.index_select(0, rows), t)))
+        return _merge_routings(parts, h.shape[0]), parts
+
     def _route_rows(self, h: Tensor, task: int) -> Routing:
         cfg = self.cfg
         with torch.autocast(h.device.type, enabled=False):
@@ -237,7 +347,7 @@ class MoE(nn.Module):
             return self.routers[task](xr, self.top_k(task), bias)
 
     def _dense_backprop(self, h: Tensor, r: Routing, plan: DispatchPlan, y_slots: Tensor,
-                        update: bool = True) -> Tensor:
+                        groups: Tensor | None, update: bool = True) -> Tensor:
         cfg = self.cfg
         mode = cfg.dense_backprop
         T, E = r.probs.shape
@@ -245,52 +355,148 @@ class MoE(nn.Module):
             return dense_oracle_term(self.experts, h, r.probs)
         computed = computed_mask(plan, T, E)
         if mode == "default":
+            # one EMA update per forward over every task's kept slots (class docstring)
             if self.training and update:
                 self.default.update(y_slots, plan, r.probs, self.dp_group)
             return self.default.term(r.probs, computed)
-        # expert_group
-        term = expert_group_term(y_slots, plan, r.probs, computed, cfg.group_k, self.dp_group)
+        # expert_group: one table per task
+        term = expert_group_term(y_slots, plan, r.probs, computed, cfg.group_k, self.dp_group,
+                                 row_group=groups, num_groups=cfg.num_tasks if groups is not None else 1)
         return term if cfg.expert_group_mode == "forward" else term - term.detach()
 
-    def _record(self, r: Routing, plan: DispatchPlan, task: int, keep: bool = True) -> None:
-        """Aux losses, the aux-loss-free load and statistics of this forward. ``keep=False`` (an activation-
-        checkpointing recomputation) computes the aux losses, so that the recomputation saves the same
-        tensors for backward, and keeps nothing."""
+    def _task_aux(self, r: Routing, task: int, counts: Tensor | None) -> dict[str, Tensor]:
+        """The weighted aux terms of one task's routing (``counts``: its global slot counts)."""
         cfg = self.cfg
         aux: dict[str, Tensor] = {}
+        if cfg.aux_loss_weight > 0 and cfg.balance_loss == "switch":
+            aux["balance"] = cfg.aux_loss_weight * losses.switch_balance_loss(r, counts=counts)
+        elif cfg.aux_loss_weight > 0 and cfg.balance_loss == "vmoe":
+            aux["importance"] = cfg.aux_loss_weight * losses.importance_loss(r)
+            aux["load"] = cfg.aux_loss_weight * losses.load_loss(r, self.top_k(task), cfg.router_noise_std)
+        if cfg.z_loss_weight > 0:
+            aux["z"] = cfg.z_loss_weight * losses.z_loss(r)
+        return aux
+
+    def _record(self, r: Routing, parts: list[tuple[int, Tensor | None, Routing]], plan: DispatchPlan,
+                row_task: Tensor | None, keep: bool = True, collect: bool = True) -> None:
+        """Aux losses, the aux-loss-free load and statistics of this forward. ``keep=False`` (an activation-
+        checkpointing recomputation) computes the aux losses, so that the recomputation saves the same
+        tensors for backward, and keeps nothing; ``collect`` adds the aux terms to the pending sum."""
+        cfg = self.cfg
+        E = cfg.num_experts
+        per_task_aux: dict[int, dict[str, Tensor]] = {}
         if self.training or torch.is_grad_enabled():
+            counts = None
             if cfg.aux_loss_weight > 0 and cfg.balance_loss == "switch":
-                aux["balance"] = cfg.aux_loss_weight * losses.switch_balance_loss(r, self.dp_group)
-            elif cfg.aux_loss_weight > 0 and cfg.balance_loss == "vmoe":
-                aux["importance"] = cfg.aux_loss_weight * losses.importance_loss(r)
-                aux["load"] = cfg.aux_loss_weight * losses.load_loss(r, self.top_k(task), cfg.router_noise_std)
-            if cfg.z_loss_weight > 0:
-                aux["z"] = cfg.z_loss_weight * losses.z_loss(r)
+                # every task's slot counts in one collective (same shape on every rank)
+                counts = r.probs.new_zeros(cfg.num_tasks, E)
+                for t, _, rt in parts:
+                    counts[t] = losses.expert_counts(rt.indices, E)
+                counts = _all_reduce(counts, self.dp_group)
+            per_task_aux = {t: self._task_aux(rt, t, None if counts is None else counts[t]) for t, _, rt in parts}
         if not keep:
             return
-        self._aux = aux
+        aux: dict[str, Tensor] = {}
+        for a in per_task_aux.values():
+            for k, v in a.items():
+                aux[k] = aux[k] + v if k in aux else v
+        if collect and aux:
+            self._aux.append(aux)
+            if len(self._aux) > self.max_pending_aux:
+                self._aux.pop(0)
+                if not self._warned_pending:
+                    self._warned_pending = True
+                    warnings.warn(f"MoE: aux losses of more than max_pending_aux={self.max_pending_aux} training "
+                                  "forwards were never collected; dropping the oldest (collect them with "
+                                  "mmoe.aux_loss(model) or drop them with mmoe.layer.clear_aux(model))",
+                                  stacklevel=3)
         with torch.no_grad():
+            heads = cfg.heads
+            T = r.probs.shape[0]
+            # [G, E] routed / kept slots per task (G = 1 for a single-task forward)
+            if row_task is None:
+                routed_g, kept_g = plan.routed.unsqueeze(0), plan.counts.unsqueeze(0)
+            else:
+                valid = r.indices >= 0
+                slot_task = row_task.unsqueeze(1).expand_as(r.indices)[valid]
+                routed_g = torch.bincount(slot_task * E + r.indices[valid], minlength=cfg.num_tasks * E)
+                routed_g = routed_g.view(cfg.num_tasks, E)
+                kept_g = torch.bincount(row_task[plan.token] * E + plan.expert, minlength=cfg.num_tasks * E)
+                kept_g = kept_g.view(cfg.num_tasks, E)
             if self.balance_load is not None and self.training:
-                self.balance_load[task] += plan.routed.float()
+                for t, _, _ in parts:
+                    self.balance_load[t] += routed_g[t if row_task is not None else 0].float()
             p = r.probs.float()
             if cfg.score_func == "sigmoid":
                 p = p / p.sum(-1, keepdim=True).clamp_min(1e-12)
-            entropy = float(-(p * p.clamp_min(1e-12).log()).sum(-1).mean())
-            tokens = plan.token // cfg.heads
-            n_tok = r.probs.shape[0] // cfg.heads
-            hit = torch.zeros(n_tok, cfg.num_experts, dtype=torch.bool, device=tokens.device)
-            hit[tokens, plan.expert] = True
-            activation = float(hit.float().sum(-1).mean() / cfg.num_experts) if n_tok else 0.0
-            self.last_stats = LayerStats(
-                tokens_per_expert=plan.routed.detach(),
-                kept_per_expert=plan.counts.detach(),
-                dropped_frac=plan.num_dropped / max(plan.num_valid, 1),
-                entropy=entropy,
-                activation=activation,
-                num_rows=r.probs.shape[0],
-                task=task,
-                aux={k: float(v.detach()) for k, v in aux.items()},
-            )
+            ent_rows = -(p * p.clamp_min(1e-12).log()).sum(-1)  # [T]
+            n_tok = T // heads
+            hit = torch.zeros(n_tok, E, dtype=torch.bool, device=plan.token.device)
+            hit[plan.token // heads, plan.expert] = True
+            act_tok = hit.float().sum(-1) / E  # [n_tok]
+
+            def stats(g: int, rows: Tensor | None, task: int, a: dict[str, Tensor]) -> LayerStats:
+                routed, kept = routed_g[g], kept_g[g]
+                n_routed = int(routed.sum())
+                ent = ent_rows if rows is None else ent_rows[rows]
+                act = act_tok if rows is None else act_tok[rows[::heads] // heads]
+                return LayerStats(
+                    tokens_per_expert=routed.detach(),
+                    kept_per_expert=kept.detach(),
+                    dropped_frac=(n_routed - int(kept.sum())) / max(n_routed, 1),
+                    entropy=float(ent.mean()) if ent.numel() else 0.0,
+                    activation=float(act.mean()) if act.numel() else 0.0,
+                    num_rows=int(ent.numel()),
+                    task=task,
+                    aux={k: float(v.detach()) for k, v in a.items()},
+                )
+
+            if row_task is None:
+                t = parts[0][0]
+                s = stats(0, None, t, aux)
+                s.per_task = {t: stats(0, None, t, aux)}
+            else:
+                per = {t: stats(t, rows, t, per_task_aux.get(t, {})) for t, rows, _ in parts}
+                s = LayerStats(
+                    tokens_per_expert=routed_g.sum(0),
+                    kept_per_expert=plan.counts.detach(),
+                    dropped_frac=plan.num_dropped / max(plan.num_valid, 1),
+                    entropy=float(ent_rows.mean()),
+                    activation=float(act_tok.mean()) if n_tok else 0.0,
+                    num_rows=T,
+                    task=-1,
+                    aux={k: float(v.detach()) for k, v in aux.items()},
+                    per_task=per,
+                )
+            self.last_stats = s
+
+
+def _merge_routings(parts: list[tuple[int, Tensor | None, Routing]], T: int) -> Routing:
+    """One `Routing` over all T rows from each task's routing of its rows (``K`` = the largest; shorter rows
+    padded with empty slots). Differentiable: out-of-place ``index_copy``."""
+    K = max(r.indices.shape[1] for _, _, r in parts)
+    r0 = parts[0][2]
+    E = r0.probs.shape[1]
+    idx = torch.full((T, K), -1, dtype=torch.long, device=r0.indices.device)
+    w = r0.weights.new_zeros(T, K)
+    probs, logits = r0.probs.new_zeros(T, E), r0.logits.new_zeros(T, E)
+    scale = r0.weights.new_ones(T, K) if any(r.scale is not None for _, _, r in parts) else None
+    bal = r0.probs.new_zeros(T, E) if any(r.balance_probs is not None for _, _, r in parts) else None
+    clean = r0.logits.new_zeros(T, E) if any(r.clean_logits is not None for _, _, r in parts) else None
+    for _, rows, r in parts:
+        pad = (0, K - r.indices.shape[1])
+        idx = idx.index_copy(0, rows, F.pad(r.indices, pad, value=-1))
+        w = w.index_copy(0, rows, F.pad(r.weights, pad))
+        probs = probs.index_copy(0, rows, r.probs)
+        logits = logits.index_copy(0, rows, r.logits)
+        if scale is not None:
+            scale = scale.index_copy(0, rows, F.pad(r.scale, pad, value=1.0) if r.scale is not None
+                                     else r.weights.new_ones(rows.numel(), K))
+        if bal is not None:
+            bal = bal.index_copy(0, rows, r.balance_probs if r.balance_probs is not None else r.probs)
+        if clean is not None:
+            clean = clean.index_copy(0, rows, r.clean_logits if r.clean_logits is not None else r.logits)
+    return Routing(idx, w, probs, logits, scale=scale, balance_probs=bal, clean_logits=clean)
 
 
 def _in_backward() -> bool:
@@ -306,13 +512,16 @@ def moe_layers(model: nn.Module) -> list[tuple[str, MoE]]:
 
 
 def aux_loss(model: nn.Module) -> Tensor:
-    """Weighted sum of every MoE layer's auxiliary losses from the latest forward.
+    """Weighted sum of every MoE layer's auxiliary losses over all forwards since the last collection, and
+    clear them (a second call returns zero until the next training forward).
 
-    Add it to the task loss once per forward: ``loss = task_loss + mmoe.aux_loss(model)``.
+    Call it once per loss: ``loss = task_loss + mmoe.aux_loss(model)``; a loss that runs the model several
+    times gets the aux terms of every run.
     """
     total = None
     for _, m in moe_layers(model):
         a = m.aux_loss()
+        m.clear_aux()
         total = a if total is None else total + a
     if total is None:
         p = next(model.parameters(), None)
@@ -320,8 +529,16 @@ def aux_loss(model: nn.Module) -> Tensor:
     return total
 
 
+def clear_aux(model: nn.Module) -> None:
+    """Drop every MoE layer's pending aux losses (e.g. before a training step, so forwards that were never
+    part of a loss cannot leak into it)."""
+    for _, m in moe_layers(model):
+        m.clear_aux()
+
+
 def routing_stats(model: nn.Module) -> dict[str, LayerStats]:
-    """Per MoE layer (by module name): routing statistics of its latest forward."""
+    """Per MoE layer (by module name): routing statistics of its latest forward (per task in
+    ``LayerStats.per_task``)."""
     return {name: m.last_stats for name, m in moe_layers(model) if m.last_stats is not None}
 
 

@@ -22,15 +22,18 @@ def expert_counts(indices: Tensor, num_experts: int) -> Tensor:
     return torch.bincount(flat, minlength=num_experts).float()
 
 
-def switch_balance_loss(r: Routing, group=None) -> Tensor:
+def switch_balance_loss(r: Routing, group=None, counts: Tensor | None = None) -> Tensor:
     """GShard/Switch load-balance loss ``E * sum_e f_e * P_e``.
 
     ``f_e`` = fraction of (valid) slots assigned to expert e before any capacity drop, over the global
     batch when ``group`` is given; ``P_e`` = local mean routing probability. Equals 1 at perfect balance.
+    ``counts [E]``: the (already all-reduced) slot counts to use instead of computing them from ``r``
+    (the layer reduces every task's counts in one collective); ``group`` is then ignored.
     """
     probs = r.balance_probs if r.balance_probs is not None else r.probs
     E = probs.shape[-1]
-    counts = _all_reduce(expert_counts(r.indices, E), group)
+    if counts is None:
+        counts = _all_reduce(expert_counts(r.indices, E), group)
     f = counts / counts.sum().clamp_min(1.0)
     return E * (f * probs.float().mean(0)).sum()
 

@@ -20,22 +20,16 @@ V-MoE / MH-MoE "every other layer"). Its FFN is ONE `mmoe.MoE` expert pool for a
 * ``moe_routing="shared"``: one router; all tokens of the batch are routed in one call, so routing (not the
   modality) decides which experts a token uses.
 * ``moe_routing="modality"``: ``MoEConfig.num_tasks = 2`` (vision tokens use router 0, text tokens router 1)
-  over the same experts; the layer is called once per modality (`ModalityMoE`).
+  over the same experts; the layer is called once with the modality ids as its per-row task ids.
 
 Only non-padding tokens enter an MoE layer (valid rows are gathered, routed and scattered back; padded
 positions get a zero FFN output), so padding never changes routing, expert loads, capacity or aux losses.
 
-Aux losses and statistics with two routers (`ModalityMoE`): `mmoe.MoE` keeps the aux losses and
-``last_stats`` of its *latest* call only, so a second call (the text tokens) would overwrite the first
-(the vision tokens). `ModalityMoE` is an `mmoe.MoE` subclass whose `ModalityMoE.forward_modalities` makes
-the per-modality calls, keeps each call's aux losses and stats, and then sets the layer's ``_aux`` to their
-sum (per loss name) and ``last_stats`` to the merged statistics. `mmoe.aux_loss` and `mmoe.routing_stats`
-therefore stay correct without knowing about modalities; per-modality expert counts are kept in
-``modality_counts`` (see `routing_by_modality`). Options with per-call state see two calls per forward:
-``dense_backprop="default"`` updates its EMA once per modality, the aux-loss-free load is accumulated per
-task (router), and a capacity limit applies to each modality's tokens separately. (Because the first
-call's output keeps the Default-MoE vectors for its backward, the second call updates a fresh copy of the
-buffer instead of the saved tensor.)
+Either way each MoE layer runs once per model forward, so `mmoe.aux_loss` / `mmoe.routing_stats` need
+nothing from this module. With modality routing the layer's per-task rules apply (`mmoe.MoE`): capacity per
+modality, the balance loss per modality (summed), expert-group tables per modality, one Default-MoE EMA
+update from both modalities' tokens; ``routing_stats(model)[name].per_task`` holds each modality's statistics.
+`routing_by_modality` gives the routed slots per expert of each modality (for shared routing too).
 
 Heads: `mlm_logits` (LayerNorm + linear tied to the token embedding, plus a bias), `mim_pred` (per-patch
 pixels), `itc_embeddings` + ``logit_scale`` (image-text contrastive retrieval).
@@ -60,9 +54,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mmoe import LayerStats, MoE, MoEConfig, moe_layers
+from mmoe import MoE, MoEConfig, moe_layers
 from mmoe.experts import MLP
-from mmoe.layer import _in_backward
 
 MODALITIES = ("vision", "text")
 
@@ -267,112 +260,6 @@ class MultiwayAttention(nn.Module):
         return self.proj(out.transpose(1, 2).reshape(B, S, D), split)
 
 
-class ModalityMoE(MoE):
-    """An `mmoe.MoE` that routes the valid tokens of a multiway sequence (one call with ``shared`` routing,
-    one call per modality with task-specific routers) and keeps the aux losses and statistics of all its
-    calls (module docstring).
-
-    After `forward_modalities`: ``aux_loss()`` is the sum over the calls, ``last_stats`` the merged
-    statistics (``task`` = -1 when several routers were used), ``modality_stats`` each modality's own
-    `LayerStats` (modality routing only) and ``modality_counts`` ``{"vision": [E], "text": [E]}`` the routed
-    slots per expert of each modality's tokens.
-    """
-
-    def __init__(self, cfg: MoEConfig, per_modality: bool) -> None:
-        super().__init__(cfg)
-        self.per_modality = per_modality
-        self.modality_stats: dict[str, LayerStats] = {}
-        self.modality_counts: dict[str, Tensor] | None = None
-
-    def __getstate__(self):
-        state = super().__getstate__()
-        state["modality_counts"] = None
-        state["modality_stats"] = {}
-        return state
-
-    def forward_modalities(self, rows: dict[str, Tensor]) -> dict[str, Tensor]:
-        """``{"vision": [n_v, D], "text": [n_t, D]}`` valid token rows (either may be missing or empty) ->
-        the MoE outputs, same keys and shapes."""
-        present = [m for m in MODALITIES if m in rows and rows[m].shape[0] > 0]
-        out = {m: rows[m] for m in rows if m not in present}  # empty parts stay empty
-        if not present:
-            return out
-        keep = not _in_backward()  # an activation-checkpointing recomputation keeps nothing
-        E = self.cfg.num_experts
-        if not self.per_modality:
-            x = torch.cat([rows[m] for m in present], dim=0)
-            recorded = self.record_routing
-            self.record_routing = True
-            try:
-                y = MoE.forward(self, x)
-                r = self.last_routing
-            finally:
-                self.record_routing = recorded
-                if not recorded:
-                    self.last_routing = None
-            if keep:
-                counts = {}
-                rows_per_tok = self.cfg.heads
-                start = 0
-                with torch.no_grad():
-                    for m in present:
-                        n = rows[m].shape[0] * rows_per_tok
-                        idx = r.indices[start:start + n]
-                        counts[m] = torch.bincount(idx[idx >= 0].reshape(-1), minlength=E)
-                        start += n
-                self._set_counts(counts)
-                self.modality_stats = {}
-            start = 0
-            for m in present:
-                n = rows[m].shape[0]
-                out[m] = y[start:start + n]
-                start += n
-            return out
-        aux: dict[str, Tensor] = {}
-        stats: dict[str, LayerStats] = {}
-        for i, m in enumerate(present):
-            out[m] = MoE.forward(self, rows[m], task=MODALITIES.index(m))
-            if keep:
-                for k, v in self._aux.items():
-                    aux[k] = aux[k] + v if k in aux else v
-                stats[m] = self.last_stats
-        if keep:
-            self._aux = aux
-            self.modality_stats = stats
-            self.last_stats = _merge_stats(list(stats.values()))
-            self._set_counts({m: s.tokens_per_expert for m, s in stats.items()})
-        return out
-
-    def _set_counts(self, counts: dict[str, Tensor]) -> None:
-        E = self.cfg.num_experts
-        ref = next(iter(counts.values()))
-        self.modality_counts = {m: counts.get(m, torch.zeros(E, dtype=ref.dtype, device=ref.device)).detach()
-                                for m in MODALITIES}
-
-
-def _merge_stats(stats: list[LayerStats]) -> LayerStats:
-    """One `LayerStats` for several calls of a layer: counts and aux losses summed, fractions averaged by
-    the rows / slots / tokens they are fractions of."""
-    if len(stats) == 1:
-        return stats[0]
-    routed = [float(s.tokens_per_expert.sum()) for s in stats]
-    rows = [s.num_rows for s in stats]
-    aux: dict[str, float] = {}
-    for s in stats:
-        for k, v in s.aux.items():
-            aux[k] = aux.get(k, 0.0) + v
-    return LayerStats(
-        tokens_per_expert=sum(s.tokens_per_expert for s in stats),
-        kept_per_expert=sum(s.kept_per_expert for s in stats),
-        dropped_frac=sum(s.dropped_frac * n for s, n in zip(stats, routed)) / max(sum(routed), 1.0),
-        entropy=sum(s.entropy * n for s, n in zip(stats, rows)) / max(sum(rows), 1),
-        activation=sum(s.activation * n for s, n in zip(stats, rows)) / max(sum(rows), 1),  # rows = tokens*heads
-        num_rows=sum(rows),
-        task=stats[0].task if len({s.task for s in stats}) == 1 else -1,
-        aux=aux,
-    )
-
-
 class DropPath(nn.Module):
     """Stochastic depth: drop the residual branch of a whole sample with probability ``p`` (training)."""
 
@@ -389,7 +276,10 @@ class DropPath(nn.Module):
 
 
 class MultiwayBlock(nn.Module):
-    """Pre-LN block: joint attention, then V-FFN / L-FFN (dense) or a `ModalityMoE` on the valid tokens."""
+    """Pre-LN block: joint attention, then V-FFN / L-FFN (dense) or an `mmoe.MoE` on the valid tokens.
+
+    MoE blocks keep ``modality_counts`` (``{"vision": [E], "text": [E]}`` routed slots per expert of each
+    modality's tokens in the latest forward, see `routing_by_modality`), ``None`` before any forward."""
 
     def __init__(self, cfg: MultiwayConfig, is_moe: bool, drop_path: float) -> None:
         super().__init__()
@@ -399,8 +289,10 @@ class MultiwayBlock(nn.Module):
         self.attn = MultiwayAttention(cfg)
         self.norm2 = _maybe_multiway(norm, cfg.multiway_attention)
         self.is_moe = is_moe
+        self.per_modality = cfg.moe_routing == "modality"
+        self.modality_counts: dict[str, Tensor] | None = None
         if is_moe:
-            self.ffn: nn.Module = ModalityMoE(cfg.moe_config(), per_modality=cfg.moe_routing == "modality")
+            self.ffn: nn.Module = MoE(cfg.moe_config())
         else:
             self.ffn = Multiway(MLP(D, cfg.hidden, "gelu"), MLP(D, cfg.hidden, "gelu"))
         self.drop_path = DropPath(drop_path)
@@ -412,20 +304,45 @@ class MultiwayBlock(nn.Module):
         return x + self.drop_path(y)
 
     def _moe(self, h: Tensor, split: int, valid: Tensor) -> Tensor:
-        """The MoE on the valid tokens only (gathered per modality, routed, scattered back; 0 elsewhere)."""
+        """The MoE on the valid tokens only (gathered, routed in one call, scattered back; 0 elsewhere)."""
         B, S, D = h.shape
+        moe: MoE = self.ffn
         flat = h.reshape(B * S, D)
         pos = torch.arange(S, device=h.device)
-        index = {}
-        for m, part in (("vision", pos < split), ("text", pos >= split)):
-            sel = valid & part  # [B, S]
-            if bool(sel.any()):
-                index[m] = sel.reshape(-1).nonzero().squeeze(1)  # batch-major, then position
-        out = self.ffn.forward_modalities({m: flat.index_select(0, i) for m, i in index.items()})
+        modality = (pos >= split).long().expand(B, S)  # 0 = vision, 1 = text
+        index = valid.reshape(-1).nonzero().squeeze(1)  # batch-major, then position
         y = flat.new_zeros(B * S, D)
-        for m, i in index.items():
-            y = y.index_copy(0, i, out[m].to(y.dtype))
-        return y.reshape(B, S, D)
+        if index.numel() == 0:
+            return y.reshape(B, S, D)
+        rows = flat.index_select(0, index)
+        row_modality = modality.reshape(-1).index_select(0, index)
+        if self.per_modality:
+            out = moe(rows, task=row_modality)
+            with torch.no_grad():
+                E = moe.cfg.num_experts
+                per = moe.last_stats.per_task
+                self.modality_counts = {
+                    m: (per[i].tokens_per_expert.clone() if i in per
+                       else torch.zeros(E, dtype=torch.long, device=rows.device))
+                    for i, m in enumerate(MODALITIES)}
+        else:
+            recorded = moe.record_routing
+            moe.record_routing = True  # the routing of this call, to count slots per modality
+            try:
+                out = moe(rows)
+                r = moe.last_routing
+            finally:
+                moe.record_routing = recorded
+                if not recorded:
+                    moe.last_routing = None
+            with torch.no_grad():
+                idx = r.indices.reshape(rows.shape[0], -1)  # a token's sub-token slots in one row
+                self.modality_counts = {}
+                for i, m in enumerate(MODALITIES):
+                    sel = idx[row_modality == i]
+                    sel = sel[sel >= 0]
+                    self.modality_counts[m] = torch.bincount(sel, minlength=moe.cfg.num_experts)
+        return y.index_copy(0, index, out.to(y.dtype)).reshape(B, S, D)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -641,8 +558,7 @@ def routing_by_modality(model: nn.Module) -> dict[str, dict[str, list[int]]]:
     modality's (valid) tokens in the latest forward (a token counts ``heads * top_k`` slots; slots later
     dropped by a capacity limit are counted). Layers without a forward yet are left out."""
     out = {}
-    for name, m in moe_layers(model):
-        counts = getattr(m, "modality_counts", None)
-        if counts is not None:
-            out[name] = {k: v.tolist() for k, v in counts.items()}
+    for name, block in model.named_modules():
+        if isinstance(block, MultiwayBlock) and block.is_moe and block.modality_counts is not None:
+            out[f"{name}.ffn" if name else "ffn"] = {k: v.tolist() for k, v in block.modality_counts.items()}
     return out

@@ -28,8 +28,8 @@ and variance (MAE's ``norm_pix_loss``), mean squared error over masked patches. 
 the image-text contrastive loss BEiT-3 uses for retrieval fine-tuning (vision CLS and the text's first
 token, projected and L2-normalised, symmetric InfoNCE over the batch).
 
-The model runs several times per batch, and `mmoe.aux_loss` only sees each layer's latest forward, so
-the task sums the aux losses of every run into its loss (`Task.collects_aux_loss`).
+The model runs several times per batch; the MoE layers accumulate the aux losses of every run and the
+engine adds them all (`mmoe.aux_loss`) to the loss.
 
 Metrics
 -------
@@ -52,7 +52,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mmoe.layer import aux_loss as moe_aux_loss
 from mmoe.train.tasks import Task, register_task
 
 from .data import (IMAGE_MASK_RATIO, PAIR_TEXT_MASK_RATIO, TEXT_MASK_RATIO, CaptionTokenizer, block_mask,
@@ -108,7 +107,6 @@ def _batch_seed(seeds: list) -> int:
 class MaskedMultimodalTask(Task):
     ModelConfig = MultimodalModelConfig
     unit = "samples"
-    collects_aux_loss = True
 
     def __init__(self, model_cfg: MultimodalModelConfig, options: dict | None = None) -> None:
         super().__init__(model_cfg, options)
@@ -119,7 +117,6 @@ class MaskedMultimodalTask(Task):
         self.run_dir: Path | None = None
         self._route_counts: dict[str, dict[str, Tensor]] = {}
         self._routing = False
-        self._aux: Tensor = torch.zeros(())
 
     # ---------------------------------------------------------------- model
     def setup(self, train_cfg: Any) -> None:
@@ -177,9 +174,9 @@ class MaskedMultimodalTask(Task):
 
     # ---------------------------------------------------------------- losses
     def _run(self, model, **inputs) -> dict[str, Tensor | None]:
-        """One forward; its MoE aux loss is added to ``self._aux`` and its routing per modality counted."""
+        """One forward (its MoE aux losses stay in the layers for the engine); during evaluation its routing
+        per modality is counted."""
         out = model(**inputs)
-        self._aux = self._aux + moe_aux_loss(_module(model))
         if self._routing:
             for layer, counts in routing_by_modality(_module(model)).items():
                 acc = self._route_counts.setdefault(layer, {})
@@ -238,7 +235,6 @@ class MaskedMultimodalTask(Task):
 
     def loss(self, model, batch):
         cfg = self.model_cfg
-        self._aux = batch["images"].new_zeros(())
         s = self._streams(model, batch)
         mlm = s["mlm_nll"] / s["mlm_count"].clamp_min(1)
         mim = s["mim_sq"] / s["mim_count"].clamp_min(1)
@@ -248,12 +244,10 @@ class MaskedMultimodalTask(Task):
             itc, _ = self._itc(model, batch)
             total = total + cfg.itc_weight * itc
             scalars["itc"] = float(itc.detach())
-        scalars["aux"] = float(self._aux.detach())
-        return total + self._aux, scalars, batch["images"].shape[0]
+        return total, scalars, batch["images"].shape[0]
 
     @torch.no_grad()
     def eval_step(self, model, batch) -> dict[str, float]:
-        self._aux = batch["images"].new_zeros(())
         s = self._streams(model, batch)
         out = {k: float(v) for k, v in s.items()}
         for stream in STREAMS:  # same keys on every rank and batch (the engine all-reduces by key)

@@ -31,7 +31,7 @@ import torch.distributed as dist
 
 
 from ..errors import TrainingError
-from ..layer import aux_loss, moe_layers, routing_stats, update_balance_bias
+from ..layer import aux_loss, clear_aux, moe_layers, routing_stats, update_balance_bias
 from . import checkpoint as ckpt_lib
 from . import deepspeed as ds
 from .optim import lr_lambda, param_groups
@@ -312,10 +312,9 @@ class Trainer:
                     # buffers a forward updates (Default-MoE EMA, balance-bias load, norm statistics) are
                     # restored if this micro-batch turns out non-finite, so a bad batch leaves no trace
                     saved = [(b, b.detach().clone()) for b in engine.module.buffers() if b.is_floating_point()]
+                    clear_aux(engine.module)  # only this micro-batch's forwards count (not eval or earlier ones)
                     loss, scalars, n = self.task.loss(engine, batch)
-                    # a task that runs the model several times per batch sums the aux losses of every run
-                    # into its loss itself (`aux_loss` only sees the latest forward of each layer)
-                    aux = loss.new_zeros(()) if self.task.collects_aux_loss else aux_loss(engine.module)
+                    aux = aux_loss(engine.module)  # every forward the task ran
                     total = loss + aux
                     if not self._all_finite(total):
                         with torch.no_grad():

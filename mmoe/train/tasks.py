@@ -60,10 +60,6 @@ class Task:
     name = "task"
     ModelConfig: type = dict
     unit = "samples"  # throughput unit for the progress bar ("samples", "tokens", "images")
-    # True: `loss` already contains the MoE aux losses of every forward it ran (a task that runs the model
-    # more than once per batch; `mmoe.aux_loss` only sees each layer's latest forward) and the engine does
-    # not add `mmoe.aux_loss(model)` again
-    collects_aux_loss = False
 
     def __init__(self, model_cfg: Any, options: dict[str, Any] | None = None) -> None:
         self.model_cfg = model_cfg
@@ -98,7 +94,8 @@ class Task:
 
     # -- loss / metrics
     def loss(self, model: nn.Module, batch: Any) -> tuple[Tensor, dict[str, float], int]:
-        """(loss for backward, scalars to log, number of units in the batch for throughput)."""
+        """(loss for backward, scalars to log, number of units in the batch for throughput). The engine adds
+        ``mmoe.aux_loss(model)``: the MoE aux losses of every training forward this call ran."""
         raise NotImplementedError
 
     @torch.no_grad()

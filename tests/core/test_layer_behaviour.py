@@ -144,10 +144,12 @@ def test_aux_loss_collects_every_layer_and_trains_balance():
         m.router.weight.data[0] += 2.0
     x = torch.randn(64, 8) + 1.0
     model(x)
-    total = mmoe.aux_loss(model)
-    assert total.item() == pytest.approx(sum(m.aux_loss().item() for m in model))
+    per_layer = [m.aux_loss().item() for m in model]  # the layer method does not clear
+    total = mmoe.aux_loss(model)  # collects and clears
+    assert total.item() == pytest.approx(sum(per_layer)) and all(v > 0 for v in per_layer)
+    assert all(m.aux_loss().item() == 0.0 for m in model)
     assert set(mmoe.routing_stats(model)) == {"0", "1"} and "z" in model[1].last_stats.aux
-    first = model[0].aux_loss().item()
+    first = per_layer[0]
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     for _ in range(50):
         opt.zero_grad()

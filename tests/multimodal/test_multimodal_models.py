@@ -186,11 +186,12 @@ def test_modality_routers():
 
 
 def test_modality_aux_loss_and_stats_sum_both_calls(monkeypatch):
-    """mmoe.aux_loss(model) = the aux losses of the vision call + the text call of every layer, computed by
-    hand with a plain mmoe.MoE holding the same weights, fed the rows the layer routed."""
+    """mmoe.aux_loss(model) = the aux losses of the vision rows + the text rows of every layer, computed by
+    hand with a plain mmoe.MoE holding the same weights, called once per modality on the rows the layer routed
+    (the layer itself is called once, with the modality of each row as its task id)."""
     m = make("modality", moe={"num_experts": 4, "top_k": 2, "z_loss_weight": 1e-3}).train()
     img, txt, pad = inputs()
-    calls: list[tuple[MoE, torch.Tensor, int]] = []
+    calls: list[tuple[MoE, torch.Tensor, torch.Tensor]] = []
     orig = MoE.forward
 
     def spy(self, x, task=None):
@@ -200,31 +201,37 @@ def test_modality_aux_loss_and_stats_sum_both_calls(monkeypatch):
     monkeypatch.setattr(MoE, "forward", spy)
     m(image=img, text=txt, text_padding_mask=pad)
     monkeypatch.setattr(MoE, "forward", orig)
+    layer_aux = {name: layer.aux_loss() for name, layer in mmoe.moe_layers(m)}
     total = mmoe.aux_loss(m)
     layers = [layer for _, layer in mmoe.moe_layers(m)]
-    assert [(c[0], c[2]) for c in calls] == [(layers[0], 0), (layers[0], 1), (layers[1], 0), (layers[1], 1)]
-    assert [c[1].shape[0] for c in calls[:2]] == [2 * 17, int((~pad).sum())]
+    assert [c[0] for c in calls] == layers  # one call per layer
+    task = calls[0][2]
+    assert isinstance(task, torch.Tensor) and task.shape == (calls[0][1].shape[0],)
+    assert [int((task == i).sum()) for i in (0, 1)] == [2 * 17, int((~pad).sum())]
     expect = 0.0
     stats = mmoe.routing_stats(m)
     counts = routing_by_modality(m)
     for name, layer in mmoe.moe_layers(m):
         ref = MoE(layer.cfg).train()
         ref.load_state_dict(layer.state_dict())
-        mine = [c for c in calls if c[0] is layer]
-        ref(mine[0][1], task=0)
+        (_, x, t), = [c for c in calls if c[0] is layer]
+        ref(x[t == 0], task=0)
         a_v, s_v = ref.aux_loss(), ref.last_stats
-        ref(mine[1][1], task=1)
+        ref.clear_aux()
+        ref(x[t == 1], task=1)
         a_t, s_t = ref.aux_loss(), ref.last_stats
         assert set(s_v.aux) == {"balance", "z"}
-        torch.testing.assert_close(layer.aux_loss(), a_v + a_t)
-        assert float(a_v.detach()) > 0 and float(layer.aux_loss().detach()) > float(a_t.detach())  # not only the last call's (plain MoE)
+        torch.testing.assert_close(layer_aux[name], a_v + a_t)
+        assert float(a_v.detach()) > 0 and float(layer_aux[name].detach()) > float(a_t.detach())  # not only one
         expect = expect + a_v + a_t
         assert torch.equal(stats[name].tokens_per_expert, s_v.tokens_per_expert + s_t.tokens_per_expert)
         assert stats[name].num_rows == s_v.num_rows + s_t.num_rows
         assert stats[name].aux["balance"] == pytest.approx(s_v.aux["balance"] + s_t.aux["balance"], rel=1e-5)
         assert counts[name] == {"vision": s_v.tokens_per_expert.tolist(), "text": s_t.tokens_per_expert.tolist()}
-        assert layer.modality_stats["text"].task == 1 and stats[name].task == -1
+        assert torch.equal(stats[name].per_task[0].tokens_per_expert, s_v.tokens_per_expert)
+        assert stats[name].per_task[1].task == 1 and stats[name].task == -1
     torch.testing.assert_close(total, expect)
+    assert float(mmoe.aux_loss(m)) == 0.0  # collected
     total.backward()
     for layer in layers:  # both routers get the balance-loss gradient
         assert all(p.grad is not None and p.grad.abs().sum() > 0 for r in layer.routers for p in r.parameters())
@@ -435,6 +442,6 @@ def test_state_dict_round_trip_and_deepcopy(routing):
     torch.testing.assert_close(a["text"][~pad], b["text"][~pad])
     m.train()
     m(image=img, text=txt, text_padding_mask=pad)
-    c = copy.deepcopy(m)  # after a forward: aux losses and routing are not copied
-    assert all(layer.modality_counts is None for _, layer in mmoe.moe_layers(c))
-    assert float(mmoe.aux_loss(c)) == 0.0
+    c = copy.deepcopy(m)  # after a forward: aux losses and routing (autograd graphs) are not copied
+    assert all(layer.pending_aux_forwards == 0 and layer.last_routing is None for _, layer in mmoe.moe_layers(c))
+    assert float(mmoe.aux_loss(c)) == 0.0 and float(mmoe.aux_loss(m).detach()) > 0
