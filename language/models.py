@@ -19,16 +19,16 @@ Sizes (`LMConfig`)
 ------------------
 ``ffn_hidden`` (0 = default) is the dense FFN width: ``4 * dim`` for GELU, and for SwiGLU ``8/3 * dim``
 rounded *up* to a multiple of 8 (the Llama rule: three matrices of width 8/3 d cost what two of width
-4 d cost). MoE layers take their `mmoe.MoEConfig` fields from ``moe``; ``dim`` is filled in,
-``expert_hidden`` defaults to ``ffn_hidden // heads`` (an expert as wide as the dense FFN; with MH-MoE
-heads the sub-token experts shrink accordingly), ``activation`` defaults to the dense FFN's (``swiglu`` /
-``gelu``) and ``expert_bias`` to ``bias``.
+4 d cost). MoE layers take their `mmoe.MoEConfig` fields from ``moe`` (`mmoe.moe_config_from_section`):
+``dim`` is the model's, ``expert_hidden`` defaults (also when ``null``) to ``ffn_hidden // heads`` (an
+expert as wide as the dense FFN; with MH-MoE heads the sub-token experts shrink accordingly),
+``activation`` defaults to the dense FFN's (``swiglu`` / ``gelu``) and ``expert_bias`` to ``bias``.
 
-Which layers are MoE: layer ``i`` (0-based) is an MoE layer iff ``moe_every > 0``, ``i >= first_dense``
-and ``(i - first_dense + 1) % moe_every == 0``. ``moe_every=1``: every layer (Mixtral);
-``moe_every=2``: layers 1, 3, 5, ... (GShard / Switch / MH-MoE "every other layer"); ``first_dense=1``
-keeps layer 0 dense (Default MoE, DeepSeek-MoE); ``moe_every=0``: a dense model.
-`MoETransformerLM.moe_layer_ids` lists them.
+Which layers are MoE: ``moe_layers`` with ``first_dense`` (`mmoe.moe_block_indices`, 0-based):
+``"all"`` / ``"every_1"``: every layer (Mixtral); ``"every_2"``: layers 1, 3, 5, ... (GShard / Switch /
+MH-MoE "every other layer"); ``"every_n"``: layers ``i >= first_dense`` with
+``(i - first_dense + 1) % n == 0``; ``first_dense=1`` keeps layer 0 dense (Default MoE, DeepSeek-MoE);
+``"none"``: a dense model; or a list of layer indices. `MoETransformerLM.moe_layer_ids` lists them.
 
 Initialisation (GPT-2 / Megatron scheme)
 ----------------------------------------
@@ -75,14 +75,16 @@ import dataclasses
 import math
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Literal, NamedTuple, Sequence
+from typing import Any, Iterable, Literal, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mmoe import MoE, MoEConfig
+from mmoe.config import moe_block_indices, moe_config_from_section
 from mmoe.experts import MLP
+from mmoe.stats import ParamCount, RoutingCounter, count_params  # noqa: F401 (count_params: re-export)
 
 IGNORE_INDEX = -100
 
@@ -110,10 +112,12 @@ class LMConfig:
             of context). RoPE itself has no table and no hard limit.
         rope_theta: RoPE base.
         norm: ``"rmsnorm"`` or ``"layernorm"`` (pre-norm, plus a final norm).
-        moe_every: MoE in every n-th layer (1 = all, 2 = every other, 0 = none).
-        first_dense: leading layers that stay dense whatever ``moe_every`` says.
-        moe: `mmoe.MoEConfig` fields (``dim`` is filled in; ``expert_hidden`` defaults to
-            ``ffn_hidden // heads``, ``activation`` to ``ffn``, ``expert_bias`` to ``bias``).
+        moe_layers: which layers are MoE (`mmoe.moe_block_indices`: ``"all"``, ``"every_<n>"``,
+            ``"last_<n>"``, ``"none"`` or a list of indices).
+        first_dense: leading layers that stay dense whatever ``moe_layers`` says.
+        moe: `mmoe.MoEConfig` fields (``dim`` is the model's; ``expert_hidden`` defaults to
+            ``ffn_hidden // heads``, ``activation`` to ``ffn``, ``expert_bias`` to ``bias``); validated
+            even in a dense model, errors are `mmoe.errors.ConfigError` at ``moe.<field>``.
         moe_init: ``"lm"`` (experts initialised like the dense FFN, GPT-2 scheme) or ``"mmoe"``.
         tie_embeddings: output head = the embedding matrix (one parameter).
         bias: biases in the attention and dense FFN linear layers.
@@ -132,7 +136,7 @@ class LMConfig:
     max_seq_len: int = 2048
     rope_theta: float = 10000.0
     norm: Literal["rmsnorm", "layernorm"] = "rmsnorm"
-    moe_every: int = 1
+    moe_layers: str | list[int] = "all"
     first_dense: int = 0
     moe: dict[str, Any] = field(default_factory=lambda: {"num_experts": 8, "top_k": 2})
     moe_init: Literal["lm", "mmoe"] = "lm"
@@ -168,20 +172,14 @@ class LMConfig:
             raise bad("moe_init", "must be 'lm' or 'mmoe'")
         if self.ffn_hidden < 0:
             raise bad("ffn_hidden", "must be >= 0 (0 = default width)")
-        if self.moe_every < 0:
-            raise bad("moe_every", "must be >= 0 (0 = no MoE layer)")
-        if self.first_dense < 0:
-            raise bad("first_dense", "must be >= 0")
         if not 0.0 <= self.dropout < 1.0:
             raise bad("dropout", "must be in [0, 1)")
         if self.init_std <= 0:
             raise bad("init_std", "must be > 0")
         if self.rope_theta <= 0:
             raise bad("rope_theta", "must be > 0")
-        if not isinstance(self.moe, dict):
-            raise bad("moe", "must be a mapping of mmoe.MoEConfig fields")
-        if self.moe_layer_ids():
-            self.moe_config()  # validates the MoE fields (ValueError naming the field)
+        self.moe_layer_ids()  # ConfigError at moe_layers / first_dense
+        self.moe_config()  # ConfigError at moe.<field>
 
     @property
     def hidden(self) -> int:
@@ -194,26 +192,12 @@ class LMConfig:
 
     def moe_layer_ids(self) -> list[int]:
         """0-based indices of the blocks whose FFN is an MoE layer."""
-        if self.moe_every == 0:
-            return []
-        return [i for i in range(self.depth)
-                if i >= self.first_dense and (i - self.first_dense + 1) % self.moe_every == 0]
+        return moe_block_indices(self.moe_layers, self.depth, first_dense=self.first_dense)
 
     def moe_config(self) -> MoEConfig:
         """The `mmoe.MoEConfig` of the MoE layers (defaults filled in as documented)."""
-        fields = {f.name for f in dataclasses.fields(MoEConfig)}
-        given = dict(self.moe)
-        unknown = sorted(set(given) - fields)
-        if unknown:
-            raise ValueError(f"LMConfig.moe: unknown MoEConfig field(s) {unknown}")
-        if "dim" in given and given["dim"] != self.dim:
-            raise ValueError(f"LMConfig.moe.dim: the MoE width is the model's dim={self.dim}; leave it out")
-        given["dim"] = self.dim
-        heads = int(given.get("heads", 1))
-        given.setdefault("expert_hidden", max(1, self.hidden // max(heads, 1)))
-        given.setdefault("activation", self.ffn)
-        given.setdefault("expert_bias", self.bias)
-        return MoEConfig(**given)
+        return moe_config_from_section(self.moe, dim=self.dim, mlp_hidden=self.hidden,
+                                       defaults={"activation": self.ffn, "expert_bias": self.bias})
 
 
 def lm_config_fields() -> list[str]:
@@ -537,38 +521,7 @@ def mask_tokens(input_ids: Tensor, mask_id: int, vocab_size: int, special_ids: I
 
 
 # ------------------------------------------------------------------------------------------------
-# parameter counts
-
-
-class ParamCount(NamedTuple):
-    total: int  # every parameter (tied embeddings once, every expert of every rank)
-    active: int  # parameters one token uses: total - routed experts + heads*top_k routed experts per layer
-
-
-def count_params(model: nn.Module) -> ParamCount:
-    """Total and active-per-token parameters of a model with `mmoe.MoE` layers.
-
-    ``active`` counts, per MoE layer, ``min(heads * top_k, E)`` experts' worth of routed-expert
-    parameters instead of all ``E`` (a token's ``heads`` sub-tokens each use ``top_k`` experts of width
-    ``dim/heads``; with expert choice ``top_k`` is the average), plus everything that is not a routed
-    expert (attention, embeddings, norms, routers, shared experts, MH-MoE projections). Under expert
-    parallelism a rank holds ``E/ep_size`` experts; the counts are scaled to the whole model.
-    """
-    from mmoe.layer import moe_layers
-
-    total = sum(p.numel() for p in model.parameters())
-    active = total
-    for _, m in moe_layers(model):
-        local = sum(p.numel() for p in m.experts.parameters())
-        full = local * max(int(getattr(m, "ep_size", 1) or 1), 1)
-        total += full - local
-        used = min(m.cfg.heads * m.top_k(), m.cfg.num_experts) / m.cfg.num_experts
-        active += round(full * used) - local
-    return ParamCount(int(total), int(active))
-
-
-# ------------------------------------------------------------------------------------------------
-# routing per language
+# routing per language (parameter counts: `mmoe.count_params`, re-exported here)
 
 
 @torch.no_grad()
@@ -578,61 +531,31 @@ def routing_by_language(model: nn.Module, batches: Iterable[dict], num_languages
 
     ``batches``: dicts as `language.tasks` collates them (``input_ids``, ``doc_ids``, ``positions``,
     ``lang_ids`` with -1 for padding / unknown language, and for the masked LM the masked inputs as
-    ``input_ids``). The model runs in eval mode (restored afterwards); each MoE layer records its
-    routing (``record_routing``), and each routed slot of a token is counted for the token's language:
-    with ``heads > 1`` a token is ``heads`` sub-tokens, rows ``t*heads .. t*heads + heads - 1`` of the
-    routing (mmoe's `MoE.to_rows` splits each token's channels into consecutive rows), each with
-    ``top_k`` slots, so a token contributes ``heads * top_k`` counts. Empty slots (-1) are skipped;
-    slots later dropped by a capacity limit are counted (routing decision, not compute).
-    ``num_languages`` defaults to ``len(languages)`` or the largest language id + 1.
+    ``input_ids``). The model runs in eval mode (restored afterwards) and a `mmoe.RoutingCounter` counts
+    each routed slot of a token for the token's language (``heads * top_k`` slots per token with MH-MoE;
+    empty slots skipped; slots later dropped by a capacity limit counted). ``num_languages`` defaults to
+    ``len(languages)``, else the largest language id + 1 (then the batches are read before counting).
     """
-    from mmoe.layer import moe_layers
-
-    layers = moe_layers(model)
-    was_training = model.training
-    saved = [(m, m.record_routing) for _, m in layers]
-    for _, m in layers:
-        m.record_routing = True
     if num_languages is None and languages is not None:
         num_languages = len(languages)
-    counts: dict[str, Tensor] = {}
+    if num_languages is None:
+        batches = list(batches)
+        num_languages = max([int(b["lang_ids"].max()) + 1 for b in batches if b["lang_ids"].numel()] + [1])
+    counter = RoutingCounter(model, languages if languages is not None else num_languages)
+    if len(counter.groups) != num_languages:
+        raise ValueError(f"routing_by_language: num_languages={num_languages} but {len(counter.groups)} languages")
+    was_training = model.training
     model.eval()
+    dev = _device_of(model)
     try:
-        for batch in batches:
-            ids = batch["input_ids"]
-            dev = _device_of(model)
-            lang_ids = batch["lang_ids"].reshape(-1).to(dev)
-            model(ids.to(dev), positions=_opt(batch, "positions", dev), doc_ids=_opt(batch, "doc_ids", dev))
-            n_lang = num_languages if num_languages is not None else int(lang_ids.max()) + 1
-            add_routing_counts(layers, lang_ids, n_lang, counts)
+        with counter:
+            for batch in batches:
+                model(batch["input_ids"].to(dev), positions=_opt(batch, "positions", dev),
+                      doc_ids=_opt(batch, "doc_ids", dev))
+                counter.add(batch["lang_ids"])
     finally:
-        for m, flag in saved:
-            m.record_routing = flag
         model.train(was_training)
-    return counts
-
-
-def add_routing_counts(layers, lang_ids: Tensor, n_lang: int, counts: dict[str, Tensor]) -> None:
-    """Add the latest recorded routing of each ``(name, MoE)`` in ``layers`` to ``counts`` (``{name:
-    [n_lang, E]}``), each routed slot counted for its token's language (``lang_ids`` per token, -1 for none);
-    clears ``last_routing``. See `routing_by_language` for how sub-tokens and empty slots count."""
-    for name, m in layers:
-        r = m.last_routing
-        if r is None:
-            continue
-        E, h = m.cfg.num_experts, m.cfg.heads
-        idx = r.indices  # [T*h, k]
-        tok = torch.arange(idx.shape[0], device=idx.device) // h
-        lang = lang_ids.to(idx.device)[tok].unsqueeze(1).expand_as(idx)
-        ok = (idx >= 0) & (lang >= 0) & (lang < n_lang)
-        flat = (lang[ok] * E + idx[ok]).long()
-        c = torch.bincount(flat, minlength=n_lang * E).view(n_lang, E).cpu()
-        if name in counts and counts[name].shape[0] < n_lang:
-            counts[name] = F.pad(counts[name], (0, 0, 0, n_lang - counts[name].shape[0]))
-        elif name in counts and counts[name].shape[0] > n_lang:
-            c = F.pad(c, (0, 0, 0, counts[name].shape[0] - n_lang))
-        counts[name] = counts[name] + c if name in counts else c
-        m.last_routing = None
+    return counter.counts()
 
 
 def _device_of(model: nn.Module) -> torch.device:

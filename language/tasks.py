@@ -416,10 +416,8 @@ class _LMTask(Task):
         correct = (logits.argmax(-1).reshape(-1) == labels) & valid
         out = {"nll_sum": float(nll[valid].sum()), "tokens": float(valid.sum()), "correct": float(correct.sum())}
         langs = batch["lang_ids"].reshape(-1).to(nll.device)
-        if self._route_layers:
-            from .models import add_routing_counts
-
-            add_routing_counts(self._route_layers, langs, len(self.languages), self._route_counts)
+        if self._route_counter is not None:
+            self._route_counter.add(langs)
         for i, lang in enumerate(self.languages):
             sel = valid & (langs == i)
             out[f"nll_sum/{lang}"] = float(nll[sel].sum())
@@ -439,27 +437,29 @@ class _LMTask(Task):
 
 
     # ---------------------------------------------------------------- routing per language during evaluation
-    _route_layers: list = []
+    _route_counter = None
 
     def eval_begin(self, model) -> None:
-        """Record every MoE layer's routing during evaluation, to count experts per language."""
-        from mmoe.layer import moe_layers
+        """Record every MoE layer's routing during evaluation, to count experts per language
+        (`mmoe.RoutingCounter`)."""
+        from mmoe.stats import RoutingCounter
 
-        self._route_layers = moe_layers(model) if self.languages else []
-        self._route_saved = [(m, m.record_routing) for _, m in self._route_layers]
-        self._route_counts: dict[str, Tensor] = {}
-        for _, m in self._route_layers:
-            m.record_routing = True
+        self._route_counter = None
+        if self.languages:
+            counter = RoutingCounter(model, self.languages)
+            if counter.layers:
+                self._route_counter = counter.start()
 
     def eval_end(self, model) -> None:
         """Write ``RUN/routing_by_language.json`` (tokens per expert and language for every MoE layer, this
         rank's share of the evaluation data) and ``RUN/plots/routing_by_language.png``."""
-        for m, flag in getattr(self, "_route_saved", []):
-            m.record_routing = flag
-            m.last_routing = None
-        counts, self._route_layers, self._route_saved = getattr(self, "_route_counts", {}), [], []
+        counter, self._route_counter = self._route_counter, None
+        if counter is None:
+            return
+        counter.stop()
+        counts = counter.counts()
         run_dir = getattr(self, "run_dir", None)
-        if not counts or run_dir is None or _rank() != 0:
+        if run_dir is None or _rank() != 0:
             return
         import json
 

@@ -1,4 +1,6 @@
-"""`MoEConfig`: every option of the one MoE layer, validated at construction.
+"""`MoEConfig`: every option of the one MoE layer, validated at construction; and the "MoE in a model"
+helpers every model family uses: `moe_config_from_section` (a config section -> `MoEConfig`, errors keep
+``file:line``) and `moe_block_indices` (which blocks get an MoE).
 
 Field names are public API (see DESIGN.md). Each option is orthogonal to the others: any router x
 dispatch x heads x dense-backprop estimator x tasks composes. Contradictions raise `ValueError`
@@ -8,8 +10,14 @@ naming the field.
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import re
+import types
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal, get_args
+from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
+
+__all__ = ["MoEConfig", "moe_config_from_section", "moe_block_indices", "PLACEMENT_FORMS"]
 
 RouterName = Literal["softmax", "xmoe", "sparsemixer", "expert_choice"]
 DenseBackprop = Literal["none", "default", "expert_group", "dense_oracle"]
@@ -221,3 +229,180 @@ _LITERALS = {
         "GroupedMM": GroupedMM,
     }.items()
 }
+
+
+# ---------------------------------------------------------------------------------------------- MoE in a model
+# What every model family needs to put MoE layers into a model: the `MoEConfig` of its ``moe:`` config
+# section and the indices of the blocks that get one. Errors are `mmoe.errors.ConfigError` with an empty
+# origin and a key relative to the calling section: raised inside a section's ``__post_init__``, the
+# config loader (`mmoe.train.configfile`) prefixes the section's key path and the ``file:line``.
+
+PLACEMENT_FORMS = "'every_<n>', 'last_<n>', 'all', 'none' or a list of block indices"
+
+
+def _config_error(key: str, problem: str) -> Exception:
+    from .errors import ConfigError  # light module; imported here so config.py stays importable alone
+
+    return ConfigError("", key, problem)
+
+
+def _fits(tp: Any, value: Any) -> bool:
+    """Whether ``value`` (from YAML) fits the `MoEConfig` field type ``tp`` (int/float/bool/str/None/Literal
+    and unions of them); an int fits a float, a bool is never a number."""
+    if tp is Any:
+        return True
+    if tp is type(None):
+        return value is None
+    origin = get_origin(tp)
+    if origin in (Union, types.UnionType):
+        return any(_fits(a, value) for a in get_args(tp))
+    if origin is Literal:
+        return any(type(value) is type(a) and value == a for a in get_args(tp))
+    if tp is bool:
+        return isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is str:
+        return isinstance(value, str)
+    return isinstance(tp, type) and isinstance(value, tp)
+
+
+def _describe(tp: Any) -> str:
+    if tp is type(None):
+        return "null"
+    origin = get_origin(tp)
+    if origin in (Union, types.UnionType):
+        return " or ".join(_describe(a) for a in get_args(tp))
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in get_args(tp))
+    names = {bool: "a bool (true/false)", int: "an int", float: "a float", str: "a string"}
+    return names.get(tp, f"a {getattr(tp, '__name__', tp)}")
+
+
+def _is_float(tp: Any) -> bool:
+    return tp is float or (get_origin(tp) in (Union, types.UnionType) and float in get_args(tp))
+
+
+def moe_config_from_section(section: Mapping[str, Any] | None, *, dim: int, key: str = "moe",
+                            mlp_hidden: int | None = None, defaults: Mapping[str, Any] | None = None,
+                            **fixed: Any) -> MoEConfig:
+    """The `MoEConfig` of a model's ``moe:`` config section (a plain mapping, e.g. from YAML).
+
+    Args:
+        section: `MoEConfig` fields; ``None`` = all defaults. A ``dim`` in it must equal ``dim``.
+        dim: the model width: the model sets it.
+        key: key of the section relative to the calling config section, used in errors (``"moe"``).
+        mlp_hidden: the width of the dense MLP an MoE layer replaces: ``expert_hidden`` defaults (also
+            when given as ``null``) to ``mlp_hidden // heads``, an expert as wide as that MLP split over
+            the MH-MoE sub-tokens. ``None``: `MoEConfig`'s own default (``4 * dim // heads``).
+        defaults: the model's defaults for fields the section leaves out (e.g. ``activation``).
+        **fixed: more fields the model sets, like ``dim``: a different value in the section is an error.
+
+    Raises:
+        mmoe.errors.ConfigError: with an empty origin and the key ``f"{key}.{field}"`` (``key`` for a
+            section that is not a mapping): an unknown field (with a "did you mean" suggestion), a value
+            of the wrong type, a field that the model sets, or `MoEConfig`'s own validation error.
+    """
+    if section is None:
+        section = {}
+    if not isinstance(section, Mapping):
+        raise _config_error(key, f"expected a mapping of MoEConfig fields, got {section!r} ({type(section).__name__})")
+    hints = _field_types()
+    for name in section:
+        if name not in hints:
+            close = difflib.get_close_matches(str(name), list(hints), n=3, cutoff=0.6)
+            hint = ("did you mean " + " or ".join(repr(c) for c in close) + "?") if close else \
+                "valid keys: " + ", ".join(hints)
+            raise _config_error(f"{key}.{name}", f"unknown MoEConfig field ({hint})")
+    values: dict[str, Any] = {}
+    for name, value in section.items():
+        tp = hints[name]
+        if not _fits(tp, value):
+            raise _config_error(f"{key}.{name}", f"expected {_describe(tp)}, got {value!r} ({type(value).__name__})")
+        if _is_float(tp) and isinstance(value, int):
+            value = float(value)
+        values[name] = value
+    for name, value in {"dim": dim, **fixed}.items():
+        if name not in hints:
+            raise TypeError(f"moe_config_from_section: {name!r} is not a MoEConfig field")
+        if name in values and values[name] != value:
+            raise _config_error(f"{key}.{name}", f"set by the model to {value!r}; leave it out (got {values[name]!r})")
+        values[name] = value
+    for name, value in (defaults or {}).items():
+        values.setdefault(name, value)
+    if mlp_hidden is not None and values.get("expert_hidden") is None:
+        heads = values.get("heads", 1)
+        values["expert_hidden"] = max(1, int(mlp_hidden) // heads) if isinstance(heads, int) and heads >= 1 else None
+    try:
+        return MoEConfig(**values)
+    except ValueError as err:
+        m = re.match(r"^MoEConfig\.(\w+): (.*)$", str(err), re.S)
+        if m is None:
+            raise _config_error(key, str(err)) from None
+        raise _config_error(f"{key}.{m.group(1)}", m.group(2)) from None
+
+
+def moe_block_indices(spec: str | Sequence[int], depth: int, *, first_dense: int = 0,
+                      key: str = "moe_layers") -> list[int]:
+    """0-based indices of the blocks (of ``depth``) whose MLP / FFN is an MoE layer.
+
+    ``spec`` (V-MoE's names, methods.md §5):
+
+    * ``"every_<n>"``: blocks ``i >= first_dense`` with ``(i - first_dense + 1) % n == 0``; ``"every_2"``
+      is 1, 3, 5, ... (V-MoE "Every 2", GShard / Switch "every other layer"), ``"every_1"`` every block;
+    * ``"last_<n>"``: the last ``n`` blocks of the ``"every_2"`` placement (V-MoE "Last n");
+    * ``"all"`` (blocks ``>= first_dense``), ``"none"``;
+    * a list of block indices: each in ``[first_dense, depth)``, no duplicates (returned sorted).
+
+    ``first_dense`` leading blocks stay dense (Default MoE, DeepSeek-MoE keep block 0 dense).
+
+    Raises:
+        mmoe.errors.ConfigError: (a ``ValueError``; empty origin, key ``key``) naming the spec and the
+            valid forms.
+    """
+    def bad(problem: str) -> Exception:
+        return _config_error(key, f"{problem} (got {spec!r}, depth={depth}, first_dense={first_dense}); "
+                                  f"use {PLACEMENT_FORMS}")
+
+    if not isinstance(depth, int) or isinstance(depth, bool) or depth < 0:
+        raise TypeError(f"moe_block_indices: depth must be an int >= 0, got {depth!r}")
+    if not isinstance(first_dense, int) or isinstance(first_dense, bool) or not 0 <= first_dense <= depth:
+        raise _config_error("first_dense", f"must be an int in [0, depth={depth}] (got {first_dense!r})")
+    if isinstance(spec, str):
+        s = spec.strip().lower()
+        if s == "none":
+            return []
+        if s == "all":
+            return list(range(first_dense, depth))
+        m = re.fullmatch(r"(every|last)_(\d+)", s)
+        if m is None:
+            raise bad("unknown placement")
+        n = int(m.group(2))
+        if n < 1:
+            raise bad(f"{m.group(1)}_<n> needs n >= 1")
+        if m.group(1) == "every":
+            return [i for i in range(first_dense, depth) if (i - first_dense + 1) % n == 0]
+        every_2 = moe_block_indices("every_2", depth, first_dense=first_dense, key=key)
+        if n > len(every_2):
+            raise bad(f"last_<n> needs n <= {len(every_2)}, the blocks of 'every_2'")
+        return every_2[-n:]
+    if not isinstance(spec, Sequence) or any(not isinstance(i, int) or isinstance(i, bool) for i in spec):
+        raise bad("expected a placement string or a list of int block indices")
+    if len(set(spec)) != len(spec):
+        raise bad("duplicate block indices")
+    if any(not first_dense <= i < depth for i in spec):
+        raise bad(f"block indices must be in [{first_dense}, {depth})")
+    return sorted(spec)
+
+
+_FIELD_TYPES: dict[str, Any] = {}
+
+
+def _field_types() -> dict[str, Any]:
+    """`MoEConfig`'s init fields and their resolved types (cached)."""
+    if not _FIELD_TYPES:
+        hints = get_type_hints(MoEConfig)
+        _FIELD_TYPES.update({f.name: hints[f.name] for f in dataclasses.fields(MoEConfig) if f.init})
+    return _FIELD_TYPES

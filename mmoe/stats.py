@@ -1,13 +1,21 @@
-"""Routing statistics over time and the expert-load heatmap."""
+"""Statistics of the MoE layers of a model: expert-load heatmaps, per-group routing counts
+(`RoutingCounter`: languages, modalities, tasks) and parameter counts (`count_params`, expert-parallel
+aware)."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
-from .layer import LayerStats, routing_stats
+from .layer import LayerStats, MoE, moe_layers, routing_stats
+from .routing import Routing
+
+__all__ = ["expert_load_matrix", "plot_expert_load", "plot_routing_shares", "ParamCount", "count_params",
+           "RoutingCounter"]
 
 
 def expert_load_matrix(stats: dict[str, LayerStats] | nn.Module) -> tuple[list[str], torch.Tensor]:
@@ -86,3 +94,181 @@ def plot_routing_shares(counts: dict[str, torch.Tensor], groups, path: str | Pat
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+# ---------------------------------------------------------------------------------------------- parameters
+class ParamCount(NamedTuple):
+    """Parameters of a model with `mmoe.MoE` layers, over all expert-parallel ranks."""
+
+    total: int  # every parameter once (tied weights once), every routed expert of every rank
+    active: int  # parameters one token uses: all but the routed experts, plus the experts it is routed to
+    expert: int  # routed-expert parameters (all experts of all layers and ranks)
+
+
+def count_params(model: nn.Module, *, task: int = 0) -> ParamCount:
+    """Total, active-per-token and routed-expert parameters of ``model``.
+
+    A token uses, in each MoE layer, ``min(heads * top_k, E)`` routed experts' worth of parameters: each
+    of its ``heads`` MH-MoE sub-tokens goes to ``top_k`` experts of width ``dim / heads`` (the count of
+    expert applications `mmoe.moe_cost` charges; with expert choice ``top_k`` is the average), with the
+    layer's current ``top_k`` of ``task`` (AdaMV adapts it per task). Everything that is not a routed
+    expert is active: attention, embeddings, norms, routers, shared experts, MH-MoE projections.
+
+    Under expert parallelism (`mmoe.train.sharding.shard_experts`) a layer with ``ep_size = P`` holds
+    ``E / P`` of its experts; the counts are of the whole model (local expert parameters x ``P``), so
+    they are the same on every rank and for every ``ep_size``.
+    """
+    total = sum(p.numel() for p in model.parameters())
+    active = total
+    expert = 0
+    for name, m in moe_layers(model):
+        ex, E = m.experts, m.cfg.num_experts
+        P = max(int(getattr(m, "ep_size", 1) or 1), 1)
+        if ex.num_experts * P != E:
+            raise ValueError(f"{name}: {ex.num_experts} local experts x ep_size={P} != num_experts={E}")
+        local = sum(p.numel() for p in ex.parameters())
+        per_expert = local // ex.num_experts
+        t = task if m.cfg.num_tasks > 1 else 0
+        if not 0 <= t < m.cfg.num_tasks:
+            raise ValueError(f"{name}: task={task} out of range for num_tasks={m.cfg.num_tasks}")
+        used = min(m.cfg.heads * m.top_k(t), E)
+        total += per_expert * E - local
+        active += per_expert * used - local
+        expert += per_expert * E
+    return ParamCount(int(total), int(active), int(expert))
+
+
+# ---------------------------------------------------------------------------------------------- routing per group
+class RoutingCounter:
+    """Routed slots per (group, expert) of every MoE layer of a model, summed over many batches.
+
+    Groups are languages, modalities, tasks, ...: the caller says which group every input token of a
+    layer belongs to. A routed slot is one (row, k) choice of the layer's `mmoe.Routing`; with MH-MoE
+    (``heads > 1``) a token is ``heads`` sub-tokens (rows ``t*heads .. t*heads + heads - 1``, the order
+    of `MoE.to_rows`) that inherit its group, so a token counts ``heads * top_k`` slots. Empty slots
+    (-1, expert choice) and tokens whose group id is outside ``[0, G)`` (e.g. -1 for padding) are not
+    counted; slots later dropped by a capacity limit are (routing decision, not compute)::
+
+        counter = RoutingCounter(model, groups=["en", "de"])
+        with counter:                         # layers record their routing (restored on exit)
+            for batch in batches:
+                model(batch["input_ids"])
+                counter.add(batch["lang_ids"])   # group id per input token of every MoE layer
+        counts = counter.counts()             # {layer name: [G, E] int64}
+        counter.plot("routing.png", "share of each language's routed slots per expert")
+
+    ``add`` takes one id tensor for all layers (its elements are a layer's input tokens, i.e. the
+    ``x.shape[:-1]`` of its input, in order), a mapping ``{layer name: ids}`` for models whose layers
+    see different tokens (padding removed, one modality per layer), or an int: every token of the latest
+    forward is in that group (one call per modality or task). `add_routing` counts one `mmoe.Routing`
+    directly (for layers called several times per forward).
+
+    Args:
+        model: the model; its MoE layers are found once (`mmoe.moe_layers`).
+        groups: group names, or their number ``G`` (names ``"0"`` ... ``"G-1"``).
+        dp_group: optional process group: `counts` sums every rank's counts over it (a collective:
+            call it on every rank of the group).
+    """
+
+    def __init__(self, model: nn.Module, groups: Sequence[str] | int, *, dp_group=None) -> None:
+        self.groups = [str(i) for i in range(groups)] if isinstance(groups, int) else [str(g) for g in groups]
+        if not self.groups:
+            raise ValueError("RoutingCounter: needs at least one group")
+        self.layers: list[tuple[str, MoE]] = moe_layers(model)
+        self._by_name = dict(self.layers)
+        self.dp_group = dp_group
+        p = next(model.parameters(), None)
+        self._device = p.device if p is not None else torch.device("cpu")
+        self._counts = {name: torch.zeros(len(self.groups), m.cfg.num_experts, dtype=torch.long, device=self._device)
+                        for name, m in self.layers}
+        self._saved: list[tuple[MoE, bool]] | None = None
+
+    # ------------------------------------------------------------------ recording
+    def start(self) -> "RoutingCounter":
+        """Make every layer keep its latest routing (``record_routing``), until `stop`."""
+        if self._saved is None:
+            self._saved = [(m, m.record_routing) for _, m in self.layers]
+            for _, m in self.layers:
+                m.record_routing, m.last_routing = True, None
+        return self
+
+    def stop(self) -> None:
+        """Restore the layers' ``record_routing`` flags and drop their recorded routing."""
+        for m, flag in self._saved or []:
+            m.record_routing, m.last_routing = flag, None
+        self._saved = None
+
+    def __enter__(self) -> "RoutingCounter":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    # ------------------------------------------------------------------ counting
+    def add(self, group_ids: Tensor | int | Mapping[str, Tensor | int]) -> None:
+        """Count the latest recorded routing of every layer that ran since the last `add` (see the class
+        docstring for ``group_ids``), then clear it, so a layer that did not run is not counted twice."""
+        for name, m in self.layers:
+            r = m.last_routing
+            if r is None:
+                continue
+            if isinstance(group_ids, Mapping):
+                if name not in group_ids:
+                    continue
+                ids = group_ids[name]
+            else:
+                ids = group_ids
+            self.add_routing(name, r, ids)
+            m.last_routing = None
+
+    def add_routing(self, name: str, routing: Routing, group_ids: Tensor | int) -> None:
+        """Count one routing of layer ``name``: ``group_ids`` per input token of that call (or an int)."""
+        if name not in self._counts:
+            raise KeyError(f"RoutingCounter: no MoE layer {name!r}; layers: {list(self._counts)}")
+        m = self._by_name[name]
+        idx = routing.indices  # [T*h, K]
+        G, E, h = len(self.groups), m.cfg.num_experts, m.cfg.heads
+        rows = idx.shape[0]
+        if isinstance(group_ids, int):
+            g = torch.full((rows,), group_ids, dtype=torch.long, device=idx.device)
+        else:
+            ids = group_ids.reshape(-1).to(device=idx.device, dtype=torch.long)
+            if ids.numel() * h != rows:
+                raise ValueError(f"RoutingCounter: layer {name!r} routed {rows // h} tokens ({rows} rows, heads={h}) "
+                                 f"but got {ids.numel()} group ids; pass ids per layer ({{name: ids}}) when a "
+                                 "layer sees only some of the tokens")
+            g = ids.repeat_interleave(h) if h > 1 else ids
+        g = g.unsqueeze(1).expand_as(idx)
+        ok = (idx >= 0) & (g >= 0) & (g < G)
+        flat = g[ok] * E + idx[ok]
+        c = torch.bincount(flat, minlength=G * E).view(G, E)
+        self._counts[name] += c.to(self._counts[name].device)
+
+    # ------------------------------------------------------------------ results
+    def counts(self) -> dict[str, Tensor]:
+        """``{layer name: [G, E]}`` int64 counts on the CPU (summed over ``dp_group`` when given)."""
+        from .parallel import all_reduce_
+
+        out = {name: c.clone() for name, c in self._counts.items()}
+        all_reduce_(*out.values(), group=self.dp_group)
+        return {name: c.cpu() for name, c in out.items()}
+
+    def reset(self) -> None:
+        for c in self._counts.values():
+            c.zero_()
+
+    def state_dict(self) -> dict:
+        """This rank's counts (not reduced) and the group names."""
+        return {"groups": list(self.groups), "counts": {name: c.cpu().clone() for name, c in self._counts.items()}}
+
+    def load_state_dict(self, state: Mapping) -> None:
+        if list(state["groups"]) != self.groups:
+            raise ValueError(f"RoutingCounter: groups {list(state['groups'])} != {self.groups}")
+        if set(state["counts"]) != set(self._counts):
+            raise ValueError(f"RoutingCounter: layers {sorted(state['counts'])} != {sorted(self._counts)}")
+        for name, c in state["counts"].items():
+            self._counts[name].copy_(c)
+
+    def plot(self, path: str | Path, title: str) -> Path:
+        """`plot_routing_shares` of `counts` (one heatmap per layer, rows = groups)."""
+        return plot_routing_shares(self.counts(), self.groups, path, title)

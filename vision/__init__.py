@@ -13,7 +13,7 @@ from typing import Any
 
 _EXPORTS = {
     "VisionTransformerMoE": "models", "vit_moe_config": "models", "moe_block_indices": "models",
-    "count_params": "models", "dense_mlp_ratio_for": "models",
+    "count_params": "models", "ParamCount": "models", "dense_mlp_ratio_for": "models",
     "upcycle_vit": "upcycle", "load_dense_vit": "upcycle",
 }
 

@@ -88,13 +88,11 @@ def run(args: argparse.Namespace) -> int:
 
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    from mmoe import routing_stats
+    from mmoe import count_params, routing_stats
     from mmoe.errors import CLIError
     from mmoe.train.runlog import plot_curves
     from mmoe.train.engine import Trainer
     from vision.digits import write_digits_shards
-
-    from .models import count_params
 
     steps = args.steps or (QUICK_STEPS if args.quick else DEFAULT_STEPS)
     if steps < 1 or args.batch_size < 2 or args.batch_size % 2:
@@ -120,8 +118,8 @@ def run(args: argparse.Namespace) -> int:
         wall = time.perf_counter() - t0
         module = trainer.engine.module
         params = count_params(module)
-        entry = {"test_acc": metrics.get("acc"), "test_loss": metrics.get("loss"), "params": params["total"],
-                 "active_params": params["active"], "throughput": _throughput(run_dir), "wall_s": wall,
+        entry = {"test_acc": metrics.get("acc"), "test_loss": metrics.get("loss"), "params": params.total,
+                 "active_params": params.active, "throughput": _throughput(run_dir), "wall_s": wall,
                  "per_class": {k.split("/", 1)[1]: v for k, v in metrics.items() if k.startswith("acc_class/")}}
         stats = routing_stats(module)
         if stats:

@@ -2,7 +2,8 @@
 
 ``digits_mlp`` reads image shards (any image-folder-style shards: an image plus ``cls``), turns each
 image into a grey ``image_size x image_size`` vector and classifies it with
-``Linear -> depth x (LayerNorm -> MoE, residual) -> LayerNorm -> Linear``. It exists so that the engine
+``Linear -> depth x (LayerNorm -> MoE, residual) -> LayerNorm -> Linear`` (``model.moe_layers`` may make
+some blocks dense). It exists so that the engine
 (DeepSpeed, expert parallelism, checkpoints, resume) is tested end to end on real data in seconds;
 the ViT-MoE classifiers live in `vision`.
 
@@ -22,37 +23,58 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mmoe.config import MoEConfig
+from mmoe.config import MoEConfig, moe_block_indices, moe_config_from_section
+from mmoe.experts import MLP
 from mmoe.layer import MoE
 from mmoe.train.tasks import Task, register_task
 
+
 @dataclass
 class DigitsModelConfig:
+    """The ``model:`` section of ``digits_mlp``; ``moe`` (`mmoe.MoEConfig` fields, ``dim`` is the model's)
+    and ``moe_layers`` (`mmoe.moe_block_indices`; default: an MoE in every block) are validated here, so
+    errors carry the config file's ``file:line`` (``model.moe.top_k: ...``)."""
+
     image_size: int = 8
     dim: int = 64
     depth: int = 2
     num_classes: int = 10
     dropout: float = 0.0
+    moe_layers: str | list[int] = "all"
     moe: dict[str, Any] = field(default_factory=lambda: dict(num_experts=4, top_k=2))
+
+    def __post_init__(self) -> None:
+        self.moe_block_ids()
+        self.moe_config()
+
+    def moe_config(self) -> MoEConfig:
+        return moe_config_from_section(self.moe, dim=self.dim)
+
+    def moe_block_ids(self) -> list[int]:
+        return moe_block_indices(self.moe_layers, self.depth)
 
 
 class MLPMoE(nn.Module):
+    """``Linear -> depth x (LayerNorm -> FFN, residual) -> LayerNorm -> Linear``; the FFN of the blocks in
+    ``moe_layers`` is an `mmoe.MoE`, of the others a dense MLP as wide as one expert."""
+
     def __init__(self, cfg: DigitsModelConfig) -> None:
         super().__init__()
-        from mmoe.train.configfile import from_dict
-
-        moe_cfg = from_dict(MoEConfig, {"dim": cfg.dim, **cfg.moe}, path="model.moe")
+        moe_cfg = cfg.moe_config()
+        moe_ids = set(cfg.moe_block_ids())
         self.inp = nn.Linear(cfg.image_size * cfg.image_size, cfg.dim)
         self.norms = nn.ModuleList([nn.LayerNorm(cfg.dim) for _ in range(cfg.depth)])
-        self.blocks = nn.ModuleList([MoE(moe_cfg) for _ in range(cfg.depth)])
+        self.blocks = nn.ModuleList([MoE(moe_cfg) if i in moe_ids else
+                                     MLP(cfg.dim, moe_cfg.hidden, moe_cfg.activation, moe_cfg.expert_bias)
+                                     for i in range(cfg.depth)])
         self.drop = nn.Dropout(cfg.dropout)
         self.out_norm = nn.LayerNorm(cfg.dim)
         self.head = nn.Linear(cfg.dim, cfg.num_classes)
 
     def forward(self, x: Tensor) -> Tensor:
         h = self.inp(x)
-        for norm, moe in zip(self.norms, self.blocks):
-            h = h + self.drop(moe(norm(h)))
+        for norm, ffn in zip(self.norms, self.blocks):
+            h = h + self.drop(ffn(norm(h)))
         return self.head(self.out_norm(h))
 
 

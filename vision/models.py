@@ -12,9 +12,10 @@ either flat as above or collected in ``moe={...}``; the remaining keywords go to
 The expert hidden width defaults to ``embed_dim * mlp_ratio // heads`` (the replaced MLP's width, split
 over the MH-MoE sub-tokens).
 
-Placement (``moe_layers``), V-MoE's names (methods.md §5), 0-indexed blocks:
-``"every_2"`` blocks 1, 3, 5, ... (V-MoE "Every 2"; ``"every_n"`` in general: blocks with (i+1) % n == 0),
-``"last_n"`` the last n blocks of "every 2" (V-MoE "Last n"), ``"all"``, ``"none"``, or a list of indices.
+Placement (``moe_layers``), V-MoE's names (methods.md §5), 0-indexed blocks (`mmoe.moe_block_indices`,
+re-exported here): ``"every_2"`` blocks 1, 3, 5, ... (V-MoE "Every 2"; ``"every_n"`` in general: blocks
+with (i+1) % n == 0), ``"last_n"`` the last n blocks of "every 2" (V-MoE "Last n"), ``"all"``, ``"none"``,
+or a list of indices. Parameter counts: `mmoe.count_params` (re-exported here).
 
 V-MoE's own router has Gaussian logit noise of std 1/E and raw (not renormalised) top-k weights; here the
 router defaults are mmoe's (no noise); pass ``router_noise_std=1/E`` for V-MoE's recipe.
@@ -23,12 +24,13 @@ router defaults are mmoe's (no noise); pass ``router_noise_std=1/E`` for V-MoE's
 from __future__ import annotations
 
 import dataclasses
-import re
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 from torch import nn
 
 from mmoe import MoE, MoEConfig
+from mmoe.config import moe_block_indices, moe_config_from_section
+from mmoe.stats import ParamCount, count_params
 
 try:  # timm's public registry and model builder
     from timm.layers import trunc_normal_
@@ -37,52 +39,33 @@ try:  # timm's public registry and model builder
 except ImportError as err:  # pragma: no cover - timm is a hard dependency
     raise ImportError("vision needs timm (pip install timm)") from err
 
+__all__ = ["VisionTransformerMoE", "vit_moe_config", "moe_block_indices", "count_params", "ParamCount",
+           "dense_mlp_ratio_for", "vit_moe_size", "VIT_MOE_SIZES", "replace_mlps", "init_moe_like_vit"]
+
 MOE_FIELDS = frozenset(f.name for f in dataclasses.fields(MoEConfig)) - {"dim"}
 
-
-def moe_block_indices(depth: int, placement: str | Sequence[int]) -> list[int]:
-    """Indices of the blocks whose MLP becomes an MoE (see the module docstring for ``placement``)."""
-    def bad(msg: str) -> ValueError:
-        return ValueError(f"moe_layers: {msg} (got {placement!r}, depth={depth})")
-
-    if isinstance(placement, str):
-        p = placement.strip().lower()
-        if p == "none":
-            return []
-        if p == "all":
-            return list(range(depth))
-        m = re.fullmatch(r"every_(\d+)", p)
-        if m:
-            n = int(m.group(1))
-            if n < 1:
-                raise bad("every_n needs n >= 1")
-            return [i for i in range(depth) if (i + 1) % n == 0]
-        m = re.fullmatch(r"last_(\d+)", p)
-        if m:
-            n = int(m.group(1))
-            odd = [i for i in range(depth) if i % 2 == 1]
-            if not 1 <= n <= len(odd):
-                raise bad(f"last_n needs 1 <= n <= {len(odd)} (the odd blocks)")
-            return odd[-n:]
-        raise bad("use 'every_2', 'every_<n>', 'last_<n>', 'all', 'none' or a list of block indices")
-    idx = sorted({int(i) for i in placement})
-    if any(not 0 <= i < depth for i in idx):
-        raise bad("block indices must be in [0, depth)")
-    return idx
+# the sizes of the registered variants (their keywords of `VisionTransformer`), also read by configs that
+# validate a ``moe:`` section before the model is built (`vision.tasks.ClassifierConfig`)
+VIT_MOE_SIZES: dict[str, dict[str, Any]] = {
+    "vit_moe_tiny_patch16_224": dict(patch_size=16, embed_dim=192, depth=12, num_heads=3),
+    "vit_moe_small_patch16_224": dict(patch_size=16, embed_dim=384, depth=12, num_heads=6),
+    "vit_moe_base_patch16_224": dict(patch_size=16, embed_dim=768, depth=12, num_heads=12),
+}
 
 
-def vit_moe_config(embed_dim: int, mlp_ratio: float = 4.0, moe: dict[str, Any] | None = None) -> MoEConfig:
-    """The `MoEConfig` of a ViT-MoE block: ``dim = embed_dim``, expert hidden = the MLP width / heads."""
-    from mmoe.train.configfile import from_dict
+def vit_moe_size(arch: str, kwargs: Mapping[str, Any] | None = None) -> tuple[int, int, float] | None:
+    """``(embed_dim, depth, mlp_ratio)`` of a registered ViT-MoE variant with ``kwargs`` overriding them;
+    None for an architecture not in `VIT_MOE_SIZES`."""
+    if arch not in VIT_MOE_SIZES:
+        return None
+    size = {"mlp_ratio": 4.0, **VIT_MOE_SIZES[arch], **(kwargs or {})}
+    return size["embed_dim"], size["depth"], size["mlp_ratio"]
 
-    opts = dict(moe or {})
-    if "dim" in opts and opts["dim"] != embed_dim:
-        raise ValueError(f"moe.dim: the MoE width is the embedding width ({embed_dim}); leave dim out")
-    opts.pop("dim", None)
-    heads = int(opts.get("heads", 1))
-    if "expert_hidden" not in opts or opts["expert_hidden"] is None:
-        opts["expert_hidden"] = max(1, int(embed_dim * mlp_ratio) // max(heads, 1))
-    return from_dict(MoEConfig, {"dim": embed_dim, **opts}, path="moe")
+
+def vit_moe_config(embed_dim: int, mlp_ratio: float = 4.0, moe: Mapping[str, Any] | None = None) -> MoEConfig:
+    """The `MoEConfig` of a ViT-MoE block: ``dim = embed_dim``, expert hidden = the MLP width / heads
+    (`mmoe.moe_config_from_section`; errors are `mmoe.errors.ConfigError` at ``moe.<field>``)."""
+    return moe_config_from_section(moe, dim=embed_dim, mlp_hidden=int(embed_dim * mlp_ratio))
 
 
 def init_moe_like_vit(moe: MoE) -> None:
@@ -122,7 +105,7 @@ class VisionTransformerMoE(VisionTransformer):
         opts = {**(moe or {}), **flat}
         super().__init__(**kwargs)
         cfg = vit_moe_config(self.embed_dim, kwargs.get("mlp_ratio", 4.0), opts)
-        replace_mlps(self, moe_block_indices(len(self.blocks), moe_layers), cfg)
+        replace_mlps(self, moe_block_indices(moe_layers, len(self.blocks)), cfg)
 
     def moe_modules(self) -> list[MoE]:
         return [self.blocks[i].mlp for i in self.moe_layers]
@@ -153,36 +136,22 @@ default_cfgs = generate_default_cfgs({
 @register_model
 def vit_moe_tiny_patch16_224(pretrained: bool = False, **kwargs: Any) -> VisionTransformerMoE:
     """ViT-MoE Ti/16: ViT-Tiny (192 wide, 12 blocks, 3 heads), MoE in every other block (8 experts, top-2)."""
-    args = dict(patch_size=16, embed_dim=192, depth=12, num_heads=3)
+    args = VIT_MOE_SIZES["vit_moe_tiny_patch16_224"]
     return _create("vit_moe_tiny_patch16_224", pretrained, **dict(args, **kwargs))
 
 
 @register_model
 def vit_moe_small_patch16_224(pretrained: bool = False, **kwargs: Any) -> VisionTransformerMoE:
     """ViT-MoE S/16: ViT-Small (384 wide, 12 blocks, 6 heads), MoE in every other block (8 experts, top-2)."""
-    args = dict(patch_size=16, embed_dim=384, depth=12, num_heads=6)
+    args = VIT_MOE_SIZES["vit_moe_small_patch16_224"]
     return _create("vit_moe_small_patch16_224", pretrained, **dict(args, **kwargs))
 
 
 @register_model
 def vit_moe_base_patch16_224(pretrained: bool = False, **kwargs: Any) -> VisionTransformerMoE:
     """ViT-MoE B/16: ViT-Base (768 wide, 12 blocks, 12 heads), MoE in every other block (8 experts, top-2)."""
-    args = dict(patch_size=16, embed_dim=768, depth=12, num_heads=12)
+    args = VIT_MOE_SIZES["vit_moe_base_patch16_224"]
     return _create("vit_moe_base_patch16_224", pretrained, **dict(args, **kwargs))
-
-
-def count_params(model: nn.Module) -> dict[str, int]:
-    """Total parameters and those one token uses: in each MoE layer ``min(E, heads * top_k)`` experts
-    (every sub-token picks ``top_k``), plus shared experts, projections and everything outside the MoE."""
-    total = sum(p.numel() for p in model.parameters())
-    inactive = 0
-    for m in model.modules():
-        if isinstance(m, MoE):
-            e = m.experts
-            per_expert = sum(p[0].numel() for p in e.parameters())
-            used = min(e.num_experts, m.cfg.heads * m.top_k())
-            inactive += per_expert * (e.num_experts - used)
-    return {"total": total, "active": total - inactive}
 
 
 def dense_mlp_ratio_for(model: nn.Module) -> float:

@@ -41,16 +41,50 @@ from mmoe.train.tasks import Task, register_task
 
 @dataclass
 class ClassifierConfig:
+    """The ``model:`` section of ``image_classification``.
+
+    For the registered ``vit_moe_*`` variants ``moe`` and ``moe_layers`` are validated here, before the
+    model is built (`mmoe.moe_config_from_section`, `mmoe.moe_block_indices`, with the variant's width and
+    depth after ``kwargs``), so a mistake is reported at its ``file:line`` (``model.moe.top_k: ...``).
+    """
+
     arch: str = "vit_moe_tiny_patch16_224"  # timm model name
     num_classes: int = 1000
     img_size: int = 224
     in_chans: int = 3
     drop_path_rate: float = 0.0
-    moe_layers: Any = "every_2"  # ViT-MoE placement (vision.models.moe_block_indices)
+    moe_layers: str | list[int] = "every_2"  # ViT-MoE placement (mmoe.moe_block_indices)
     moe: dict[str, Any] = field(default_factory=dict)  # mmoe.MoEConfig fields for vit_moe_* models
     kwargs: dict[str, Any] = field(default_factory=dict)  # more timm.create_model keywords
     init: str | None = None  # local checkpoint to start from (timm formats)
     upcycle_from: str | None = None  # dense timm architecture of `init`: upcycle it into this ViT-MoE
+
+    def __post_init__(self) -> None:
+        from mmoe.config import moe_block_indices
+        from mmoe.errors import ConfigError
+
+        if not is_moe_arch(self.arch):
+            if self.moe:
+                raise ConfigError("", "moe", f"{self.arch!r} is a dense model; MoE options need a vit_moe_* arch")
+            return
+        from .models import vit_moe_size
+
+        size = vit_moe_size(self.arch, self.kwargs)
+        if size is None:  # another vit_moe_* architecture: its model validates the section when built
+            return
+        moe_block_indices(self.moe_layers, size[1])
+        self.moe_config()
+
+    def moe_config(self):
+        """The `mmoe.MoEConfig` of the MoE blocks of a registered ``vit_moe_*`` variant (None otherwise);
+        with ``upcycle_from`` the MoE width is the dense checkpoint's, checked when it is loaded."""
+        from .models import vit_moe_config, vit_moe_size
+
+        size = vit_moe_size(self.arch, self.kwargs) if is_moe_arch(self.arch) else None
+        if size is None:
+            return None
+        moe = {"normalize_topk": True, **self.moe} if self.upcycle_from else self.moe
+        return vit_moe_config(size[0], size[2], moe)
 
 
 @dataclass

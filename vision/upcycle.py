@@ -129,7 +129,7 @@ def upcycle_vit(dense: nn.Module | str | Path, *, model_name: str | None = None,
                          "copies of the dense MLP)")
     if opts.get("activation", "gelu") != "gelu":
         raise ValueError("upcycle_vit: activation must be 'gelu' (the timm ViT MLP)")
-    indices = moe_block_indices(len(dense.blocks), moe_layers)
+    indices = moe_block_indices(moe_layers, len(dense.blocks))
     if not indices:
         raise ValueError("upcycle_vit: moe_layers selects no block")
     hidden = dense.blocks[indices[0]].mlp.fc1.out_features

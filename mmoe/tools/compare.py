@@ -49,7 +49,7 @@ Results (``OUT/results.json``, ``OUT/results.md``, printed as a Markdown table; 
 Per variant, mean ± sample std over the finished seeds (per seed in the JSON): final validation perplexity
 and loss (at ``max_steps``), best validation perplexity over the evaluations, the change of the final
 perplexity against the first variant, training throughput (median of the logged ``throughput``: tokens/s
-for the language models), total and active parameters (`language.models.count_params` on the built model),
+for the language models), total and active parameters (`mmoe.count_params` on the built model),
 MoE multiply-adds per token summed over the MoE layers (`mmoe.moe_cost`), load balance from the last record
 of ``routing.jsonl`` (busiest expert's routed slots over the mean, and the coefficient of variation of the
 slots per expert, both averaged over the MoE layers; 1 and 0 when balanced) and, when a variant uses
@@ -227,21 +227,24 @@ def _task_class(task: str, source: str):
 
 
 def base_moe_config(task_cls, model: dict, source: str, origins: dict | None = None):
-    """The `mmoe.MoEConfig` of a model section (the task's ``moe_config()``, else ``dim`` + ``moe``)."""
-    from ..config import MoEConfig
+    """The `mmoe.MoEConfig` of a model section (the task's ``moe_config()``, else ``dim`` + ``moe`` through
+    `mmoe.moe_config_from_section`)."""
+    from ..config import moe_config_from_section
     from ..train.configfile import ConfigError, from_dict
 
     if task_cls.ModelConfig is not dict:
         mc = from_dict(task_cls.ModelConfig, model, source=source, path="model", origins=origins)
-        if hasattr(mc, "moe_config"):
-            return mc.moe_config()
+        mcfg = mc.moe_config() if hasattr(mc, "moe_config") else None
+        if mcfg is not None:
+            return mcfg
     moe = model.get("moe")
     if not isinstance(moe, dict) or "dim" not in model:
         raise ConfigError(source, "model.moe", "mh_moe needs a model section with dim and a moe mapping")
     try:
-        return MoEConfig(**{"dim": model["dim"], **moe})
-    except (TypeError, ValueError) as err:
-        raise ConfigError(source, "model.moe", str(err)) from None
+        return moe_config_from_section(moe, dim=model["dim"])
+    except ConfigError as err:
+        key, origins = f"model.{err.key}", origins or {}
+        raise ConfigError(origins.get(key, origins.get("model.moe", source)), key, err.problem) from None
 
 
 def variant_config(cf: CompareFile, variant: Variant, *, overrides: Sequence[str] = (), seed: int | None = None,
@@ -416,12 +419,9 @@ def model_size(cfg, source: str) -> dict:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # e.g. CausalityWarning: the engine warns when it trains
         model = task.build_model()
-    try:
-        from language.models import count_params
+    from ..stats import count_params
 
-        total, active = count_params(model)
-    except ImportError:  # pragma: no cover - the language package ships with mmoe
-        total = active = sum(p.numel() for p in model.parameters())
+    total, active, _ = count_params(model)
     layers = [m.cfg for _, m in moe_layers(model)]
     costs = [moe_cost(c) for c in layers]
     out = {"total": int(total), "active": int(active), "moe_layers": len(layers),
@@ -437,7 +437,8 @@ def _data_key(cfg) -> str:
     from ..train.configfile import to_dict
 
     d = to_dict(cfg)
-    model = {k: v for k, v in d["model"].items() if k not in ("moe", "moe_every", "first_dense", "moe_init", "dropout")}
+    skip = ("moe", "moe_layers", "first_dense", "moe_init", "dropout")
+    model = {k: v for k, v in d["model"].items() if k not in skip}
     return json.dumps({"task": d["task"], "model": model, "data": d["data"], "opts": d["task_options"],
                        "seed": cfg.run.seed, "accum": cfg.train.grad_accum, "steps": cfg.train.max_steps},
                       sort_keys=True, default=str)

@@ -708,12 +708,21 @@ def apply_overrides(
 def load_config(cls: type[T], path: str | os.PathLike, overrides: Sequence[str] = ()) -> T:
     """Load dataclass ``cls`` from a YAML file (with ``base`` inheritance) and ``key=value`` overrides.
 
+    The returned object carries the ``{key path: file:line}`` map of its values as ``_origins`` (not a
+    field: not saved, not compared), so that a section validated later names its lines too (the engine
+    passes it to ``from_dict(task.ModelConfig, cfg.model, path="model", origins=...)``).
+
     Raises:
         ConfigError: any problem in the file(s) or the overrides, with file, line, key and problem.
     """
     data, origins = load_yaml(path)
     data = apply_overrides(data, overrides, cls=cls, origins=origins)
-    return from_dict(cls, data, source=str(path), origins=origins)
+    cfg = from_dict(cls, data, source=str(path), origins=origins)
+    try:  # for sections validated later (a task's ``model:``): ``from_dict(..., origins=cfg._origins)``
+        object.__setattr__(cfg, "_origins", origins)
+    except AttributeError:  # a slots dataclass: messages then name the file without the line
+        pass
+    return cfg
 
 
 def save_config(obj: Any, path: str | os.PathLike) -> Path:

@@ -97,7 +97,8 @@ class Trainer:
             task_cls = get_task(cfg.task)
         except KeyError as err:
             raise TrainingError(f"{config_source}: task: {err.args[0]}") from None
-        model_cfg = from_dict(task_cls.ModelConfig, cfg.model, source=config_source, path="model")
+        model_cfg = from_dict(task_cls.ModelConfig, cfg.model, source=config_source, path="model",
+                              origins=getattr(cfg, "_origins", None))
         try:
             self.task: Task = task_cls(model_cfg, cfg.task_options)
         except ValueError as err:

@@ -192,14 +192,14 @@ def test_weight_tying_is_one_parameter_and_checkpointable(tmp_path):
 
 
 def test_layer_layout_widths_and_init():
-    cfg = LMConfig(vocab_size=50, dim=96, depth=6, num_heads=4, moe_every=2, first_dense=1,
+    cfg = LMConfig(vocab_size=50, dim=96, depth=6, num_heads=4, moe_layers="every_2", first_dense=1,
                    moe={"num_experts": 4, "top_k": 1, "heads": 2})
     assert cfg.moe_layer_ids() == [2, 4]
     assert cfg.hidden == 256 and cfg.moe_config().expert_hidden == 128 and cfg.moe_config().activation == "swiglu"
-    assert LMConfig(vocab_size=50, dim=96, ffn="gelu", moe_every=0).hidden == 384
-    assert LMConfig(vocab_size=50, dim=96, moe_every=0).moe_layer_ids() == []
+    assert LMConfig(vocab_size=50, dim=96, ffn="gelu", moe_layers="none").hidden == 384
+    assert LMConfig(vocab_size=50, dim=96, moe_layers="none").moe_layer_ids() == []
     torch.manual_seed(0)
-    m = MoETransformerLM(LMConfig(vocab_size=50, dim=256, depth=8, num_heads=4, moe_every=2,
+    m = MoETransformerLM(LMConfig(vocab_size=50, dim=256, depth=8, num_heads=4, moe_layers="every_2",
                                   moe={"num_experts": 4, "top_k": 2}))
     out_std = 0.02 / math.sqrt(16)
     assert abs(m.blocks[0].attn.qkv.weight.std().item() - 0.02) < 2e-3
@@ -216,10 +216,10 @@ def test_layer_layout_widths_and_init():
 def test_count_params_active_per_token():
     m = tiny(heads=1)  # 2 MoE layers, 4 experts, top-2
     experts = sum(p.numel() for _, layer in moe_layers(m) for p in layer.experts.parameters())
-    total, active = count_params(m)
-    assert total == sum(p.numel() for p in m.parameters())
+    total, active, expert = count_params(m)
+    assert total == sum(p.numel() for p in m.parameters()) and expert == experts
     assert active == total - experts // 2
-    dense = MoETransformerLM(LMConfig(vocab_size=97, dim=32, depth=2, num_heads=4, moe_every=0))
+    dense = MoETransformerLM(LMConfig(vocab_size=97, dim=32, depth=2, num_heads=4, moe_layers="none"))
     assert count_params(dense).total == count_params(dense).active
 
 

@@ -29,7 +29,7 @@ model:
   depth: 2
   num_heads: 2
   ffn: swiglu
-  moe_every: 2
+  moe_layers: every_2
   moe: {num_experts: 4, top_k: 1, expert_hidden: 64, aux_loss_weight: 0.01}
 data: {train: synthetic, val: synthetic, batch_size: 4}
 optim: {lr: 3.0e-3, warmup_steps: 1}

@@ -81,16 +81,16 @@ def test_every_moe_option_is_reachable(opts):
 
 
 def test_placement_and_errors():
-    assert moe_block_indices(12, "every_2") == [1, 3, 5, 7, 9, 11]
-    assert moe_block_indices(12, "last_2") == [9, 11]
-    assert moe_block_indices(12, "every_3") == [2, 5, 8, 11]
-    assert moe_block_indices(4, [0, 2]) == [0, 2]
-    assert moe_block_indices(4, "all") == [0, 1, 2, 3] and moe_block_indices(4, "none") == []
+    assert moe_block_indices("every_2", 12) == [1, 3, 5, 7, 9, 11]
+    assert moe_block_indices("last_2", 12) == [9, 11]
+    assert moe_block_indices("every_3", 12) == [2, 5, 8, 11]
+    assert moe_block_indices([0, 2], 4) == [0, 2]
+    assert moe_block_indices("all", 4) == [0, 1, 2, 3] and moe_block_indices("none", 4) == []
     assert tiny_moe(moe_layers="last_1").moe_layers == [3]
     with pytest.raises(ValueError, match="moe_layers"):
-        moe_block_indices(4, [5])
+        moe_block_indices([5], 4)
     with pytest.raises(ValueError, match="moe_layers"):
-        moe_block_indices(4, "sometimes")
+        moe_block_indices("sometimes", 4)
     with pytest.raises(ValueError, match="moe.top_k"):
         tiny_moe(top_k=9)
     with pytest.raises(ValueError, match="heads"):
