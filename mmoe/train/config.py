@@ -45,6 +45,9 @@ class DataSource:
     (``.data`` the collated batch, ``.task`` the label, ``.source`` the index) instead of the plain
     batch, and its ``decode`` sees the label as ``sample["__task__"]``; without labels the sources are
     just a weighted mixture of shard sets and the task sees plain batches, as with ``data.train``.
+    Each logged step records ``source/<i>``: the share of its micro-batches that came from source ``i``.
+    The checkpoint holds the mixture's position (its batch counter and every source's `ShardLoader` state),
+    so a resume needs the same sources, weights and seed.
     """
 
     path: str  # like data.train: shard URL pattern, list file, directory or manifest
