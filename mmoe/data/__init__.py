@@ -1,4 +1,4 @@
-"""WebDataset shards: writers, manifest, reader with exact resume.
+"""WebDataset shards: writers, manifest, reader with exact resume, weighted mixing of sources.
 
 Writing (`mmoe.data.writers`): `write_shards` for any iterable of WebDataset-style sample dicts, and
 `write_imagefolder`, `write_coco`, `write_text`, `write_pairs` for the common layouts (also as
@@ -8,6 +8,10 @@ Writing (`mmoe.data.writers`): `write_shards` for any iterable of WebDataset-sty
 Reading (`mmoe.data.reader`): `ShardLoader`, batches with seeded shuffling, rank/worker splitting,
 ``on_error="fail" | "skip"`` and exact resume through ``state_dict()`` / ``load_state_dict()``;
 `decode_image`, `decode_json`, `decode_text`, `decode_label` decode raw samples.
+
+Mixing (`mmoe.data.mixing`): `MixedLoader`, several weighted sources (one loader each) in one stream, each
+batch whole from one source chosen by `choose_source` (a pure function of seed and step, the same on every
+rank), items `SourcedBatch` (batch, source index, task label), exact resume.
 
 Bad data raises `DataError` (a `RuntimeError`) naming the file or shard, the sample key and the cause,
 or, when skipping, warns with `DataWarning`.
@@ -29,6 +33,7 @@ _EXPORTS = {
     "TextSource": "writers", "PairsSource": "writers", "make_key": "writers", "parse_size": "writers",
     "split_for_key": "writers",
     "ShardLoader": "reader", "resolve_urls": "reader",
+    "MixedLoader": "mixing", "SourcedBatch": "mixing", "choose_source": "mixing",
     "decode_image": "decode", "decode_json": "decode", "decode_text": "decode", "decode_label": "decode",
 }
 

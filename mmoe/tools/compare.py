@@ -450,6 +450,7 @@ def count_tokens(cfg, source: str) -> list[int] | None:
     import types
 
 
+    from ..data.mixing import SourcedBatch
     from ..train.engine import Trainer
 
     task = _task_for(cfg, source)
@@ -466,6 +467,8 @@ def count_tokens(cfg, source: str) -> list[int] | None:
         for step in range(cfg.train.max_steps):
             for _ in range(cfg.train.grad_accum):
                 batch = next(it)
+                if isinstance(batch, SourcedBatch):  # data.sources
+                    batch = batch.data
                 if not isinstance(batch, dict) or "input_ids" not in batch:
                     return None
                 per_step[step] += int((batch["input_ids"] != pad).sum())

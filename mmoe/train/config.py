@@ -9,19 +9,67 @@ train: {max_steps: 300, log_every: 10, eval_every: 100, save_every: 100}
 dist: {zero_stage: 0, ep_size: 1}
 run: {dir: runs/tiny, seed: 0}
 ```
+Several weighted training sources instead of ``data.train`` (each batch comes whole from one source, drawn
+with probability ~ weight, the same on every rank; see `DataSource` and `mmoe.data.mixing`):
+```yaml
+data:
+  sources:
+    - {path: data/digits, split: train, weight: 3}
+    - {path: data/more_digits, split: train, weight: 1, task: extra}
+  val: data/digits
+  val_split: val
+```
 Unknown keys and wrong types are errors naming the key and the file (`mmoe.train.configfile`); any key can be
 overridden on the command line with ``key.sub=value``.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 
 @dataclass
+class DataSource:
+    """One weighted training source of ``data.sources``.
+
+    The training engine builds one `mmoe.data.ShardLoader` per source (with ``data``'s batch size,
+    shuffling, workers and ``resampled``; source ``i`` shuffles with seed ``run.seed + i``, and
+    ``num_workers`` counts per source) and mixes them with `mmoe.data.MixedLoader`: each micro-batch
+    comes whole from one source, drawn with probability ``weight / sum of weights`` from ``(run.seed,
+    micro-batch index)`` only, so every rank draws the same source and resume is exact.
+
+    ``task`` labels the source's batches for a task that trains on several kinds of data (e.g. ``cls``
+    and ``det``). When any source has a label, the task's ``loss`` gets a `mmoe.data.SourcedBatch`
+    (``.data`` the collated batch, ``.task`` the label, ``.source`` the index) instead of the plain
+    batch, and its ``decode`` sees the label as ``sample["__task__"]``; without labels the sources are
+    just a weighted mixture of shard sets and the task sees plain batches, as with ``data.train``.
+    Each logged step records ``source/<i>``: the share of its micro-batches that came from source ``i``.
+    The checkpoint holds the mixture's position (its batch counter and every source's `ShardLoader` state),
+    so a resume needs the same sources, weights and seed.
+    """
+
+    path: str  # like data.train: shard URL pattern, list file, directory or manifest
+    weight: float = 1.0  # relative share of the batches (> 0)
+    task: str | None = None  # label handed to the task with this source's batches
+    split: str | None = None  # split of a shard directory's manifest (e.g. "train"); None = its only one
+
+    def __post_init__(self) -> None:
+        # "field: problem": the config loader turns it into "file:line: data.sources[i].field: problem"
+        if not self.path:
+            raise ValueError("path: required (a shard directory, manifest or URL pattern)")
+        if not (math.isfinite(self.weight) and self.weight > 0):
+            raise ValueError(f"weight: must be > 0, got {self.weight}")
+        if self.task is not None and not self.task:
+            raise ValueError("task: an empty label; leave it out (null) or name the task")
+
+
+@dataclass
 class DataConfig:
     train: str = ""  # shard URL pattern, list file, directory or manifest (see mmoe.data.ShardLoader)
+    # several weighted training sources instead of `train` (see DataSource); empty = the one stream `train`
+    sources: list[DataSource] = field(default_factory=list)
     val: str | None = None
     train_split: str | None = None  # split of a shard directory's manifest (e.g. "train"); None = its only one
     val_split: str | None = None  # e.g. "val"
@@ -31,6 +79,13 @@ class DataConfig:
     num_workers: int = 0
     resampled: bool = False
     on_error: Literal["fail", "skip"] = "fail"  # bad shard / sample: stop with its name, or skip and count
+
+    def train_sources(self) -> list[DataSource]:
+        """The training sources: ``sources``, or ``train`` (+ ``train_split``) as one source of weight 1
+        (e.g. for a task that reads the training manifests in ``setup``); empty when neither is set."""
+        if self.sources:
+            return list(self.sources)
+        return [DataSource(path=self.train, split=self.train_split)] if self.train else []
 
 
 @dataclass
@@ -99,6 +154,12 @@ def check_train_config(cfg: TrainConfig, source: str) -> None:
                         ("data.batch_size", cfg.data.batch_size), ("dist.ep_size", cfg.dist.ep_size)):
         if value < 1:
             raise ConfigError(source, name, f"must be >= 1, got {value}")
+    if cfg.data.sources and cfg.data.train:
+        raise ConfigError(source, "data.sources", f"give data.train or data.sources, not both (data.train is "
+                                                  f"{cfg.data.train!r})")
+    if cfg.data.sources and cfg.data.train_split is not None:
+        raise ConfigError(source, "data.train_split", "with data.sources each source sets its own split "
+                                                      "(data.sources[i].split)")
     if cfg.data.val == "synthetic" and cfg.train.eval_batches is None:
         raise ConfigError(source, "train.eval_batches", "data.val: synthetic is endless: set train.eval_batches")
 

@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 
 
+from ..data.mixing import SourcedBatch
 from ..errors import TrainingError
 from ..layer import aux_loss, clear_aux, moe_layers, routing_stats, update_balance_bias
 from . import checkpoint as ckpt_lib
@@ -69,6 +70,55 @@ class SyntheticLoader:
 
     def load_state_dict(self, state: dict) -> None:
         self.step = int(state["step"])
+
+
+def _shard_loader(cfg: TrainConfig, task: Task, rank: int, world: int, urls: str, *, split: str | None,
+                  train: bool, seed: int, decode):
+    """A `ShardLoader` over ``urls`` (``split`` applies to a shard directory or manifest): endless and shuffled
+    for training, one ordered pass for evaluation."""
+    from ..data import ShardLoader
+
+    d = cfg.data
+    where = Path(str(urls))
+    use_split = where.is_dir() or where.suffix == ".json"
+    return ShardLoader(urls, split=split if use_split else None,
+                       batch_size=d.batch_size if train else (d.eval_batch_size or d.batch_size),
+                       decode=decode, collate=task.collate,
+                       shuffle_buffer=d.shuffle_buffer if train else 0, seed=seed,
+                       rank=rank, world_size=world, num_workers=d.num_workers,
+                       resampled=d.resampled if train else False, epochs=None if train else 1,
+                       drop_last=train, on_error=d.on_error)
+
+
+class _LabelledDecode:
+    """``decode`` that first sets ``sample["__task__"]`` to its source's label (picklable for workers)."""
+
+    def __init__(self, decode, label: str | None) -> None:
+        self.decode, self.label = decode, label
+
+    def __call__(self, sample: dict) -> Any:
+        sample["__task__"] = self.label
+        return self.decode(sample)
+
+
+def _mixed_loader(cfg: TrainConfig, task: Task, rank: int, world: int):
+    """``data.sources``: one endless loader per source (source ``i`` seeded ``run.seed + i``), mixed by weight
+    with `mmoe.data.MixedLoader` (the choice seeded by ``run.seed``, the same on every rank)."""
+    from ..data import MixedLoader
+
+    sources = cfg.data.sources
+    labelled = any(s.task is not None for s in sources)
+    loaders = []
+    for i, src in enumerate(sources):
+        if src.path == "synthetic":
+            if not hasattr(task, "synthetic_example"):
+                raise TrainingError(f"data.sources[{i}].path: task {cfg.task!r} has no synthetic data")
+            loaders.append(SyntheticLoader(task, cfg.data.batch_size, rank, world))
+            continue
+        decode = _LabelledDecode(task.decode, src.task) if labelled else task.decode
+        loaders.append(_shard_loader(cfg, task, rank, world, src.path, split=src.split, train=True,
+                                     seed=cfg.run.seed + i, decode=decode))
+    return MixedLoader(loaders, [s.weight for s in sources], seed=cfg.run.seed, tasks=[s.task for s in sources])
 
 
 # ---------------------------------------------------------------------------------------- trainer
@@ -140,6 +190,7 @@ class Trainer:
         # per-rank randomness for dropout / jitter / sampling from here on
         seed_everything(cfg.run.seed + 1_000_003 * self.rank)
         self.step = 0
+        self.source: int | None = None  # index in data.sources of the latest training micro-batch
         self.train_loader = self._make_loader(train=True) if train else None
         self.logger = None
         if train:
@@ -153,6 +204,8 @@ class Trainer:
     # ------------------------------------------------------------------ data
     def _make_loader(self, train: bool, split: str | None = None):
         d = self.cfg.data
+        if train and d.sources:
+            return _mixed_loader(self.cfg, self.task, self.rank, self.world)
         urls = d.train if train else (split or d.val)
         if urls == "synthetic":
             if not hasattr(self.task, "synthetic_example"):
@@ -160,17 +213,22 @@ class Trainer:
             return SyntheticLoader(self.task, d.batch_size, self.rank, self.world)
         if not urls:
             raise TrainingError("data.train: no training shards given" if train else "data.val: no validation shards given")
-        from ..data import ShardLoader
+        return _shard_loader(self.cfg, self.task, self.rank, self.world, urls,
+                             split=d.train_split if train else d.val_split, train=train, seed=self.cfg.run.seed,
+                             decode=self.task.decode if train else self.task.decode_eval)
 
-        where = Path(str(urls))
-        use_split = where.is_dir() or where.suffix == ".json"
-        split_name = (d.train_split if train else d.val_split) if use_split else None
-        return ShardLoader(urls, split=split_name, batch_size=d.batch_size if train else (d.eval_batch_size or d.batch_size),
-                           decode=self.task.decode if train else self.task.decode_eval, collate=self.task.collate,
-                           shuffle_buffer=d.shuffle_buffer if train else 0, seed=self.cfg.run.seed,
-                           rank=self.rank, world_size=self.world, num_workers=d.num_workers,
-                           resampled=d.resampled if train else False, epochs=None if train else 1,
-                           drop_last=train, on_error=d.on_error)
+    def _next_batch(self, it) -> Any:
+        """The next training micro-batch on this device. From ``data.sources``: records the source in
+        ``self.source`` (its index) and hands the task a `SourcedBatch` when the sources carry task labels
+        (`mmoe.train.config.DataSource`), else the plain batch."""
+        item = next(it)
+        if not isinstance(item, SourcedBatch):
+            return self._to_device(item)
+        self.source = item.source
+        data = self._to_device(item.data)
+        if any(s.task is not None for s in self.cfg.data.sources):
+            return SourcedBatch(data, item.source, item.task)
+        return data
 
     def _to_device(self, batch: Any) -> Any:
         if isinstance(batch, torch.Tensor):
@@ -228,7 +286,10 @@ class Trainer:
             rs = ckpt_lib.load_rank_state(path, self.rank)
             ckpt_lib.set_rng_state(rs["rng"])
             if rs.get("loader") is not None and self.train_loader is not None:
-                self.train_loader.load_state_dict(rs["loader"])
+                try:
+                    self.train_loader.load_state_dict(rs["loader"])
+                except ValueError as err:  # e.g. data.sources added, removed or reweighted since the save
+                    raise ckpt_lib.CheckpointError(f"{path}: cannot resume the training data position: {err}") from None
             self.task.load_rank_state_dict(rs.get("task") or {})
         else:
             import warnings
@@ -309,7 +370,7 @@ class Trainer:
                 units = 0
                 good = 0
                 while good < tl.grad_accum:
-                    batch = self._to_device(next(it))
+                    batch = self._next_batch(it)
                     # buffers a forward updates (Default-MoE EMA, balance-bias load, norm statistics) are
                     # restored if this micro-batch turns out non-finite, so a bad batch leaves no trace
                     saved = [(b, b.detach().clone()) for b in engine.module.buffers() if b.is_floating_point()]
@@ -337,6 +398,8 @@ class Trainer:
                     engine.step()
                     good += 1
                     units += n
+                    if self.source is not None:  # data.sources: the step's share of micro-batches per source
+                        scalars = {**scalars, f"source/{self.source}": 1.0}
                     for k, v in {"loss": float(loss.detach()), "aux_loss": float(aux.detach()), **scalars}.items():
                         sums[k] = sums.get(k, 0.0) + v / tl.grad_accum
                 update_balance_bias(engine.module)

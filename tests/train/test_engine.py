@@ -177,6 +177,82 @@ def test_killed_run_resumes_with_the_same_loss_curve(tmp_path, digits):
     assert len(ckpt_lib.list_checkpoints(ckpts)) == 2  # keep_last
 
 
+SOURCES = """\
+task: digits_sources_test
+model: {dim: 32, depth: 2, dropout: 0.1, moe: {num_experts: 4, top_k: 2, expert_hidden: 32,
+        dense_backprop: default, router_jitter: 0.05}}
+data:
+  sources:
+    - {path: DATA, split: train, weight: 3, task: big}
+    - {path: DATA, split: val, weight: 1, task: small}
+  batch_size: 16
+  shuffle_buffer: 100
+  num_workers: 2
+optim: {lr: 3.0e-3, warmup_steps: 5}
+train: {max_steps: 40, log_every: 1, stats_every: 0, save_every: 10, keep_last: 2, progress: false}
+run: {dir: RUN}
+"""
+
+
+def test_two_weighted_sources_resume_exactly_after_a_kill(tmp_path, digits):
+    """data.sources: each step's source and sample keys (logged by the task, tests/train/sources_task.py)
+    and the loss curve of a run killed after a checkpoint and resumed equal an uninterrupted run's."""
+    from mmoe.data import ShardLoader
+    from sources_task import command
+
+    def train(cfg, *extra):
+        p = subprocess.run(command(["train", str(cfg), *extra]), env=_env(), capture_output=True, text=True,
+                           timeout=240)
+        assert p.returncode == 0, p.stderr[-5000:]
+
+    def data_log(run):  # step -> [[source, label, keys], ...]; a redone step's last record wins
+        return {r["step"]: r["batches"] for r in read_jsonl(run / "data_log.jsonl")}
+
+    text = SOURCES.replace("DATA", str(digits))
+    train(write_cfg(tmp_path, "ref", text))
+    want = data_log(tmp_path / "ref")
+    assert sorted(want) == list(range(1, 41))
+
+    cfg = write_cfg(tmp_path, "killed", text)
+    ckpts = tmp_path / "killed" / "checkpoints"
+    proc = subprocess.Popen(command(["train", str(cfg)]), env=_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, start_new_session=True)
+    deadline = time.time() + 180
+    while not (ckpts / "step_0000010").is_dir():
+        assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+        assert time.time() < deadline, "no checkpoint after 3 minutes"
+        time.sleep(0.01)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    proc.stderr.close()
+    at_kill = ckpt_lib.find_latest(ckpts)
+    assert at_kill is not None and ckpt_lib.read_meta(at_kill)["step"] < 40
+    state = ckpt_lib.load_rank_state(at_kill, 0)["loader"]
+    assert state["kind"] == "mixed" and len(state["sources"]) == 2
+    train(cfg, "--resume")
+
+    got = data_log(tmp_path / "killed")
+    assert got == want  # the same source and the same samples at every step
+    assert losses(tmp_path / "killed") == losses(tmp_path / "ref")
+    # batches are homogeneous (asserted in the task), each source reads its own split, by weight
+    split_keys = {name: {k for batch in ShardLoader(digits, split=name, batch_size=100, decode=_key, collate=list,
+                                                  shuffle_buffer=0, epochs=1, drop_last=False) for k in batch}
+                  for name in ("train", "val")}
+    for batches in want.values():
+        (source, label, keys), = batches  # grad_accum 1: one micro-batch per step
+        assert label == ("big", "small")[source] and set(keys) <= split_keys[("train", "val")[source]]
+    share = sum(b[0][0] == 0 for b in want.values()) / 40
+    assert 0.55 < share < 0.95  # weight 3 : 1
+    # the metrics say which source each step trained on
+    rows = [r for r in read_jsonl(tmp_path / "killed" / "metrics.jsonl") if "loss" in r]
+    assert [r["step"] for r in rows] == list(range(1, 41))
+    assert [0 if r.get("source/0") == 1.0 else 1 for r in rows] == [want[s][0][0] for s in range(1, 41)]
+
+
+def _key(sample):
+    return sample["__key__"]
+
+
 def test_expert_parallel_checkpoint_reloads_under_another_ep_size(tmp_path, digits):
     cfg = shard_cfg(tmp_path, "ep2", digits, steps=20, workers=0)
     out = run_mmoe(["train", str(cfg), "dist.ep_size=2"], world=2)

@@ -79,6 +79,31 @@ def test_train_config_errors(tmp_path):
     assert cfg.dist.ep_size == 2 and tuple(cfg.optim.betas) == (0.9, 0.95)
 
 
+def test_data_sources_config(tmp_path):
+    f = tmp_path / "c.yaml"
+    good = "task: digits_mlp\ndata:\n  sources:\n    - {path: a, weight: 2, task: cls}\n    - {path: b, split: train}\n"
+    f.write_text(good)
+    cfg = load_train_config(f)
+    assert [(s.path, s.weight, s.task, s.split) for s in cfg.data.sources] == [("a", 2.0, "cls", None),
+                                                                               ("b", 1.0, None, "train")]
+    assert cfg.data.train_sources() == cfg.data.sources
+    one = load_train_config(f, ["data.sources=[]", "data.train=x", "data.train_split=train"]).data.train_sources()
+    assert [(s.path, s.weight, s.split) for s in one] == [("x", 1.0, "train")]
+    for old, new, problem in (("weight: 2", "weight: 0", r"data.sources\[0\].weight: must be > 0, got 0.0"),
+                              ("weight: 2", "weight: -1.5", r"data.sources\[0\].weight: must be > 0, got -1.5"),
+                              ("path: a", "path: ''", r"data.sources\[0\].path: required")):
+        f.write_text(good.replace(old, new))
+        with pytest.raises(ConfigError, match=f"^{f}:4: {problem}"):  # file:line of the key
+            load_train_config(f)
+    f.write_text(good)
+    with pytest.raises(ConfigError, match=r"data.sources: give data.train or data.sources, not both"):
+        load_train_config(f, ["data.train=x"])
+    with pytest.raises(ConfigError, match=r"data.train_split: with data.sources each source sets its own split"):
+        load_train_config(f, ["data.train_split=train"])
+    with pytest.raises(ConfigError, match=r"data.sources\[1\].wieght: unknown key"):
+        load_train_config(f, ["data.sources=[{path: a}, {path: b, wieght: 2}]"])
+
+
 def test_model_section_is_validated_by_the_task():
     from mmoe.train.configfile import from_dict
 
