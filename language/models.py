@@ -83,6 +83,7 @@ from torch import Tensor, nn
 
 from mmoe import MoE, MoEConfig
 from mmoe.config import moe_block_indices, moe_config_from_section
+from mmoe.data.masking import mask_tokens  # noqa: F401 (re-exported: language.models.mask_tokens)
 from mmoe.experts import MLP
 from mmoe.stats import ParamCount, RoutingCounter, count_params  # noqa: F401 (count_params: re-export)
 
@@ -483,41 +484,6 @@ def build_lm(cfg: LMConfig | dict) -> MoETransformerLM:
 
 # ------------------------------------------------------------------------------------------------
 # masked language modelling
-
-
-def mask_tokens(input_ids: Tensor, mask_id: int, vocab_size: int, special_ids: Iterable[int] = (),
-                prob: float = 0.15, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
-    """BERT / XLM-R masking: returns ``(inputs, labels)``.
-
-    Every token whose id is not in ``special_ids`` (padding, bos, eos, ...) is selected with probability
-    ``prob``. Of the selected tokens 80% are replaced by ``mask_id``, 10% by a random token drawn
-    uniformly from ``[0, vocab_size)`` minus ``special_ids``, and 10% are kept. ``labels`` holds the
-    original id at selected positions and -100 (ignored by ``cross_entropy``) everywhere else. The input
-    tensor is not modified; ``generator`` (CPU) makes the draw reproducible.
-    """
-    if not 0.0 <= prob <= 1.0:
-        raise ValueError(f"prob must be in [0, 1], got {prob}")
-    ids = input_ids.detach().cpu()
-    special = torch.tensor(sorted({int(s) for s in special_ids}), dtype=torch.long)
-    can = ~torch.isin(ids, special) if special.numel() else torch.ones_like(ids, dtype=torch.bool)
-    u = torch.rand(ids.shape, generator=generator)
-    selected = can & (u < prob)
-    kind = torch.rand(ids.shape, generator=generator)
-    to_mask = selected & (kind < 0.8)
-    to_random = selected & (kind >= 0.8) & (kind < 0.9)
-    allowed = torch.ones(vocab_size, dtype=torch.bool)
-    keep = special[(special >= 0) & (special < vocab_size)]
-    allowed[keep] = False
-    if 0 <= mask_id < vocab_size:
-        allowed[mask_id] = False
-    pool = allowed.nonzero().squeeze(1)
-    if pool.numel() == 0:
-        raise ValueError("mask_tokens: no ordinary token id left to draw random replacements from")
-    random_ids = pool[torch.randint(pool.numel(), ids.shape, generator=generator)]
-    inputs = torch.where(to_mask, torch.full_like(ids, mask_id), ids)
-    inputs = torch.where(to_random, random_ids, inputs)
-    labels = torch.where(selected, ids, torch.full_like(ids, IGNORE_INDEX))
-    return inputs.to(input_ids.device), labels.to(input_ids.device)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -4,7 +4,7 @@
   background with one or two coloured shapes, each caption names them and their relation ("a small red
   circle", "a blue square left of a yellow triangle"), written as WebDataset shards with
   `mmoe.data.write_pairs` (PNG + ``txt``; the shapes' parameters are kept in the sample's ``json``).
-* `block_mask`: BEiT's block-wise masking of an image's patch grid.
+* `block_mask`: BEiT's block-wise masking of an image's patch grid (`mmoe.data.masking`, re-exported).
 * `CaptionTokenizer`: open_clip's byte-level BPE (its vocabulary ships inside the package) with one
   extra ``[MASK]`` id; `mask_caption` masks captions with `language.models.mask_tokens` (80/10/10).
 * `load_image`: PNG/JPEG bytes -> ``[3, H, W]`` in [0, 1].
@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import io
 import json
-import math
 import os
 import random
 import tempfile
@@ -26,6 +25,8 @@ from typing import Any
 
 import torch
 from torch import Tensor
+
+from mmoe.data.masking import block_mask  # noqa: F401 (re-exported: multimodal.data.block_mask)
 
 IMAGE_MASK_RATIO = 0.4
 TEXT_MASK_RATIO = 0.15
@@ -117,52 +118,6 @@ def write_shapes(out_dir: str | os.PathLike, *, num_samples: int = 2000, img_siz
 
 
 # ------------------------------------------------------------------------------------------------ masking
-def block_mask(grid_h: int, grid_w: int, num_masked: int, generator: torch.Generator, min_block: int = 4,
-               aspect: tuple[float, float] = (0.3, 1 / 0.3), max_tries: int = 10) -> Tensor:
-    """BEiT's block-wise mask: exactly ``num_masked`` True cells of a ``[grid_h, grid_w]`` patch grid.
-
-    Rectangles are drawn one after another: an area between ``min_block`` and what is still to be masked,
-    an aspect ratio log-uniform in ``aspect``, a random position; the rectangle's cells that are not masked
-    yet are masked (a rectangle that would overshoot the count is retried, up to ``max_tries`` times per
-    round). When no rectangle fits the rest, single random cells complete the count, so the ratio is exact.
-    """
-    total = grid_h * grid_w
-    if not 0 <= num_masked <= total:
-        raise ValueError(f"num_masked must be in [0, {total}], got {num_masked}")
-    mask = torch.zeros(grid_h, grid_w, dtype=torch.bool)
-
-    def uniform(lo: float, hi: float) -> float:
-        return lo + (hi - lo) * float(torch.rand((), generator=generator))
-
-    count = 0
-    while count < num_masked:
-        left = num_masked - count
-        if left < min_block:
-            break
-        added = 0
-        for _ in range(max_tries):
-            area = uniform(min_block, left)
-            ratio = math.exp(uniform(math.log(aspect[0]), math.log(aspect[1])))
-            h, w = int(round(math.sqrt(area * ratio))), int(round(math.sqrt(area / ratio)))
-            if not (1 <= h < grid_h and 1 <= w < grid_w):
-                continue
-            top = int(torch.randint(0, grid_h - h + 1, (), generator=generator))
-            lft = int(torch.randint(0, grid_w - w + 1, (), generator=generator))
-            new = int((~mask[top:top + h, lft:lft + w]).sum())
-            if 0 < new <= left:
-                mask[top:top + h, lft:lft + w] = True
-                added = new
-                break
-        if added == 0:
-            break
-        count += added
-    if count < num_masked:
-        free = (~mask).reshape(-1).nonzero().squeeze(1)
-        pick = free[torch.randperm(free.numel(), generator=generator)[:num_masked - count]]
-        mask.view(-1)[pick] = True
-    return mask
-
-
 # ------------------------------------------------------------------------------------------------ text
 class CaptionTokenizer:
     """open_clip's BPE tokenizer (vocabulary bundled with open_clip, no download) plus a ``[MASK]`` id.
@@ -221,7 +176,7 @@ def mask_caption(ids: Tensor, padding_mask: Tensor, ratio: float, tokenizer: Cap
     tokens with probability ``ratio``; special ids and padding are never selected. A caption where the
     draw selects nothing gets one random token selected (and replaced by [MASK]), so every caption adds
     to the masked-language loss. Returns ``(input_ids, labels)`` (labels -100 where not selected)."""
-    from language.models import mask_tokens
+    from mmoe.data.masking import mask_tokens
 
     inputs, labels = mask_tokens(ids, tokenizer.mask_id, tokenizer.vocab_size, tokenizer.special_ids,
                                  prob=ratio, generator=generator)

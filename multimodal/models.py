@@ -14,7 +14,7 @@ joint. ``multiway_attention=False`` is the paper's layout: LayerNorms and attent
 FFNs per modality. Dense blocks always have a V-FFN and an L-FFN (GELU MLPs).
 
 MoE blocks (methods.md §6.3, reading (i), recorded here as this package's choice): block ``i`` is an MoE
-block iff ``moe_every > 0`` and ``i % moe_every == moe_every - 1`` (``moe_every=2``: blocks 1, 3, ...,
+block iff it is in ``moe_layers`` (`mmoe.moe_block_indices`; default ``"every_2"``: blocks 1, 3, ...,
 V-MoE / MH-MoE "every other layer"). Its FFN is ONE `mmoe.MoE` expert pool for all modalities:
 
 * ``moe_routing="shared"``: one router; all tokens of the batch are routed in one call, so routing (not the
@@ -45,7 +45,6 @@ Deviations from BEiT-3 (also listed in the class docstring):
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -55,6 +54,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mmoe import MoE, MoEConfig, moe_layers
+from mmoe.config import moe_block_indices, moe_config_from_section
+from mmoe.stats import group_expert_counts
 from mmoe.experts import MLP
 
 MODALITIES = ("vision", "text")
@@ -74,9 +75,11 @@ class MultiwayConfig:
         dim, depth, num_heads: width, number of blocks, attention heads (``dim % num_heads == 0``).
         mlp_ratio: dense FFN width = ``int(dim * mlp_ratio)``.
         max_text_len: longest text (learned text positions).
-        moe_every: MoE in blocks ``i % moe_every == moe_every - 1``; 0 = dense model.
-        moe: `mmoe.MoEConfig` fields (``dim`` is filled in; ``expert_hidden`` defaults to the dense FFN width
-            ``// heads``, ``activation`` to ``"gelu"``; ``num_tasks`` is set by ``moe_routing``).
+        moe_layers: which blocks' FFN is an MoE layer (`mmoe.moe_block_indices`: ``"every_2"`` = blocks 1, 3,
+            ...; ``"last_<n>"``, ``"all"``, ``"none"`` or a list of block indices).
+        moe: `mmoe.MoEConfig` fields (`mmoe.moe_config_from_section`: ``dim`` is filled in; ``expert_hidden``
+            defaults to the dense FFN width ``// heads``, ``activation`` to ``"gelu"``; ``num_tasks`` is set by
+            ``moe_routing``).
         moe_routing: ``"shared"`` (one router for all tokens) or ``"modality"`` (router 0 for vision tokens,
             router 1 for text tokens, one shared expert pool).
         multiway_attention: per-modality LayerNorms and q/k/v/out projections (torchscale's release);
@@ -97,7 +100,7 @@ class MultiwayConfig:
     num_heads: int = 4
     mlp_ratio: float = 4.0
     max_text_len: int = 32
-    moe_every: int = 2
+    moe_layers: str | list[int] = "every_2"
     moe: dict[str, Any] = field(default_factory=lambda: {"num_experts": 8, "top_k": 2})
     moe_routing: Literal["shared", "modality"] = "shared"
     multiway_attention: bool = True
@@ -125,8 +128,6 @@ class MultiwayConfig:
             raise bad("num_heads", f"must divide dim={self.dim}")
         if not isinstance(self.mlp_ratio, (int, float)) or int(self.dim * self.mlp_ratio) < 1:
             raise bad("mlp_ratio", "must give a positive FFN width int(dim * mlp_ratio)")
-        if not isinstance(self.moe_every, int) or isinstance(self.moe_every, bool) or self.moe_every < 0:
-            raise bad("moe_every", "must be an integer >= 0 (0 = no MoE layer)")
         if self.moe_routing not in ("shared", "modality"):
             raise bad("moe_routing", "must be 'shared' or 'modality'")
         if not isinstance(self.multiway_attention, bool):
@@ -137,10 +138,8 @@ class MultiwayConfig:
             raise bad("init_std", "must be > 0")
         if self.norm_eps <= 0:
             raise bad("norm_eps", "must be > 0")
-        if not isinstance(self.moe, dict):
-            raise bad("moe", "must be a mapping of mmoe.MoEConfig fields")
         if self.moe_layer_ids():
-            self.moe_config()  # validates the MoE fields
+            self.moe_config()  # validates the MoE fields (errors keep the key: moe.top_k)
 
     @property
     def num_patches(self) -> int:
@@ -153,34 +152,13 @@ class MultiwayConfig:
 
     def moe_layer_ids(self) -> list[int]:
         """0-based indices of the blocks whose FFN is an MoE layer."""
-        if self.moe_every == 0:
-            return []
-        return [i for i in range(self.depth) if i % self.moe_every == self.moe_every - 1]
+        return moe_block_indices(self.moe_layers, self.depth)
 
     def moe_config(self) -> MoEConfig:
         """The `mmoe.MoEConfig` of the MoE layers (defaults filled in as documented)."""
-        names = {f.name for f in dataclasses.fields(MoEConfig)}
-        given = dict(self.moe)
-        unknown = sorted(set(given) - names)
-        if unknown:
-            raise ValueError(f"MultiwayConfig.moe: unknown MoEConfig field(s) {unknown}; "
-                             f"valid: {sorted(names - {'dim'})}")
-        if "dim" in given and given["dim"] != self.dim:
-            raise ValueError(f"MultiwayConfig.moe.dim: the MoE width is the model's dim={self.dim}; leave it out")
         tasks = 2 if self.moe_routing == "modality" else 1
-        if "num_tasks" in given and given["num_tasks"] != tasks:
-            raise ValueError(f"MultiwayConfig.moe.num_tasks: set by moe_routing={self.moe_routing!r} to {tasks}; "
-                             f"leave it out (got {given['num_tasks']!r})")
-        given["dim"], given["num_tasks"] = self.dim, tasks
-        heads = given.get("heads", 1)
-        heads = heads if isinstance(heads, int) and heads >= 1 else 1
-        if given.get("expert_hidden") is None:
-            given["expert_hidden"] = max(1, self.hidden // heads)
-        given.setdefault("activation", "gelu")
-        try:
-            return MoEConfig(**given)
-        except (TypeError, ValueError) as err:
-            raise ValueError(f"MultiwayConfig.moe: {err}") from err
+        return moe_config_from_section(self.moe, dim=self.dim, mlp_hidden=self.hidden,
+                                       defaults={"activation": "gelu"}, num_tasks=tasks)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -316,32 +294,20 @@ class MultiwayBlock(nn.Module):
             return y.reshape(B, S, D)
         rows = flat.index_select(0, index)
         row_modality = modality.reshape(-1).index_select(0, index)
-        if self.per_modality:
-            out = moe(rows, task=row_modality)
-            with torch.no_grad():
-                E = moe.cfg.num_experts
-                per = moe.last_stats.per_task
-                self.modality_counts = {
-                    m: (per[i].tokens_per_expert.clone() if i in per
-                       else torch.zeros(E, dtype=torch.long, device=rows.device))
-                    for i, m in enumerate(MODALITIES)}
-        else:
-            recorded = moe.record_routing
-            moe.record_routing = True  # the routing of this call, to count slots per modality
-            try:
-                out = moe(rows)
-                r = moe.last_routing
-            finally:
-                moe.record_routing = recorded
-                if not recorded:
-                    moe.last_routing = None
-            with torch.no_grad():
-                idx = r.indices.reshape(rows.shape[0], -1)  # a token's sub-token slots in one row
-                self.modality_counts = {}
-                for i, m in enumerate(MODALITIES):
-                    sel = idx[row_modality == i]
-                    sel = sel[sel >= 0]
-                    self.modality_counts[m] = torch.bincount(sel, minlength=moe.cfg.num_experts)
+        recorded = moe.record_routing
+        moe.record_routing = True  # the routing of this call, to count slots per modality
+        try:
+            # modality routers: one call, each row routed by its modality's router over the shared experts
+            out = moe(rows, task=row_modality) if self.per_modality else moe(rows)
+            r = moe.last_routing
+        finally:
+            moe.record_routing = recorded
+            if not recorded:
+                moe.last_routing = None
+        with torch.no_grad():
+            counts = group_expert_counts(r.indices, row_modality, len(MODALITIES), moe.cfg.num_experts,
+                                         moe.cfg.heads)
+            self.modality_counts = {m: counts[i] for i, m in enumerate(MODALITIES)}
         return y.index_copy(0, index, out.to(y.dtype)).reshape(B, S, D)
 
 

@@ -34,6 +34,7 @@ _EXPORTS = {
     "split_for_key": "writers",
     "ShardLoader": "reader", "resolve_urls": "reader",
     "MixedLoader": "mixing", "SourcedBatch": "mixing", "choose_source": "mixing",
+    "mask_tokens": "masking", "block_mask": "masking",
     "decode_image": "decode", "decode_json": "decode", "decode_text": "decode", "decode_label": "decode",
 }
 

@@ -78,7 +78,7 @@ def test_pair_attention_is_joint():
 
 
 def test_dense_model_and_no_multiway_attention():
-    m = make(moe_every=0)
+    m = make(moe_layers="none")
     assert m.moe_layer_ids == [] and mmoe.moe_layers(m) == []
     img, txt, pad = inputs()
     m(image=img, text=txt, text_padding_mask=pad)
@@ -378,7 +378,8 @@ def test_expert_hidden_defaults():
     ({"patch_size": 5}, "patch_size"),
     ({"num_heads": 5}, "num_heads"),
     ({"vocab_size": 0}, "vocab_size"),
-    ({"moe_every": -1}, "moe_every"),
+    ({"moe_layers": "every_0"}, "moe_layers"),
+    ({"moe_layers": [5]}, "moe_layers"),
     ({"moe_routing": "task"}, "moe_routing"),
     ({"drop_path": 1.0}, "drop_path"),
     ({"itc_dim": 0}, "itc_dim"),
