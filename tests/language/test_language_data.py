@@ -480,4 +480,4 @@ def test_tokenizer_command(tmp_path):
     assert len(probs) == 11 and abs(sum(probs.values()) - 1) < 1e-3
     bad = subprocess.run([sys.executable, "-m", "mmoe", "tokenizer", str(tmp_path / "nothing"), str(out)],
                          capture_output=True, text=True, env=env)
-    assert bad.returncode == 1 and "nothing" in bad.stderr and "Traceback" not in bad.stderr
+    assert bad.returncode == 2 and "nothing" in bad.stderr and "Traceback" not in bad.stderr

@@ -17,7 +17,7 @@ import torch
 from multimodal.data import (COLORS, CaptionTokenizer, block_mask, load_image, mask_caption, shapes_sample,
                              write_shapes)
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _digests(d: Path) -> dict[str, str]:
@@ -167,6 +167,51 @@ def test_collate_is_deterministic_and_losses_are_finite(tmp_path):
         _task(image_mask_ratio=1.5)
 
 
+def test_retrieval_recall_over_the_whole_set():
+    from multimodal.tasks import retrieval_recall
+
+    # 3 pairs; image i is closest to text i except image 2, whose caption is only its 2nd best match
+    image = torch.tensor([[1.0, 0, 0], [0, 1, 0], [0.7, 0, 0.6]])
+    text = torch.tensor([[1.0, 0, 0], [0, 1, 0], [0, 0, 1]])
+    got = retrieval_recall(image, text, ks=(1, 2), chunk=2)  # chunks of 2 rows: 2 + 1
+    assert got == {"i2t_r1": pytest.approx(2 / 3), "i2t_r2": 1.0, "t2i_r1": 1.0, "t2i_r2": 1.0, "pairs": 3.0}
+    # an identical caption ties with the true one and does not push it down
+    assert retrieval_recall(image[:2], torch.stack([text[0], text[0]]), ks=(1,), prefix="x_")["x_i2t_r1"] == 1.0
+
+
+def test_evaluator_keeps_the_in_batch_metrics_and_adds_whole_split_retrieval(tmp_path):
+    """The task's evaluator (a CollectingEvaluator) gives exactly `eval_metrics` of the summed `eval_step`s
+    plus recall among all the pairs of the split, which equals `retrieval_recall` of every pair's embeddings."""
+    from mmoe.data import ShardLoader
+    from mmoe.train.tasks import CollectingEvaluator
+
+    from multimodal.tasks import retrieval_recall
+
+    write_shapes(tmp_path, num_samples=40, seed=0, val_fraction=0.0, progress=False)
+    task = _task(moe_routing="modality")
+    torch.manual_seed(0)
+    model = task.build_model().eval()
+    batches = list(ShardLoader(str(tmp_path), batch_size=8, shuffle_buffer=0, seed=0, decode=task.decode,
+                               collate=task.collate, epochs=1, drop_last=False))
+    ev = task.evaluator()
+    assert isinstance(ev, CollectingEvaluator)
+    got = ev.evaluate(model, batches)
+    sums: dict[str, float] = {}
+    images, texts = [], []
+    with torch.no_grad():
+        for b in batches:
+            for k, v in task.eval_step(model, b).items():
+                sums[k] = sums.get(k, 0.0) + v
+            img, txt = task._itc_embeddings(model, b)
+            images.append(img)
+            texts.append(txt)
+    want = task.eval_metrics(sums)
+    assert {k: got[k] for k in want} == pytest.approx(want)
+    split = retrieval_recall(torch.cat(images), torch.cat(texts), prefix="split_")
+    assert {k: got[k] for k in split} == pytest.approx(split) and got["split_pairs"] == 40
+    assert set(got) == set(want) | set(split)
+
+
 def test_masked_multimodal_trains_through_the_engine(tmp_path):
     data = tmp_path / "shapes"
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
@@ -188,6 +233,12 @@ def test_masked_multimodal_trains_through_the_engine(tmp_path):
     assert [r["step"] for r in evals] == [15, 30]
     assert evals[-1]["val/mlm_loss"] < evals[0]["val/mlm_loss"] < 10.8  # ln(49409) = 10.8 at chance
     assert evals[-1]["val/i2t_r1"] > 1 / 32 and "val/mim_loss/pair" in evals[-1]
+    # retrieval among all validation pairs (not only within a batch of 32)
+    from mmoe.data import Manifest
+
+    assert evals[-1]["val/split_pairs"] == Manifest.load(data).splits["val"].samples > 32
+    for d in ("i2t", "t2i"):
+        assert 0 < evals[-1][f"val/split_{d}_r1"] <= evals[-1][f"val/split_{d}_r5"] <= 1
     routing = json.loads((run / "routing_by_modality.json").read_text())
     assert set(routing) == {"blocks.1.ffn"}
     for counts in routing.values():
