@@ -104,7 +104,8 @@ def load_lm(checkpoint_dir: str | Path, config: str | Path | None = None, *,
                 raise ValueError(f"{tok_path}: not the tokenizer {ckpt} was trained with (SHA-256 differs from "
                                  f"{recorded.get('path')})")
         model_cfg = dataclasses.replace(model_cfg, tokenizer=str(tok_path))
-    task = task_cls(model_cfg, cfg.task_options)
+    task = task_cls(model_cfg, task_cls.parse_options(cfg.task_options, source=str(cfg_path),
+                                                      origins=getattr(cfg, "_origins", None)))
     task.load_state_dict(state)
     if state.get("vocab_size") and task.vocab_size() != state["vocab_size"]:
         raise ValueError(f"{ckpt}: trained with vocab_size={state['vocab_size']}, the config and tokenizer give "

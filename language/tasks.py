@@ -44,9 +44,10 @@ Metrics
 `loss` returns the token-mean cross entropy (labels -100 ignored) and the number of input tokens; the
 engine adds `mmoe.aux_loss`. `eval_step` returns sums over the batch, overall and per language:
 ``nll_sum``, ``tokens``, ``correct`` and ``nll_sum/<lang>``, ``tokens/<lang>`` for *every* language of
-``task.languages`` (zeros included: the engine all-reduces the sums by sorted key, so every rank must
-return the same keys). `eval_metrics` gives ``loss``, ``ppl``, ``acc`` (next-token or masked-token
-accuracy), ``tokens`` and ``ppl/<lang>`` for each language with tokens.
+``task.languages`` (zeros included, so every rank and batch reports the same keys; the default evaluator,
+`mmoe.train.tasks.SumEvaluator`, adds them up over batches and ranks). `eval_metrics` gives ``loss``,
+``ppl``, ``acc`` (next-token or masked-token accuracy), ``tokens`` and ``ppl/<lang>`` for each language with
+tokens.
 
 ``task.languages`` is ``model.languages`` when given, else the training shards' manifest
 (``info.languages``), else the tokenizer's training languages; it is saved with the checkpoints.
@@ -73,7 +74,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mmoe.train.tasks import Task, register_task
+from mmoe.train.tasks import Task, TaskContext, register_task
 
 from .data import IGNORE_INDEX, collate_packed, pack_documents
 from .models import LMConfig, MoETransformerLM, mask_tokens, routing_by_language  # noqa: F401 (re-export)
@@ -142,28 +143,43 @@ def _rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
+@dataclass
+class LMOptions:
+    """The ``task_options`` of ``causal_lm`` / ``masked_lm``: the language mixture of the training stream
+    (evaluation sees every document). The data options live in the model section.
+
+    Attributes:
+        language_ratios: target share of each language (weights >= 0, not all 0; languages of the training
+            shards' manifest); the over-represented languages' documents are subsampled.
+        language_temperature: XLM-R-style mixture p_l ~ q_l ** T of the data shares q_l, T in [0, 1]
+            (0: uniform over languages, 1: the data as it is). Give one of the two at most.
+    """
+
+    language_ratios: dict[str, float] | None = None
+    language_temperature: float | None = None
+
+    def __post_init__(self) -> None:
+        # "field: problem": the config loader reports it at that key's file:line
+        if self.language_ratios is not None and self.language_temperature is not None:
+            raise ValueError("language_temperature: give language_ratios or language_temperature, not both")
+        if self.language_ratios is not None and (any(v < 0 for v in self.language_ratios.values())
+                                                 or not any(self.language_ratios.values())):
+            raise ValueError(f"language_ratios: a mapping language -> weight >= 0, not all 0 "
+                             f"(got {self.language_ratios!r})")
+        if self.language_temperature is not None and not 0 <= self.language_temperature <= 1:
+            raise ValueError(f"language_temperature: must be in [0, 1] (got {self.language_temperature!r})")
+
+
 class _LMTask(Task):
     ModelConfig = LMModelConfig
+    Options = LMOptions
     unit = "tokens"
     kind = "causal"
 
-    def __init__(self, model_cfg: LMModelConfig, options: dict | None = None) -> None:
+    def __init__(self, model_cfg: LMModelConfig, options: LMOptions | None = None) -> None:
         super().__init__(model_cfg, options)
-        opts = dict(self.options)
-        self.language_ratios: dict[str, float] | None = opts.pop("language_ratios", None)
-        self.language_temperature: float | None = opts.pop("language_temperature", None)
-        if opts:
-            raise ValueError(f"unknown option(s) for {self.name}: {sorted(opts)} (the LM tasks take "
-                             "language_ratios or language_temperature; data options live in the model section)")
-        if self.language_ratios is not None and self.language_temperature is not None:
-            raise ValueError("give language_ratios or language_temperature, not both")
-        if self.language_ratios is not None and (not isinstance(self.language_ratios, dict) or any(
-                not isinstance(v, (int, float)) or v < 0 for v in self.language_ratios.values())
-                or not any(self.language_ratios.values())):
-            raise ValueError(f"language_ratios: a mapping language -> weight >= 0, not all 0 "
-                             f"(got {self.language_ratios!r})")
-        if self.language_temperature is not None and not 0 <= float(self.language_temperature) <= 1:
-            raise ValueError(f"language_temperature: must be in [0, 1] (got {self.language_temperature!r})")
+        self.language_ratios: dict[str, float] | None = self.options.language_ratios
+        self.language_temperature: float | None = self.options.language_temperature
         self.accept: dict[str, float] | None = None  # training documents kept per language (set in setup)
         self._tok = None
         self.languages: list[str] = list(model_cfg.languages)
@@ -219,44 +235,35 @@ class _LMTask(Task):
         return self.model_cfg.lm_config(self.vocab_size(), kind=self.kind)
 
     # ---------------------------------------------------------------- engine hooks
-    def setup(self, train_cfg: Any) -> None:
+    def setup(self, ctx: TaskContext) -> None:
         """Languages from the training shards' manifest (unless ``model.languages``), and an early check that
         the tokenizer loads and fits ``vocab_size``."""
-        self.run_dir = Path(train_cfg.run.dir)
-        src = str(train_cfg.data.train or "")
+        self.run_dir = ctx.run_dir
+        manifest = ctx.train_manifest
         if not self.languages:
-            if src == "synthetic":
+            if ctx.train_data == "synthetic":
                 self.languages = list(SYNTHETIC_LANGUAGES)
-            else:
-                p = Path(src)
-                if p.is_dir() or p.suffix == ".json":
-                    try:
-                        from mmoe.data import Manifest
-
-                        self.languages = [str(x) for x in (Manifest.load(p).info.get("languages") or [])]
-                    except Exception:  # noqa: BLE001 - a missing manifest is reported by the loader
-                        self.languages = []
+            elif manifest is not None:
+                self.languages = [str(x) for x in (manifest.info.get("languages") or [])]
         if not self.languages and self.tokenizer is not None:
             self.languages = sorted((self.tokenizer.info.get("languages") or {}).keys())
         self.vocab_size()
         if self.language_ratios is not None or self.language_temperature is not None:
-            self.accept = self._acceptance(src)
+            self.accept = self._acceptance(ctx)
 
-    def _acceptance(self, src: str) -> dict[str, float]:
+    def _acceptance(self, ctx: TaskContext) -> dict[str, float]:
         """Share of each language's training documents to keep so that the training stream follows the
         target mixture: ``language_ratios`` (weights) or ``language_temperature`` T (XLM-R: p_l ~ q_l**T
         for the data shares q_l). Keeping ``a_l = (p_l / q_l) / max_l (p_l / q_l)`` of language l's
         documents turns shares q into p (the over-represented languages are subsampled; nothing is
         repeated within an epoch)."""
-        from mmoe.data import Manifest
-
         from .data import temperature_ratios
 
-        p = Path(src)
-        try:
-            counts = Manifest.load(p).info.get("docs_per_language") or {}
-        except Exception as err:  # noqa: BLE001 - reported with the option that needs it
-            raise ValueError(f"language mixing needs the training shards' manifest ({src}): {err}") from None
+        src = ctx.train_data
+        if ctx.train_manifest is None:
+            raise ValueError(f"language mixing needs the training shards' manifest ({src or 'no data.train'}): "
+                             "data.train must be a shard directory or manifest.json that can be read")
+        counts = ctx.train_manifest.info.get("docs_per_language") or {}
         if not counts:
             raise ValueError(f"language mixing: {src}'s manifest has no docs_per_language (text shards from "
                              "mmoe shards text have it)")

@@ -104,3 +104,14 @@ def expert_parallel_forward(experts: nn.Module, x: Tensor, counts: Tensor, group
     y = experts(rows.index_select(0, perm), recv_counts.sum(0))
     y = y.new_empty(y.shape).index_copy(0, perm, y) if y.shape[0] else y
     return all_to_all(y, in_splits, out_splits, group)
+
+
+def all_gather_objects(obj, group=None) -> list:
+    """Every rank's picklable ``obj`` in rank order (`torch.distributed.all_gather_object`); ``[obj]`` without a
+    group of more than one rank. A collective: every rank of ``group`` calls it. Tensors inside ``obj`` should
+    be on the CPU (they are unpickled on the device they were pickled from)."""
+    if not dp_active(group):
+        return [obj]
+    out: list = [None] * dist.get_world_size(group)
+    dist.all_gather_object(out, obj, group=group)
+    return out

@@ -35,8 +35,11 @@ Metrics
 -------
 Validation: ``mlm_loss``, ``mlm_acc`` (masked tokens), ``mim_loss``, ``loss`` (the weighted sum),
 ``i2t_r1`` / ``t2i_r1`` (image->text and text->image retrieval top-1 among the ``eval_batch_size``
-candidates of each batch, from the unmasked image-only and text-only forwards), and the expert load per
-modality of every MoE layer, written to ``RUN/routing_by_modality.json`` and a heatmap PNG.
+candidates of each batch, from the unmasked image-only and text-only forwards), ``split_i2t_r1``,
+``split_i2t_r5``, ``split_t2i_r1``, ``split_t2i_r5`` (recall@1/5 among *all* pairs of the validation split,
+every rank's: the task's evaluator is a `mmoe.train.tasks.CollectingEvaluator` that keeps every pair's
+embeddings; `retrieval_recall`) with ``split_pairs``, and the expert load per modality of every MoE layer,
+written to ``RUN/routing_by_modality.json`` and a heatmap PNG.
 """
 
 from __future__ import annotations
@@ -52,7 +55,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mmoe.train.tasks import Task, register_task
+from mmoe.train.tasks import CollectingEvaluator, NoOptions, Task, TaskContext, register_task
 
 from .data import (IMAGE_MASK_RATIO, PAIR_TEXT_MASK_RATIO, TEXT_MASK_RATIO, CaptionTokenizer, block_mask,
                    load_image, mask_caption)
@@ -106,21 +109,19 @@ def _batch_seed(seeds: list) -> int:
 @register_task("masked_multimodal")
 class MaskedMultimodalTask(Task):
     ModelConfig = MultimodalModelConfig
+    Options = NoOptions  # no task_options: the recipe (masking ratios, streams, loss weights) is in the model section
     unit = "samples"
 
-    def __init__(self, model_cfg: MultimodalModelConfig, options: dict | None = None) -> None:
+    def __init__(self, model_cfg: MultimodalModelConfig, options: NoOptions | None = None) -> None:
         super().__init__(model_cfg, options)
-        if self.options:
-            raise ValueError(f"unknown option(s) for masked_multimodal: {sorted(self.options)} (its options live "
-                             "in the model section: masking ratios, streams, loss weights)")
         self.tokenizer = CaptionTokenizer(context_length=model_cfg.max_text_len)
         self.run_dir: Path | None = None
         self._route_counts: dict[str, dict[str, Tensor]] = {}
         self._routing = False
 
     # ---------------------------------------------------------------- model
-    def setup(self, train_cfg: Any) -> None:
-        self.run_dir = Path(train_cfg.run.dir)
+    def setup(self, ctx: TaskContext) -> None:
+        self.run_dir = ctx.run_dir
 
     def multiway_config(self) -> MultiwayConfig:
         cfg = self.model_cfg.multiway_config(self.tokenizer.vocab_size)
@@ -222,12 +223,18 @@ class MaskedMultimodalTask(Task):
             add_mlm(out["text"], batch["text_labels"], "text")
         return sums
 
-    def _itc(self, model, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
-        """Image-text contrastive loss over the batch and its similarity matrix (unmasked inputs)."""
+    def _itc_embeddings(self, model, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        """L2-normalised image and text embeddings ``[B, D]`` of the unmasked image-only and text-only forwards."""
         m = _module(model)
         img, _ = m.itc_embeddings(vision_hidden=self._run(model, image=batch["images"])["vision"])
         _, txt = m.itc_embeddings(text_hidden=self._run(model, text=batch["ids"],
                                                         text_padding_mask=batch["pad"])["text"])
+        return img, txt
+
+    def _itc(self, model, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        """Image-text contrastive loss over the batch and its similarity matrix (unmasked inputs)."""
+        m = _module(model)
+        img, txt = self._itc_embeddings(model, batch)
         sim = img.float() @ txt.float().t()
         logits = m.logit_scale.exp().float() * sim
         target = torch.arange(sim.shape[0], device=sim.device)
@@ -247,17 +254,43 @@ class MaskedMultimodalTask(Task):
         return total, scalars, batch["images"].shape[0]
 
     @torch.no_grad()
-    def eval_step(self, model, batch) -> dict[str, float]:
+    def _eval_batch(self, model, batch) -> tuple[dict[str, float], Tensor, Tensor]:
+        """The sums of `eval_step` and the batch's image and text embeddings ``[B, D]``."""
         s = self._streams(model, batch)
         out = {k: float(v) for k, v in s.items()}
-        for stream in STREAMS:  # same keys on every rank and batch (the engine all-reduces by key)
+        for stream in STREAMS:  # same keys on every rank and batch
             for k in ("mlm_nll", "mlm_correct", "mlm_count", "mim_sq", "mim_count"):
                 out.setdefault(f"{k}/{stream}", 0.0)
-        _, sim = self._itc(model, batch)
+        img, txt = self._itc_embeddings(model, batch)
+        sim = img.float() @ txt.float().t()
         target = torch.arange(sim.shape[0], device=sim.device)
         out["i2t_hits"] = float((sim.argmax(1) == target).sum())
         out["t2i_hits"] = float((sim.argmax(0) == target).sum())
         out["pairs"] = float(sim.shape[0])
+        return out, img, txt
+
+    @torch.no_grad()
+    def eval_step(self, model, batch) -> dict[str, float]:
+        """Sums over the batch: the losses per stream and the in-batch retrieval hits."""
+        return self._eval_batch(model, batch)[0]
+
+    def evaluator(self) -> CollectingEvaluator:
+        """The sums of `eval_step` and every pair's embeddings, from every rank: `eval_metrics` plus retrieval
+        over the whole split (`retrieval_recall`)."""
+        return CollectingEvaluator(self._eval_record, self._eval_summary)
+
+    def _eval_record(self, model, batch) -> dict[str, Any]:
+        sums, img, txt = self._eval_batch(model, batch)
+        return {"sums": sums, "image": img.float(), "text": txt.float()}
+
+    def _eval_summary(self, records: list[dict[str, Any]]) -> dict[str, float]:
+        sums: dict[str, float] = {}
+        for r in records:
+            for k, v in r["sums"].items():
+                sums[k] = sums.get(k, 0.0) + v
+        out = self.eval_metrics(sums)
+        out.update(retrieval_recall(torch.cat([r["image"] for r in records]),
+                                    torch.cat([r["text"] for r in records]), prefix="split_"))
         return out
 
     def eval_metrics(self, sums: dict[str, float]) -> dict[str, float]:
@@ -292,6 +325,32 @@ class MaskedMultimodalTask(Task):
         data = {layer: {k: v.tolist() for k, v in c.items()} for layer, c in counts.items()}
         (self.run_dir / "routing_by_modality.json").write_text(json.dumps(data, indent=1))
         plot_routing_by_modality(data, self.run_dir / "routing_by_modality.png")
+
+
+def retrieval_recall(image: Tensor, text: Tensor, ks: tuple[int, ...] = (1, 5), *, prefix: str = "",
+                     chunk: int = 1024) -> dict[str, float]:
+    """Image <-> text retrieval recall@k over a whole set of pairs (image i's caption is text i).
+
+    ``i2t_r{k}``: share of images whose caption is among the k texts most similar to them (dot products of
+    the embeddings ``[N, D]``, L2-normalised ones give cosines), out of all N; ``t2i_r{k}`` the other way; plus
+    ``pairs`` = N. A candidate outranks the true one only when strictly more similar, so an exact tie (two
+    identical captions) does not count against the pair. Similarities are computed ``chunk`` rows at a time
+    (memory ``chunk x N``).
+    """
+    image, text = image.float(), text.float()
+    n = image.shape[0]
+    if text.shape[0] != n:
+        raise ValueError(f"retrieval_recall: {n} images but {text.shape[0]} texts")
+    ranks = {"i2t": torch.empty(n, dtype=torch.long), "t2i": torch.empty(n, dtype=torch.long)}
+    for start in range(0, n, chunk):
+        rows = torch.arange(start, min(start + chunk, n))
+        for name, queries, candidates in (("i2t", image, text), ("t2i", text, image)):
+            sim = queries[rows] @ candidates.t()  # [c, N]
+            true = sim[torch.arange(rows.numel()), rows]
+            ranks[name][rows] = (sim > true[:, None]).sum(1)  # candidates strictly more similar
+    out = {f"{prefix}{name}_r{k}": float((r < k).double().mean()) for name, r in ranks.items() for k in ks}
+    out[f"{prefix}pairs"] = float(n)
+    return out
 
 
 def _module(model) -> nn.Module:

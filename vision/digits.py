@@ -78,17 +78,21 @@ class MLPMoE(nn.Module):
         return self.head(self.out_norm(h))
 
 
+@dataclass
+class DigitsOptions:
+    # indices of synthetic examples to corrupt with a NaN pixel, to exercise the engine's non-finite-loss handling
+    corrupt_examples: list[int] = field(default_factory=list)
+
+
 @register_task("digits_mlp")
 class DigitsTask(Task):
     ModelConfig = DigitsModelConfig
+    Options = DigitsOptions
     unit = "images"
 
-    def __init__(self, model_cfg, options=None) -> None:
+    def __init__(self, model_cfg: DigitsModelConfig, options: DigitsOptions | None = None) -> None:
         super().__init__(model_cfg, options)
-        # synthetic examples to corrupt with NaN, to exercise the engine's non-finite-loss handling
-        self._corrupt = {int(i) for i in self.options.pop("corrupt_examples", [])}
-        if self.options:
-            raise ValueError(f"unknown option(s) for digits_mlp: {sorted(self.options)}")
+        self._corrupt = set(self.options.corrupt_examples)
 
     def build_model(self) -> nn.Module:
         return MLPMoE(self.model_cfg)

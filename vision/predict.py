@@ -57,8 +57,13 @@ class Predictor:
         from mmoe.train.configfile import from_dict
 
         task_cls = get_task(cfg.task)
+        try:
+            options = task_cls.parse_options(cfg.task_options, source=str(cfg_path),
+                                             origins=getattr(cfg, "_origins", None))
+        except ConfigError as err:
+            raise CLIError(str(err)) from None
         self.task = task_cls(from_dict(task_cls.ModelConfig, cfg.model, source=str(cfg_path), path="model"),
-                             cfg.task_options)
+                             options)
         if not hasattr(self.task, "decode_eval") or cfg.task != "image_classification":
             raise CLIError(f"{cfg_path}: task {cfg.task!r} is not an image classifier")
         self.task.load_state_dict(meta.get("task_state", {}))
@@ -66,7 +71,7 @@ class Predictor:
         model = self.task.build_model()
         ckpt_lib.load_model_state(model, self.checkpoint, ep_rank=0, ep_size=1)
         self.used_ema = False
-        if use_ema and self.task.opt.ema_decay is not None:
+        if use_ema and self.task.options.ema_decay is not None:
             if meta.get("world_size") != 1:
                 import sys
 

@@ -5,7 +5,7 @@ placement in ``model.moe_layers``. ``model.init`` initialises from a local check
 remapping and position-embedding resizing); with ``model.upcycle_from`` naming the dense timm
 architecture, that checkpoint is a dense ViT and is sparsely upcycled (`vision.upcycle_vit`).
 
-Options (``task_options``, all optional; the defaults are those of timm's ``train.py``):
+Options (``task_options``, `ClassificationOptions`, all optional; the defaults are those of timm's ``train.py``):
 
 =====================  =====================================================================================
 auto_augment           timm policy string, e.g. ``rand-m9-mstd0.5-inc1`` (RandAugment); None = off
@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmoe.train.ema import WeightEMA
-from mmoe.train.tasks import Task, register_task
+from mmoe.train.tasks import Task, TaskContext, register_task
 
 
 @dataclass
@@ -109,6 +109,15 @@ class ClassificationOptions:
     ema_eval: bool = True
     topk: int = 5
     per_class: bool = False
+
+    def __post_init__(self) -> None:
+        # "field: problem": the config loader reports it at that key's file:line
+        if self.topk < 1:
+            raise ValueError(f"topk: must be >= 1, got {self.topk}")
+        if self.layer_decay is not None and not 0 < self.layer_decay <= 1:
+            raise ValueError(f"layer_decay: must be in (0, 1], got {self.layer_decay}")
+        if self.ema_decay is not None and not 0 < self.ema_decay < 1:
+            raise ValueError(f"ema_decay: must be in (0, 1), got {self.ema_decay}")
 
 
 def is_moe_arch(name: str) -> bool:
@@ -192,20 +201,13 @@ class ImageClassificationTask(Task):
     """Classify images of image shards (``jpg``/``png``/... + ``cls``), e.g. from ``mmoe shards imagefolder``."""
 
     ModelConfig = ClassifierConfig
+    Options = ClassificationOptions
     unit = "images"
 
-    def __init__(self, model_cfg: ClassifierConfig, options=None) -> None:
-        from mmoe.train.configfile import from_dict
-
+    def __init__(self, model_cfg: ClassifierConfig, options: ClassificationOptions | None = None) -> None:
         super().__init__(model_cfg, options)
-        self.opt: ClassificationOptions = from_dict(ClassificationOptions, self.options, path="task_options")
-        o, m = self.opt, model_cfg
-        if o.topk < 1:
-            raise ValueError("task_options.topk must be >= 1")
-        if o.layer_decay is not None and not 0 < o.layer_decay <= 1:
-            raise ValueError("task_options.layer_decay must be in (0, 1]")
-        if o.ema_decay is not None and not 0 < o.ema_decay < 1:
-            raise ValueError("task_options.ema_decay must be in (0, 1)")
+        self.options: ClassificationOptions
+        o, m = self.options, model_cfg
         self.classes: list[str] | None = None
         self.ema: WeightEMA | None = None
         self._train_tf = self._eval_tf = None
@@ -218,24 +220,14 @@ class ImageClassificationTask(Task):
                                 num_classes=m.num_classes)
 
     # ---------------------------------------------------------------- setup
-    def setup(self, train_cfg) -> None:
+    def setup(self, ctx: TaskContext) -> None:
         """Read the class names from the training shards' manifest (kept in checkpoints for predict)."""
-        from pathlib import Path
-
-        from mmoe.data import Manifest
-
-        src = str(train_cfg.data.train or "")
-        p = Path(src)
-        if p.is_dir() or p.suffix == ".json":
-            try:
-                classes = Manifest.load(p).info.get("classes")
-            except Exception:  # noqa: BLE001 - names are a convenience; a missing manifest is reported elsewhere
-                classes = None
-            if classes:
-                if len(classes) != self.model_cfg.num_classes:
-                    raise ValueError(f"model.num_classes={self.model_cfg.num_classes} but the shards in {src} "
-                                     f"have {len(classes)} classes")
-                self.classes = [str(c) for c in classes]
+        classes = ctx.train_manifest.info.get("classes") if ctx.train_manifest is not None else None
+        if classes:
+            if len(classes) != self.model_cfg.num_classes:
+                raise ValueError(f"model.num_classes={self.model_cfg.num_classes} but the shards in {ctx.train_data} "
+                                 f"have {len(classes)} classes")
+            self.classes = [str(c) for c in classes]
 
     def build_model(self) -> nn.Module:
         model = build_classifier(self.model_cfg)
@@ -245,15 +237,15 @@ class ImageClassificationTask(Task):
 
     def model_ready(self, model: nn.Module) -> None:
         # after expert sharding and the move to the device: the EMA holds what this rank holds
-        if self.opt.ema_decay is not None:
-            self.ema = WeightEMA(model, self.opt.ema_decay)
+        if self.options.ema_decay is not None:
+            self.ema = WeightEMA(model, self.options.ema_decay)
 
     def lr_scales(self, model: nn.Module) -> dict[str, float] | None:
-        return layer_lr_scales(model, self.opt.layer_decay) if self.opt.layer_decay else None
+        return layer_lr_scales(model, self.options.layer_decay) if self.options.layer_decay else None
 
     # ---------------------------------------------------------------- data
     def _data_cfg(self) -> dict:
-        m, o = self.model_cfg, self.opt
+        m, o = self.model_cfg, self.options
         norm = getattr(self, "_model_norm", None) or ((0.5,) * 3, (0.5,) * 3)  # the model's pretrained_cfg
         mean = o.mean or norm[0]
         std = o.std or norm[1]
@@ -266,12 +258,12 @@ class ImageClassificationTask(Task):
         from timm.data import create_transform
 
         if train and self._train_tf is None:
-            o = self.opt
+            o = self.options
             self._train_tf = create_transform(
                 **self._data_cfg(), is_training=True, auto_augment=o.auto_augment, scale=tuple(o.scale),
                 ratio=tuple(o.ratio), hflip=o.hflip, color_jitter=o.color_jitter, re_prob=o.re_prob)
         if not train and self._eval_tf is None:
-            self._eval_tf = create_transform(**self._data_cfg(), is_training=False, crop_pct=self.opt.crop_pct)
+            self._eval_tf = create_transform(**self._data_cfg(), is_training=False, crop_pct=self.options.crop_pct)
         return self._train_tf if train else self._eval_tf
 
     def _decode(self, sample: dict, train: bool):
@@ -313,7 +305,7 @@ class ImageClassificationTask(Task):
             loss = SoftTargetCrossEntropy()(model(x).float(), target)
         else:
             logits = model(x)
-            loss = F.cross_entropy(logits.float(), y, label_smoothing=self.opt.label_smoothing)
+            loss = F.cross_entropy(logits.float(), y, label_smoothing=self.options.label_smoothing)
             scalars["acc"] = float((logits.argmax(-1) == y).float().mean())
         return loss, scalars, int(y.shape[0])
 
@@ -322,13 +314,13 @@ class ImageClassificationTask(Task):
         x, y = batch
         logits = model(x).float()
         n = self.model_cfg.num_classes
-        k = min(self.opt.topk, n)
+        k = min(self.options.topk, n)
         top = logits.topk(k, dim=-1).indices
         hit = top == y[:, None]
         out = {"loss_sum": float(F.cross_entropy(logits, y, reduction="sum")),
                "correct": float(hit[:, 0].sum()), f"correct{k}": float(hit.any(-1).sum()),
                "count": float(y.numel())}
-        if self.opt.per_class:
+        if self.options.per_class:
             right = torch.bincount(y[hit[:, 0]], minlength=n)
             seen = torch.bincount(y, minlength=n)
             for c in range(n):
@@ -338,10 +330,10 @@ class ImageClassificationTask(Task):
 
     def eval_metrics(self, sums):
         n = max(sums.get("count", 0.0), 1.0)
-        k = min(self.opt.topk, self.model_cfg.num_classes)
+        k = min(self.options.topk, self.model_cfg.num_classes)
         out = {"loss": sums["loss_sum"] / n, "acc": sums["correct"] / n, f"acc{k}": sums[f"correct{k}"] / n,
                "count": sums.get("count", 0.0)}
-        if self.opt.per_class:
+        if self.options.per_class:
             names = self.classes or [str(c) for c in range(self.model_cfg.num_classes)]
             for c, name in enumerate(names):
                 seen = sums.get(f"class{c}_count", 0.0)
@@ -355,7 +347,7 @@ class ImageClassificationTask(Task):
             self.ema.update(model)
 
     def eval_begin(self, model) -> None:
-        if self.ema is not None and self.opt.ema_eval:
+        if self.ema is not None and self.options.ema_eval:
             self.ema.swap_in(model)
 
     def eval_end(self, model) -> None:

@@ -288,6 +288,8 @@ def variant_config(cf: CompareFile, variant: Variant, *, overrides: Sequence[str
         task_cls = _task_class(cfg.task, cf.path)
         if task_cls.ModelConfig is not dict:  # the engine validates it only when it starts: fail before training
             from_dict(task_cls.ModelConfig, cfg.model, source=cf.path, path="model", origins=origins)
+        task_cls.parse_options(cfg.task_options, source=cf.path, origins=origins)  # likewise
+        object.__setattr__(cfg, "_origins", origins)  # for the engine's later validation of these sections
     except ConfigError as err:
         if f"variant {variant.name!r}" in err.origin:
             raise
@@ -400,11 +402,13 @@ def train_run(run: Run, source: str) -> dict:
 
 def _task_for(cfg, source: str):
     from ..train.configfile import from_dict
+    from ..train.tasks import TaskContext
 
     task_cls = _task_class(cfg.task, source)
     model_cfg = from_dict(task_cls.ModelConfig, cfg.model, source=source, path="model")
-    task = task_cls(model_cfg, cfg.task_options)
-    task.setup(cfg)
+    options = task_cls.parse_options(cfg.task_options, source=source, origins=getattr(cfg, "_origins", None))
+    task = task_cls(model_cfg, options)
+    task.setup(TaskContext.from_config(cfg))
     return task
 
 

@@ -51,7 +51,8 @@ Rules
       so its messages carry the same key path.
     * Unknown keys are errors that suggest close matches (``optim.lrr: unknown key (did you mean
       'lr'?)``); a field without a default must be given (``missing required key``).
-    * Line numbers: values read from a file are reported as ``file:line`` of their key.
+    * Line numbers: values read from a file are reported as ``file:line`` of their key. `load_config` leaves
+      the origins on the object it returns (``cfg._origins``) for sections validated later.
     * Overrides (``load_config(..., overrides)`` / `apply_overrides`): ``a.b.c=value``; the value is
       parsed with YAML scalar rules (``lr=3e-4`` float, ``ep_size=2`` int, ``router=xmoe`` str,
       ``milestones=[1,2]`` list, ``capacity_factor=null`` None; quote to force a string:
@@ -708,21 +709,22 @@ def apply_overrides(
 def load_config(cls: type[T], path: str | os.PathLike, overrides: Sequence[str] = ()) -> T:
     """Load dataclass ``cls`` from a YAML file (with ``base`` inheritance) and ``key=value`` overrides.
 
-    The returned object carries the ``{key path: file:line}`` map of its values as ``_origins`` (not a
-    field: not saved, not compared), so that a section validated later names its lines too (the engine
-    passes it to ``from_dict(task.ModelConfig, cfg.model, path="model", origins=...)``).
+    The returned object carries ``_origins`` (not a field: ``==``, `to_dict` and `save_config` ignore it), the
+    map from key paths to ``file:line`` / override, so that a section typed ``dict[str, Any]`` and validated
+    later (``task_options``, ``model``) can still be reported at its line:
+    ``from_dict(Cls, cfg.model, source=..., path="model", origins=getattr(cfg, "_origins", None))``.
 
     Raises:
         ConfigError: any problem in the file(s) or the overrides, with file, line, key and problem.
     """
     data, origins = load_yaml(path)
     data = apply_overrides(data, overrides, cls=cls, origins=origins)
-    cfg = from_dict(cls, data, source=str(path), origins=origins)
-    try:  # for sections validated later (a task's ``model:``): ``from_dict(..., origins=cfg._origins)``
-        object.__setattr__(cfg, "_origins", origins)
-    except AttributeError:  # a slots dataclass: messages then name the file without the line
+    obj = from_dict(cls, data, source=str(path), origins=origins)
+    try:
+        object.__setattr__(obj, "_origins", dict(origins))  # also on a frozen dataclass
+    except AttributeError:  # a slots dataclass has no room for it: callers fall back to the file name
         pass
-    return cfg
+    return obj
 
 
 def save_config(obj: Any, path: str | os.PathLike) -> Path:

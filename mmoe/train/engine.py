@@ -6,7 +6,7 @@ groups (weight decay off for norms, biases and routers unless configured; expert
 DeepSpeed "moe" groups so they are reduced over the expert-data-parallel group only), a DeepSpeed
 engine (ZeRO 0/1/2, gradient clipping and accumulation, bf16 where the device has it), the shard
 loaders with exact resume, checkpoints, and logging. ``Trainer.fit()`` trains; ``Trainer.evaluate()``
-evaluates.
+evaluates (the task's `mmoe.train.tasks.Evaluator`, gathered over the ranks).
 
 Everything DeepSpeed-specific (start-up, expert groups, the generated DeepSpeed config, teaching its engine
 that `mmoe.MoE` is an MoE layer) is in `mmoe.train.deepspeed`, the only module that imports DeepSpeed.
@@ -38,7 +38,7 @@ from . import deepspeed as ds
 from .optim import lr_lambda, param_groups
 from .sharding import shard_experts
 from .config import TrainConfig
-from .tasks import Task, get_task
+from .tasks import Task, TaskContext, get_task
 
 
 # ---------------------------------------------------------------------------------------- setup
@@ -149,14 +149,12 @@ class Trainer:
             raise TrainingError(f"{config_source}: task: {err.args[0]}") from None
         model_cfg = from_dict(task_cls.ModelConfig, cfg.model, source=config_source, path="model",
                               origins=getattr(cfg, "_origins", None))
+        # task_options is a plain mapping in the YAML: validated here, with the file:line of its keys
+        options = task_cls.parse_options(cfg.task_options, source=config_source,
+                                         origins=getattr(cfg, "_origins", None))
+        self.task: Task = task_cls(model_cfg, options)
         try:
-            self.task: Task = task_cls(model_cfg, cfg.task_options)
-        except ValueError as err:
-            from .configfile import ConfigError
-
-            raise ConfigError(config_source, "task_options", str(err)) from None
-        try:
-            self.task.setup(cfg)
+            self.task.setup(TaskContext.from_config(cfg, rank=self.rank, world_size=self.world))
         except ValueError as err:
             raise TrainingError(f"{config_source}: {err}") from None
 
@@ -449,10 +447,13 @@ class Trainer:
             engine.train()
 
     def _evaluate(self, engine, loader) -> dict[str, float]:
-        sums: dict[str, float] = {}
+        """One pass of the task's evaluator (`mmoe.train.tasks.Evaluator`) over this rank's share of the split,
+        gathered over the world; every rank returns the same metrics."""
+        ev = self.task.evaluator()
+        ev.reset()
         cap = self.cfg.train.eval_batches
         # every rank must take part in each expert-parallel forward: a rank whose shards are done repeats
-        # its last batch (results discarded) until every rank is done
+        # the forward of its last batch (outputs dropped, never processed) until every rank is done
         batches = iter(loader)
         i = 0
         last = None
@@ -465,15 +466,14 @@ class Trainer:
                 break
             if batch is None:
                 if last is not None and self.cfg.dist.ep_size > 1:
-                    self.task.eval_step(engine, last)
+                    ev.run(engine, last)
                 i += 1
                 continue
             last = self._to_device(batch)
-            for k, v in self.task.eval_step(engine, last).items():
-                sums[k] = sums.get(k, 0.0) + float(v)
+            ev.process(last, ev.run(engine, last))
             i += 1
-        sums = self._sum_over_ranks(sums)
-        metrics = self.task.eval_metrics(sums) if sums else {}
+        ev.gather(dist.group.WORLD if self.world > 1 else None)
+        metrics = ev.summarize()
         if self.logger is not None and metrics:
             self.logger.log(self.step, **{f"val/{k}": v for k, v in metrics.items()})
         return metrics

@@ -255,14 +255,18 @@ def lm_data(tmp_path_factory):
     return tmp
 
 
-def _task(lm_data, cls=CausalLMTask, **kw):
-    from types import SimpleNamespace
+def _ctx(lm_data):
+    from mmoe.train.tasks import TaskContext, data_manifest
 
+    shards = str(lm_data / "shards")
+    return TaskContext(run_dir=lm_data / "norun", train_data=shards, train_manifest=data_manifest(shards))
+
+
+def _task(lm_data, cls=CausalLMTask, **kw):
     cfg = LMModelConfig(tokenizer=str(lm_data / "tok" / "spm.model"), seq_len=64, dim=32, depth=2, num_heads=4,
                         moe={"num_experts": 4, "top_k": 2, "heads": 2}, **kw)
     task = cls(cfg)
-    task.setup(SimpleNamespace(run=SimpleNamespace(dir=str(lm_data / "norun")),
-                               data=SimpleNamespace(train=str(lm_data / "shards"))))
+    task.setup(_ctx(lm_data))
     return task
 
 
@@ -468,16 +472,13 @@ def test_evaluation_writes_routing_by_language(trained_run):
 def test_language_mixture_of_the_training_stream(lm_data, options):
     """``task_options.language_ratios`` / ``language_temperature`` subsample training documents so that the
     stream follows the target mixture; evaluation keeps every document; decisions are seeded per sample."""
-    from types import SimpleNamespace
-
     from mmoe.data import Manifest, ShardLoader
 
     from language.data import temperature_ratios
 
     cfg = LMModelConfig(tokenizer=str(lm_data / "tok" / "spm.model"), seq_len=64, dim=32, depth=2, num_heads=4)
-    task = CausalLMTask(cfg, dict(options))
-    task.setup(SimpleNamespace(run=SimpleNamespace(dir=str(lm_data / "norun")),
-                               data=SimpleNamespace(train=str(lm_data / "shards"))))
+    task = CausalLMTask(cfg, CausalLMTask.parse_options(options))
+    task.setup(_ctx(lm_data))
     counts = Manifest.load(lm_data / "shards").info["docs_per_language"]
     total = sum(counts.values())
     if "language_ratios" in options:
@@ -507,6 +508,29 @@ def test_language_mixture_of_the_training_stream(lm_data, options):
     assert task.decode_eval(sample) is not None
     assert (task.decode(sample) is None) == (task.decode(dict(sample)) is None)
     with pytest.raises(ValueError, match="xx"):
-        bad = CausalLMTask(cfg, {"language_ratios": {"xx": 1}})
-        bad.setup(SimpleNamespace(run=SimpleNamespace(dir=str(lm_data / "norun")),
-                                  data=SimpleNamespace(train=str(lm_data / "shards"))))
+        bad = CausalLMTask(cfg, CausalLMTask.parse_options({"language_ratios": {"xx": 1}}))
+        bad.setup(_ctx(lm_data))
+
+
+def test_language_mixture_options_are_validated_per_field(tmp_path):
+    from mmoe.errors import ConfigError
+    from mmoe.train.tasks import TaskContext
+
+    parse = CausalLMTask.parse_options
+    assert parse({"language_ratios": {"en": 3, "de": 0}}).language_ratios == {"en": 3.0, "de": 0.0}
+    for options, message in [
+        ({"language_ratios": {"en": 1}, "language_temperature": 0.3},
+         r"task_options\.language_temperature: give language_ratios or language_temperature, not both"),
+        ({"language_ratios": {"en": -1, "de": 2}}, r"task_options\.language_ratios: a mapping language -> weight"),
+        ({"language_ratios": {"en": 0}}, r"task_options\.language_ratios: .*not all 0"),
+        ({"language_temperature": 1.5}, r"task_options\.language_temperature: must be in \[0, 1\]"),
+        ({"language_ratio": {"en": 1}}, r"task_options\.language_ratio: unknown key \(did you mean 'language_ratios'"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            parse(options)
+    # mixing needs the training shards' manifest (synthetic data has none)
+    task = CausalLMTask(LMModelConfig(vocab_size=64, seq_len=24, dim=32, depth=2, num_heads=4),
+                        parse({"language_temperature": 0.5}))
+    with pytest.raises(ValueError, match="language mixing needs the training shards' manifest"):
+        task.setup(TaskContext(run_dir=tmp_path, train_data="synthetic"))
+    assert task.languages == ["syn0", "syn1"]

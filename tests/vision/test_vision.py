@@ -258,7 +258,8 @@ class _FixedLogits(torch.nn.Module):
 def test_topk_and_per_class_accuracy():
     from vision.tasks import ClassifierConfig
 
-    task = ImageClassificationTask(ClassifierConfig(num_classes=4), {"topk": 2, "per_class": True})
+    task = ImageClassificationTask(ClassifierConfig(num_classes=4),
+                                   ImageClassificationTask.Options(topk=2, per_class=True))
     logits = torch.tensor([[5.0, 4, 0, 0], [0, 5, 4, 0], [0, 0, 1, 5], [4, 0, 5, 0], [0, 0, 1, 5]])
     y = torch.tensor([0, 2, 2, 0, 1])
     sums = task.eval_step(_FixedLogits(logits), (torch.zeros(5, 1), y))
@@ -272,12 +273,18 @@ def test_topk_and_per_class_accuracy():
 def test_task_option_errors():
     from vision.tasks import ClassifierConfig
 
-    with pytest.raises(ValueError, match="mixupp"):
-        ImageClassificationTask(ClassifierConfig(num_classes=4), {"mixupp": 0.8})
-    with pytest.raises(ValueError, match="layer_decay"):
-        ImageClassificationTask(ClassifierConfig(num_classes=4), {"layer_decay": 1.5})
+    from mmoe.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"task_options\.mixupp: unknown key \(did you mean 'mixup'"):
+        ImageClassificationTask.parse_options({"mixupp": 0.8})
+    with pytest.raises(ConfigError, match=r"task_options\.layer_decay: must be in \(0, 1\]"):
+        ImageClassificationTask.parse_options({"layer_decay": 1.5})
+    with pytest.raises(ValueError, match="^topk: must be >= 1"):
+        ImageClassificationTask.Options(topk=0)
+    with pytest.raises(TypeError, match="parse_options"):
+        ImageClassificationTask(ClassifierConfig(num_classes=4), {"topk": 2})
     with pytest.raises(ValueError, match="dense model"):
-        ImageClassificationTask(ClassifierConfig(arch="vit_tiny_patch16_224", moe={"top_k": 1}), {}).build_model()
+        ImageClassificationTask(ClassifierConfig(arch="vit_tiny_patch16_224", moe={"top_k": 1})).build_model()
 
 
 # ------------------------------------------------------------------------------------------ engine runs
