@@ -122,13 +122,15 @@ class TaskContext:
     Attributes:
         run_dir: the run folder (the task may write its own files there, e.g. plots).
         train_data: ``data.train`` as configured (shard pattern, directory, ``manifest.json``, ``synthetic``;
-            ``""`` when none).
+            ``""`` when none); with ``data.sources``, the first source's path.
         val_data: ``data.val`` (None when there is no validation data).
         train_manifest: the manifest of ``train_data`` (class names, languages, counts in its ``info``); None
             when ``train_data`` is not a shard directory / manifest or cannot be read (`data_manifest`).
         val_manifest: the same for ``val_data``.
         rank: this process's rank in the world; world_size: the number of ranks.
         seed: ``run.seed``.
+        sources: with ``data.sources``: ``(source, its manifest or None)`` per source, in config order (a
+            multi-task task reads each task's classes or languages from its own source); else empty.
     """
 
     run_dir: Path
@@ -139,14 +141,17 @@ class TaskContext:
     rank: int = 0
     world_size: int = 1
     seed: int = 0
+    sources: tuple = ()
 
     @classmethod
     def from_config(cls, cfg: Any, *, rank: int = 0, world_size: int = 1) -> "TaskContext":
         """The context of a `TrainConfig` (``data.train``, ``data.val``, ``run.dir``, ``run.seed``)."""
-        train = str(cfg.data.train or "")
+        sources = tuple((src, data_manifest(src.path)) for src in getattr(cfg.data, "sources", None) or ())
+        train = sources[0][0].path if sources else str(cfg.data.train or "")
         val = str(cfg.data.val) if cfg.data.val else None
-        return cls(run_dir=Path(cfg.run.dir), train_data=train, val_data=val, train_manifest=data_manifest(train),
-                   val_manifest=data_manifest(val), rank=rank, world_size=world_size, seed=int(cfg.run.seed))
+        return cls(run_dir=Path(cfg.run.dir), train_data=train, val_data=val,
+                   train_manifest=sources[0][1] if sources else data_manifest(train), val_manifest=data_manifest(val),
+                   rank=rank, world_size=world_size, seed=int(cfg.run.seed), sources=sources)
 
 
 # ---------------------------------------------------------------------------------------- evaluators

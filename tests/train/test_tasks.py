@@ -90,6 +90,17 @@ def test_task_context_from_config(tmp_path):
     assert ctx.val_data == "synthetic" and ctx.val_manifest is None
     assert data_manifest(str(data / "manifest.json")).num_samples == 1797
     assert data_manifest(str(data / "train-*.tar")) is None and data_manifest(str(tmp_path / "none")) is None
+    assert ctx.sources == ()
+
+    # with data.sources the task sees every source's manifest, and the first one as train_manifest
+    other = tmp_path / "other"
+    other.mkdir()
+    cfg = from_dict(TrainConfig, {"task": "digits_mlp", "run": {"dir": str(tmp_path / "run")},
+                                  "data": {"sources": [{"path": str(data), "task": "cls", "weight": 2.0},
+                                                       {"path": str(other), "task": "det"}]}})
+    ctx = TaskContext.from_config(cfg)
+    assert ctx.train_data == str(data) and ctx.train_manifest.num_samples == 1797
+    assert [(src.task, m is not None) for src, m in ctx.sources] == [("cls", True), ("det", False)]
 
 
 # ------------------------------------------------------------------------------------------ evaluators
