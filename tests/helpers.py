@@ -4,8 +4,10 @@ ranks under DeepSpeed's launcher). ``tests/`` is on ``sys.path`` through its con
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 
@@ -36,3 +38,19 @@ def run_mmoe(args, world: int = 1, check: bool = True, timeout: int = 240) -> su
     if check and p.returncode != 0:
         raise AssertionError(f"mmoe {' '.join(args)} (world {world}) failed:\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}")
     return p
+
+
+def kill_after_checkpoint(cmd: list[str], checkpoint: Path, timeout: float = 180) -> int:
+    """Start ``cmd`` (a training run), SIGKILL its whole process group as soon as ``checkpoint`` exists (a
+    complete checkpoint folder), and return its exit status."""
+    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            start_new_session=True)
+    deadline = time.time() + timeout
+    while not checkpoint.is_dir():
+        assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+        assert time.time() < deadline, f"no {checkpoint.name} after {timeout:.0f} s"
+        time.sleep(0.01)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    proc.stderr.close()
+    return proc.returncode

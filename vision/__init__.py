@@ -8,8 +8,7 @@ alone loads nothing heavy, so that ``mmoe demo --help`` stays fast.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from mmoe._lazy import lazy_exports
 
 _EXPORTS = {
     "VisionTransformerMoE": "models", "vit_moe_config": "models", "moe_block_indices": "models",
@@ -20,14 +19,4 @@ _EXPORTS = {
 __all__ = list(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'vision' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{module}", __name__), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_exports(__name__, globals(), _EXPORTS)

@@ -21,9 +21,7 @@ The names are imported lazily, so ``import mmoe.data`` (and ``mmoe --help``) sta
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
-
+from .._lazy import lazy_exports
 from .errors import DataError, DataWarning
 
 _EXPORTS = {
@@ -41,14 +39,4 @@ _EXPORTS = {
 __all__ = ["DataError", "DataWarning", *_EXPORTS]
 
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{module}", __name__), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_exports(__name__, globals(), _EXPORTS)

@@ -19,9 +19,9 @@ from vision.digits import DigitsTask
 
 @register_task("digits_sources_test")
 class SourcesDigitsTask(DigitsTask):
-    def setup(self, train_cfg) -> None:
-        super().setup(train_cfg)
-        self.log_path = Path(train_cfg.run.dir) / "data_log.jsonl"
+    def setup(self, ctx) -> None:
+        super().setup(ctx)
+        self.log_path = Path(ctx.run_dir) / "data_log.jsonl"
         self.seen: list = []
 
     def decode(self, sample: dict):

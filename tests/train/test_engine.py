@@ -5,12 +5,10 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -19,7 +17,7 @@ import torch
 from mmoe.train.runlog import read_jsonl
 from mmoe.train import checkpoint as ckpt_lib
 
-from helpers import _env, _free_port, mmoe_cmd, run_mmoe  # noqa: F401 (tests/helpers.py)
+from helpers import _env, _free_port, kill_after_checkpoint, mmoe_cmd, run_mmoe  # noqa: F401 (tests/helpers.py)
 
 pytestmark = pytest.mark.distributed
 
@@ -156,17 +154,7 @@ def test_killed_run_resumes_with_the_same_loss_curve(tmp_path, digits):
 
     cfg = shard_cfg(tmp_path, "killed", digits)
     ckpts = tmp_path / "killed" / "checkpoints"
-    proc = subprocess.Popen(mmoe_cmd(["train", str(cfg)]), env=_env(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, start_new_session=True)
-    deadline = time.time() + 180
-    while not (ckpts / "step_0000020").is_dir():
-        assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
-        assert time.time() < deadline, "no checkpoint after 3 minutes"
-        time.sleep(0.01)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    proc.stderr.close()
-    assert proc.returncode == -signal.SIGKILL
+    assert kill_after_checkpoint(mmoe_cmd(["train", str(cfg)]), ckpts / "step_0000020") == -signal.SIGKILL
     at_kill = ckpt_lib.find_latest(ckpts)
     assert at_kill is not None and ckpt_lib.read_meta(at_kill)["step"] < 100
 
@@ -215,16 +203,7 @@ def test_two_weighted_sources_resume_exactly_after_a_kill(tmp_path, digits):
 
     cfg = write_cfg(tmp_path, "killed", text)
     ckpts = tmp_path / "killed" / "checkpoints"
-    proc = subprocess.Popen(command(["train", str(cfg)]), env=_env(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, start_new_session=True)
-    deadline = time.time() + 180
-    while not (ckpts / "step_0000010").is_dir():
-        assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
-        assert time.time() < deadline, "no checkpoint after 3 minutes"
-        time.sleep(0.01)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    proc.stderr.close()
+    kill_after_checkpoint(command(["train", str(cfg)]), ckpts / "step_0000010")
     at_kill = ckpt_lib.find_latest(ckpts)
     assert at_kill is not None and ckpt_lib.read_meta(at_kill)["step"] < 40
     state = ckpt_lib.load_rank_state(at_kill, 0)["loader"]
