@@ -1,7 +1,8 @@
 """The architecture's import rules, checked on the source (README "Architecture"):
 
 - the core (`mmoe` top level) imports neither the engine, the tools, the data layer nor a task family;
-- no module of `mmoe` imports `vision`, `language` or `multimodal` (families plug in by entry points);
+- no module of `mmoe` imports `vision`, `language` or `multimodal` (families plug in by entry points), and
+  no family imports another;
 - only `mmoe/train/deepspeed.py` imports DeepSpeed;
 - there is no import cycle between modules (imports inside functions count too);
 - ``mmoe --help`` and ``mmoe CMD --help`` import neither torch nor DeepSpeed.
@@ -91,6 +92,14 @@ def test_mmoe_never_imports_a_family(graph):
         if mod.split(".")[0] == "mmoe":
             bad = sorted(m for m in imps if m.split(".")[0] in FAMILIES)
             assert not bad, f"{mod} imports task families {bad}"
+
+
+def test_no_family_imports_another(graph):
+    for mod, imps in sorted(graph.items()):
+        family = mod.split(".")[0]
+        if family in FAMILIES:
+            bad = sorted(m for m in imps if m.split(".")[0] in FAMILIES and m.split(".")[0] != family)
+            assert not bad, f"{mod} imports another task family: {bad} (shared code belongs in mmoe)"
 
 
 def test_only_train_deepspeed_imports_deepspeed(graph):
