@@ -1,5 +1,6 @@
 """Helpers shared by the test packages: run ``mmoe`` as users do, in fresh processes (one rank, or two CPU
-ranks under DeepSpeed's launcher). ``tests/`` is on ``sys.path`` through its conftest."""
+ranks under DeepSpeed's launcher). ``tests`` is a package, imported from the repository root
+(``from tests.helpers import run_mmoe``)."""
 
 from __future__ import annotations
 

@@ -52,6 +52,7 @@ def _load(args):
 
 def run_train(args) -> int:
     _setup_env()
+    from .deepspeed import finish
     from .engine import Trainer
 
     if args.resume not in (None, "latest") and "=" in args.resume and not os.path.exists(args.resume):
@@ -67,6 +68,7 @@ def run_train(args) -> int:
     metrics = trainer.fit()
     if trainer.rank == 0:
         print(json.dumps({"step": trainer.step, **{f"val_{k}": v for k, v in metrics.items()}}))
+    finish()
     return 0
 
 
@@ -76,6 +78,7 @@ def run_eval(args) -> int:
 
     from ..errors import CLIError
     from . import checkpoint as ckpt_lib
+    from .deepspeed import finish
     from .engine import Trainer
 
     cfg = _load(args)
@@ -93,4 +96,5 @@ def run_eval(args) -> int:
         print(json.dumps(out))
         if args.json:
             Path(args.json).write_text(json.dumps(out, indent=1))
+    finish()
     return 0

@@ -13,7 +13,7 @@ import socket
 import torch
 import torch.distributed as dist
 
-__all__ = ["init_distributed", "teach_deepspeed", "expert_groups", "deepspeed_config", "initialize",
+__all__ = ["init_distributed", "finish", "teach_deepspeed", "expert_groups", "deepspeed_config", "initialize",
            "moe_layer_class"]
 
 
@@ -44,6 +44,16 @@ def init_distributed(backend: str = "auto") -> None:
         # (the attribute deepspeed.comm.torch is the torch package; fetch the submodule itself)
         importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+
+
+def finish() -> None:
+    """End of a command: wait for every rank, then take the process group down. A rank that exits while
+    another one's gloo threads still talk to it can kill that one ("terminate called without an active
+    exception"); call this once, when no further `Trainer` will run in the process."""
+    if dist.is_available() and dist.is_initialized():
+        if dist.get_world_size() > 1:
+            dist.barrier()
+        dist.destroy_process_group()
 
 
 def teach_deepspeed(moe_class: type) -> None:

@@ -15,7 +15,7 @@ import mmoe
 from mmoe import MoE, MoEConfig, RoutingCounter, count_params, moe_block_indices, moe_config_from_section
 from mmoe.errors import ConfigError
 
-from helpers import run_mmoe  # noqa: E402 (tests/helpers.py)
+from tests.helpers import run_mmoe  # noqa: E402 (tests/helpers.py)
 
 
 # ------------------------------------------------------------------------------------------------ section builder

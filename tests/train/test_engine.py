@@ -17,7 +17,7 @@ import torch
 from mmoe.train.runlog import read_jsonl
 from mmoe.train import checkpoint as ckpt_lib
 
-from helpers import _env, _free_port, kill_after_checkpoint, mmoe_cmd, run_mmoe  # noqa: F401 (tests/helpers.py)
+from tests.helpers import _env, _free_port, kill_after_checkpoint, mmoe_cmd, run_mmoe  # noqa: F401 (tests/helpers.py)
 
 pytestmark = pytest.mark.distributed
 

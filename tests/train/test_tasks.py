@@ -19,7 +19,7 @@ import torch.multiprocessing as mp
 from mmoe.errors import ConfigError
 from mmoe.train.tasks import CollectingEvaluator, NoOptions, SumEvaluator, Task, TaskContext, data_manifest
 
-from helpers import _env, _free_port, run_mmoe  # noqa: F401 (tests/helpers.py)
+from tests.helpers import _env, _free_port, run_mmoe  # noqa: F401 (tests/helpers.py)
 
 
 # ------------------------------------------------------------------------------------------ options
@@ -245,6 +245,7 @@ import json, sys
 import torch
 import torch.nn.functional as F
 from mmoe.train.config import load_train_config
+from mmoe.train.deepspeed import finish
 from mmoe.train.engine import Trainer
 from mmoe.train.tasks import CollectingEvaluator, register_task
 from vision.digits import DigitsTask
@@ -277,6 +278,7 @@ trainer.task.collect = False
 out["sum"] = trainer.evaluate()
 if trainer.rank == 0:
     print("RESULT " + json.dumps(out))
+finish()
 """
 
 ENGINE_CFG = """\

@@ -17,7 +17,7 @@ import vision.models  # noqa: F401 - registers the vit_moe_* models in timm
 from vision.models import VisionTransformerMoE, moe_block_indices
 from vision.tasks import ImageClassificationTask, WeightEMA, layer_lr_scales
 
-from helpers import run_mmoe  # noqa: E402 - tests/helpers.py
+from tests.helpers import run_mmoe  # noqa: E402 - tests/helpers.py
 
 SMALL = dict(img_size=32, patch_size=8, num_classes=7)
 
