@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 
 def _mmoe(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "mmoe", *args], capture_output=True, text=True, timeout=timeout)
@@ -97,3 +99,26 @@ def test_bench_paired_ratios_cancel_drift():
     lo, hi = results["slow"]["ratio_iqr_vs_base"]
     assert abs(lo - 1.1) < 1e-12 and abs(hi - 1.1) < 1e-12
     assert results["failed"]["ratio_vs_base"] is None
+
+
+def test_a_missing_family_is_an_explained_error(monkeypatch, capsys):
+    """Families plug in by entry points; one that is declared but cannot be imported is one explained line."""
+    from importlib.metadata import EntryPoint
+
+    import mmoe.cli
+    import mmoe.plugins
+    import mmoe.train.tasks as tasks
+
+    ghost = {"ghost": EntryPoint(name="ghost", value="no_such_family.tasks:GhostTask", group="mmoe.tasks")}
+    monkeypatch.setattr(mmoe.plugins, "family_entry_points", lambda group: ghost)
+    with pytest.raises(KeyError, match=r"task 'ghost' comes from no_such_family.tasks:GhostTask, which cannot be "
+                                       r"imported \(No module named 'no_such_family'\)"):
+        tasks.get_task("ghost")
+    with pytest.raises(KeyError, match=r"unknown task 'nope'; known tasks: .*ghost"):
+        tasks.get_task("nope")
+
+    broken = {"ghost": EntryPoint(name="ghost", value="no_such_family.cli:COMMAND", group="mmoe.commands")}
+    monkeypatch.setattr(mmoe.cli, "family_entry_points", lambda group: broken if group == "mmoe.commands" else {})
+    assert mmoe.cli.main(["--help"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "command 'ghost' comes from no_such_family.cli:COMMAND" in err[0], err
