@@ -1,4 +1,5 @@
-"""The vision family's commands (``mmoe demo``, ``mmoe predict``) and shard source (``mmoe shards digits``),
+"""The vision family's commands (``mmoe demo``, ``mmoe predict``) and shard sources (``mmoe shards digits``,
+``mmoe shards shapes-det``),
 found by ``mmoe`` through the ``mmoe.commands`` / ``mmoe.shards`` entry points. Standard library only at
 module level: ``mmoe demo --help`` loads no torch."""
 
@@ -27,6 +28,28 @@ def _write_digits(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_shapes_det_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("out", metavar="OUT", help="output directory (coco/ folder, shards + manifest.json)")
+    p.add_argument("--num", type=int, default=1000, help="number of images (default 1000)")
+    p.add_argument("--img-size", type=int, default=128, help="image side in pixels (default 128)")
+    p.add_argument("--seed", type=int, default=0, help="generator seed (default 0)")
+    p.add_argument("--samples-per-shard", type=int, default=1000, help="samples per shard (default 1000)")
+    p.add_argument("--val-fraction", type=float, default=0.2, help="fraction in the val split (default 0.2)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _write_shapes_det(args: argparse.Namespace) -> int:
+    from mmoe.data.cli import split_summary
+
+    from .detection_data import write_shapes_det
+
+    manifest = write_shapes_det(args.out, num_images=args.num, img_size=args.img_size, seed=args.seed,
+                                val_fraction=args.val_fraction, samples_per_shard=args.samples_per_shard,
+                                progress=not args.quiet)
+    print(split_summary(manifest))
+    return 0
+
+
 DEMO = Command(lazy("vision.demo", "add_args"), lazy("vision.demo", "run"),
                "train a ViT-MoE (MH-MoE + Default MoE) and a dense ViT of equal active compute on "
                "scikit-learn's digits; accuracies, throughput, expert-load heatmap, loss curves")
@@ -35,3 +58,7 @@ PREDICT = Command(lazy("vision.predict", "add_args"), lazy("vision.predict", "ru
 DIGITS_SHARDS = Command(_add_digits_args, _write_digits,
                         "the 8x8 handwritten digits that scikit-learn ships (no download): PNGs with 'cls' "
                         "labels, split into train-* and val-* by key hash (--val-fraction, default 0.2)")
+SHAPES_DET_SHARDS = Command(_add_shapes_det_args, _write_shapes_det,
+                            "generated detection / segmentation set: shapes of 4 classes with occlusion, "
+                            "visible-instance masks (COCO RLE), boxes and label maps on textured backgrounds; "
+                            "a COCO folder under OUT/coco plus its shards, deterministic for a seed")
