@@ -16,6 +16,7 @@ gets every run's aux terms from one call.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 from dataclasses import dataclass, field
@@ -122,7 +123,7 @@ class MoE(nn.Module):
         cfg.validate()
         self.cfg = cfg
         self.dp_group = dp_group
-        # expert parallelism: set by `mmoe.parallel.shard_experts` (None / 1 = every expert local)
+        # expert parallelism: set by `mmoe.train.sharding.shard_experts` (None / 1 = every expert local)
         self.ep_group = None
         self.ep_size = 1
         D, dh, E = cfg.dim, cfg.expert_dim, cfg.num_experts
@@ -384,14 +385,24 @@ class MoE(nn.Module):
         tensors for backward, and keeps nothing; ``collect`` adds the aux terms to the pending sum."""
         cfg = self.cfg
         E = cfg.num_experts
+        with torch.no_grad():
+            # [G, E] routed (before capacity) / kept slots per task (G = 1 for a single-task forward)
+            if row_task is None:
+                routed_g, kept_g = plan.routed.unsqueeze(0), plan.counts.unsqueeze(0)
+            else:
+                routed_g = losses.group_expert_counts(r.indices, row_task, cfg.num_tasks, E)
+                kept_g = torch.bincount(row_task[plan.token] * E + plan.expert, minlength=cfg.num_tasks * E)
+                kept_g = kept_g.view(cfg.num_tasks, E)
         per_task_aux: dict[int, dict[str, Tensor]] = {}
         if self.training or torch.is_grad_enabled():
             counts = None
             if cfg.aux_loss_weight > 0 and cfg.balance_loss == "switch":
                 # every task's slot counts in one collective (same shape on every rank)
-                counts = r.probs.new_zeros(cfg.num_tasks, E)
-                for t, _, rt in parts:
-                    counts[t] = losses.expert_counts(rt.indices, E)
+                if row_task is None:
+                    counts = r.probs.new_zeros(cfg.num_tasks, E)
+                    counts[parts[0][0]] = routed_g[0]
+                else:
+                    counts = routed_g.to(r.probs.dtype)
                 counts = _all_reduce(counts, self.dp_group)
             per_task_aux = {t: self._task_aux(rt, t, None if counts is None else counts[t]) for t, _, rt in parts}
         if not keep:
@@ -413,16 +424,6 @@ class MoE(nn.Module):
         with torch.no_grad():
             heads = cfg.heads
             T = r.probs.shape[0]
-            # [G, E] routed / kept slots per task (G = 1 for a single-task forward)
-            if row_task is None:
-                routed_g, kept_g = plan.routed.unsqueeze(0), plan.counts.unsqueeze(0)
-            else:
-                valid = r.indices >= 0
-                slot_task = row_task.unsqueeze(1).expand_as(r.indices)[valid]
-                routed_g = torch.bincount(slot_task * E + r.indices[valid], minlength=cfg.num_tasks * E)
-                routed_g = routed_g.view(cfg.num_tasks, E)
-                kept_g = torch.bincount(row_task[plan.token] * E + plan.expert, minlength=cfg.num_tasks * E)
-                kept_g = kept_g.view(cfg.num_tasks, E)
             if self.balance_load is not None and self.training:
                 for t, _, _ in parts:
                     self.balance_load[t] += routed_g[t if row_task is not None else 0].float()
@@ -437,13 +438,17 @@ class MoE(nn.Module):
 
             def stats(g: int, rows: Tensor | None, task: int, a: dict[str, Tensor]) -> LayerStats:
                 routed, kept = routed_g[g], kept_g[g]
-                n_routed = int(routed.sum())
+                if rows is None:  # all rows: the plan's counts
+                    dropped_frac = plan.num_dropped / max(plan.num_valid, 1)
+                else:
+                    n_routed = int(routed.sum())
+                    dropped_frac = (n_routed - int(kept.sum())) / max(n_routed, 1)
                 ent = ent_rows if rows is None else ent_rows[rows]
                 act = act_tok if rows is None else act_tok[rows[::heads] // heads]
                 return LayerStats(
                     tokens_per_expert=routed.detach(),
                     kept_per_expert=kept.detach(),
-                    dropped_frac=(n_routed - int(kept.sum())) / max(n_routed, 1),
+                    dropped_frac=dropped_frac,
                     entropy=float(ent.mean()) if ent.numel() else 0.0,
                     activation=float(act.mean()) if act.numel() else 0.0,
                     num_rows=int(ent.numel()),
@@ -454,7 +459,7 @@ class MoE(nn.Module):
             if row_task is None:
                 t = parts[0][0]
                 s = stats(0, None, t, aux)
-                s.per_task = {t: stats(0, None, t, aux)}
+                s.per_task = {t: dataclasses.replace(s)}  # the same numbers (its own per_task stays empty)
             else:
                 per = {t: stats(t, rows, t, per_task_aux.get(t, {})) for t, rows, _ in parts}
                 s = LayerStats(

@@ -22,6 +22,30 @@ def expert_counts(indices: Tensor, num_experts: int) -> Tensor:
     return torch.bincount(flat, minlength=num_experts).float()
 
 
+def group_expert_counts(indices: Tensor, group_ids: Tensor | int, num_groups: int, num_experts: int,
+                        heads: int = 1, *, where: str = "group_expert_counts: routing") -> Tensor:
+    """Routed slots per (group, expert) of one routing: ``[G, E]`` int64 (`expert_counts` per group: the
+    layer's per-task loads, `mmoe.stats.RoutingCounter`'s per-language / per-modality counts).
+
+    ``indices [T*heads, K]`` are a `mmoe.Routing`'s expert ids (``-1`` = empty slot); ``group_ids`` gives
+    every input token's group (``[T]``; sub-tokens inherit their token's group) or is one int for all.
+    Slots of empty choices and of tokens whose group is outside ``[0, G)`` are not counted."""
+    rows = indices.shape[0]
+    if isinstance(group_ids, int):
+        g = torch.full((rows,), group_ids, dtype=torch.long, device=indices.device)
+    else:
+        ids = group_ids.reshape(-1).to(device=indices.device, dtype=torch.long)
+        if ids.numel() * heads != rows:
+            raise ValueError(f"{where} routed {rows // heads} tokens ({rows} rows, heads={heads}) "
+                             f"but got {ids.numel()} group ids; pass ids per layer ({{name: ids}}) when a "
+                             "layer sees only some of the tokens")
+        g = ids.repeat_interleave(heads) if heads > 1 else ids
+    g = g.unsqueeze(1).expand_as(indices)
+    ok = (indices >= 0) & (g >= 0) & (g < num_groups)
+    flat = g[ok] * num_experts + indices[ok]
+    return torch.bincount(flat, minlength=num_groups * num_experts).view(num_groups, num_experts)
+
+
 def switch_balance_loss(r: Routing, group=None, counts: Tensor | None = None) -> Tensor:
     """GShard/Switch load-balance loss ``E * sum_e f_e * P_e``.
 

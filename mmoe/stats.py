@@ -12,10 +12,11 @@ import torch
 from torch import Tensor, nn
 
 from .layer import LayerStats, MoE, moe_layers, routing_stats
+from .losses import group_expert_counts
 from .routing import Routing
 
 __all__ = ["expert_load_matrix", "plot_expert_load", "plot_routing_shares", "ParamCount", "count_params",
-           "RoutingCounter"]
+           "RoutingCounter", "group_expert_counts"]
 
 
 def expert_load_matrix(stats: dict[str, LayerStats] | nn.Module) -> tuple[list[str], torch.Tensor]:
@@ -139,29 +140,6 @@ def count_params(model: nn.Module, *, task: int = 0) -> ParamCount:
 
 
 # ---------------------------------------------------------------------------------------------- routing per group
-def group_expert_counts(indices: Tensor, group_ids: Tensor | int, num_groups: int, num_experts: int,
-                        heads: int = 1, *, where: str = "routing") -> Tensor:
-    """Routed slots per (group, expert) of one routing: ``[G, E]`` int64.
-
-    ``indices [T*heads, K]`` are a `mmoe.Routing`'s expert ids (``-1`` = empty slot); ``group_ids`` gives
-    every input token's group (``[T]``; sub-tokens inherit their token's group) or is one int for all.
-    Slots of empty choices and of tokens whose group is outside ``[0, G)`` are not counted."""
-    rows = indices.shape[0]
-    if isinstance(group_ids, int):
-        g = torch.full((rows,), group_ids, dtype=torch.long, device=indices.device)
-    else:
-        ids = group_ids.reshape(-1).to(device=indices.device, dtype=torch.long)
-        if ids.numel() * heads != rows:
-            raise ValueError(f"RoutingCounter: {where} routed {rows // heads} tokens ({rows} rows, heads={heads}) "
-                             f"but got {ids.numel()} group ids; pass ids per layer ({{name: ids}}) when a "
-                             "layer sees only some of the tokens")
-        g = ids.repeat_interleave(heads) if heads > 1 else ids
-    g = g.unsqueeze(1).expand_as(indices)
-    ok = (indices >= 0) & (g >= 0) & (g < num_groups)
-    flat = g[ok] * num_experts + indices[ok]
-    return torch.bincount(flat, minlength=num_groups * num_experts).view(num_groups, num_experts)
-
-
 class RoutingCounter:
     """Routed slots per (group, expert) of every MoE layer of a model, summed over many batches.
 
@@ -250,7 +228,7 @@ class RoutingCounter:
             raise KeyError(f"RoutingCounter: no MoE layer {name!r}; layers: {list(self._counts)}")
         m = self._by_name[name]
         c = group_expert_counts(routing.indices, group_ids, len(self.groups), m.cfg.num_experts, m.cfg.heads,
-                                where=f"layer {name!r}")
+                                where=f"RoutingCounter: layer {name!r}")
         self._counts[name] += c.to(self._counts[name].device)
 
     # ------------------------------------------------------------------ results
