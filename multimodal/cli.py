@@ -9,13 +9,9 @@ from mmoe.cli import Command
 
 
 def _add_shapes_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("out", metavar="OUT", help="output directory (shards + manifest.json)")
-    p.add_argument("--num", type=int, default=2000, help="number of pairs (default 2000)")
-    p.add_argument("--img-size", type=int, default=32, help="image side in pixels (default 32)")
-    p.add_argument("--seed", type=int, default=0, help="generator seed (default 0)")
-    p.add_argument("--samples-per-shard", type=int, default=1000, help="samples per shard (default 1000)")
-    p.add_argument("--val-fraction", type=float, default=0.2, help="fraction in the val split (default 0.2)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    from mmoe.data.cli import add_generator_args
+
+    add_generator_args(p, num=(2000, "pairs"), img_size=32)
 
 
 def _write_shapes(args: argparse.Namespace) -> int:

@@ -11,10 +11,9 @@ from mmoe.cli import Command, lazy
 
 
 def _add_digits_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("out", metavar="OUT", help="output directory (shards + manifest.json)")
-    p.add_argument("--samples-per-shard", type=int, default=200, help="samples per shard (default 200)")
-    p.add_argument("--val-fraction", type=float, default=0.2, help="fraction in the val split (default 0.2)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    from mmoe.data.cli import add_generator_args
+
+    add_generator_args(p, samples_per_shard=200)
 
 
 def _write_digits(args: argparse.Namespace) -> int:
@@ -29,13 +28,10 @@ def _write_digits(args: argparse.Namespace) -> int:
 
 
 def _add_shapes_det_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("out", metavar="OUT", help="output directory (coco/ folder, shards + manifest.json)")
-    p.add_argument("--num", type=int, default=1000, help="number of images (default 1000)")
-    p.add_argument("--img-size", type=int, default=128, help="image side in pixels (default 128)")
-    p.add_argument("--seed", type=int, default=0, help="generator seed (default 0)")
-    p.add_argument("--samples-per-shard", type=int, default=1000, help="samples per shard (default 1000)")
-    p.add_argument("--val-fraction", type=float, default=0.2, help="fraction in the val split (default 0.2)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    from mmoe.data.cli import add_generator_args
+
+    add_generator_args(p, num=(1000, "images"), img_size=128,
+                       out_help="output directory (coco/ folder, shards + manifest.json)")
 
 
 def _write_shapes_det(args: argparse.Namespace) -> int:

@@ -160,18 +160,37 @@ def _write(args: argparse.Namespace) -> int:
         from mmoe.errors import CLIError
 
         raise CLIError(f"unknown shard source {args.source!r}")
-    per_split = ", ".join(f"{name}: {len(split.shards)} shards/{split.samples} samples"
-                          for name, split in manifest.splits.items())
-    skipped = manifest.skipped.get("count", 0)
-    print(f"wrote {manifest.num_shards} shards, {manifest.num_samples} samples, {_human_bytes(manifest.num_bytes)} "
-          f"to {manifest.directory} ({per_split})" + (f"; skipped {skipped} bad input(s)" if skipped else ""))
+    print(split_summary(manifest, with_bytes=True))
     return 0
 
 
-def split_summary(manifest) -> str:
-    """``wrote N shards, M samples to DIR (train: a shards/b samples, ...)``: the line a writer prints."""
-    return (f"wrote {manifest.num_shards} shards, {manifest.num_samples} samples to {manifest.directory} ("
-            + ", ".join(f"{n}: {len(s.shards)} shards/{s.samples} samples" for n, s in manifest.splits.items()) + ")")
+def split_summary(manifest, *, with_bytes: bool = False) -> str:
+    """``wrote N shards, M samples[, SIZE] to DIR (train: a shards/b samples, ...)[; skipped K bad input(s)]``:
+    the line a shard writer prints."""
+    per_split = ", ".join(f"{name}: {len(split.shards)} shards/{split.samples} samples"
+                          for name, split in manifest.splits.items())
+    size = f", {_human_bytes(manifest.num_bytes)}" if with_bytes else ""
+    skipped = manifest.skipped.get("count", 0)
+    return (f"wrote {manifest.num_shards} shards, {manifest.num_samples} samples{size} to {manifest.directory} "
+            f"({per_split})" + (f"; skipped {skipped} bad input(s)" if skipped else ""))
+
+
+def add_generator_args(p: argparse.ArgumentParser, *, samples_per_shard: int = 1000,
+                       num: tuple[int, str] | None = None, img_size: int | None = None,
+                       out_help: str = "output directory (shards + manifest.json)") -> None:
+    """The flags of a family's generated shard source (``mmoe shards digits | shapes | shapes-det``): ``OUT``,
+    ``--num`` (``num = (default, what)``) with ``--img-size`` and ``--seed`` for generators, and
+    ``--samples-per-shard``, ``--val-fraction``, ``--quiet``."""
+    p.add_argument("out", metavar="OUT", help=out_help)
+    if num is not None:
+        p.add_argument("--num", type=int, default=num[0], help=f"number of {num[1]} (default {num[0]})")
+    if img_size is not None:
+        p.add_argument("--img-size", type=int, default=img_size, help=f"image side in pixels (default {img_size})")
+        p.add_argument("--seed", type=int, default=0, help="generator seed (default 0)")
+    p.add_argument("--samples-per-shard", type=int, default=samples_per_shard,
+                   help=f"samples per shard (default {samples_per_shard})")
+    p.add_argument("--val-fraction", type=float, default=0.2, help="fraction in the val split (default 0.2)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def _verify(args: argparse.Namespace) -> int:

@@ -80,6 +80,11 @@ class DataConfig:
     resampled: bool = False
     on_error: Literal["fail", "skip"] = "fail"  # bad shard / sample: stop with its name, or skip and count
 
+    @property
+    def labelled_sources(self) -> bool:
+        """Some source has a ``task`` label: the task then gets every training batch as a `SourcedBatch`."""
+        return any(s.task is not None for s in self.sources)
+
     def train_sources(self) -> list[DataSource]:
         """The training sources: ``sources``, or ``train`` (+ ``train_split``) as one source of weight 1
         (e.g. for a task that reads the training manifests in ``setup``); empty when neither is set."""

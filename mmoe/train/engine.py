@@ -107,7 +107,7 @@ def _mixed_loader(cfg: TrainConfig, task: Task, rank: int, world: int):
     from ..data import MixedLoader
 
     sources = cfg.data.sources
-    labelled = any(s.task is not None for s in sources)
+    labelled = cfg.data.labelled_sources
     loaders = []
     for i, src in enumerate(sources):
         if src.path == "synthetic":
@@ -224,7 +224,7 @@ class Trainer:
             return self._to_device(item)
         self.source = item.source
         data = self._to_device(item.data)
-        if any(s.task is not None for s in self.cfg.data.sources):
+        if self.cfg.data.labelled_sources:
             return SourcedBatch(data, item.source, item.task)
         return data
 
