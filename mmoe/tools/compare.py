@@ -230,7 +230,7 @@ def base_moe_config(task_cls, model: dict, source: str, origins: dict | None = N
     """The `mmoe.MoEConfig` of a model section (the task's ``moe_config()``, else ``dim`` + ``moe`` through
     `mmoe.moe_config_from_section`)."""
     from ..config import moe_config_from_section
-    from ..train.configfile import ConfigError, from_dict
+    from ..train.configfile import ConfigError, from_dict, locate_error
 
     if task_cls.ModelConfig is not dict:
         mc = from_dict(task_cls.ModelConfig, model, source=source, path="model", origins=origins)
@@ -243,8 +243,7 @@ def base_moe_config(task_cls, model: dict, source: str, origins: dict | None = N
     try:
         return moe_config_from_section(moe, dim=model["dim"])
     except ConfigError as err:
-        key, origins = f"model.{err.key}", origins or {}
-        raise ConfigError(origins.get(key, origins.get("model.moe", source)), key, err.problem) from None
+        raise locate_error(err, path="model", source=source, origins=origins) from None
 
 
 def variant_config(cf: CompareFile, variant: Variant, *, overrides: Sequence[str] = (), seed: int | None = None,

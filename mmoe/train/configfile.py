@@ -91,6 +91,7 @@ from ..errors import ConfigError
 __all__ = [
     "ConfigError",
     "from_dict",
+    "locate_error",
     "to_dict",
     "load_config",
     "apply_overrides",
@@ -294,10 +295,22 @@ def _build(cls: type, data: Any, path: str, ctx: _Ctx) -> Any:
     except ConfigError as e:
         if e.origin:
             raise
-        # a section's own validation names a key relative to the section: give it its path and file:line
-        raise ctx.error(_join(path, e.key) if e.key else path, e.problem) from None
+        raise _locate(e, path, ctx) from None
     except (ValueError, TypeError) as e:
         raise _section_error(cls, e, path, ctx) from None
+
+
+def _locate(err: ConfigError, path: str, ctx: _Ctx) -> ConfigError:
+    # a section's own validation names a key relative to the section: give it its path and file:line
+    return ctx.error(_join(path, err.key) if err.key else path, err.problem)
+
+
+def locate_error(err: ConfigError, *, path: str, source: str = "<dict>",
+                 origins: Mapping[str, str] | None = None) -> ConfigError:
+    """``err`` (raised by a section's own validation with an empty origin and a key relative to the section,
+    e.g. by `mmoe.moe_config_from_section`) re-targeted to the section at ``path``: the full key and, from
+    ``origins``, its ``file:line`` (what `from_dict` does for sections it builds)."""
+    return _locate(err, path, _Ctx(source, origins))
 
 
 def _default_of(f: dataclasses.Field) -> Any:
