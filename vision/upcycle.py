@@ -99,6 +99,31 @@ def _mlp_weights(mlp: nn.Module, where: str) -> tuple[torch.Tensor, torch.Tensor
     return fc1.weight, fc1.bias, fc2.weight, fc2.bias
 
 
+def copy_mlp_into_moe(moe: MoE, w1: torch.Tensor, b1: torch.Tensor | None, w2: torch.Tensor,
+                      b2: torch.Tensor | None, *, noise_std: float = 0.0, generator: torch.Generator | None = None,
+                      where: str = "") -> None:
+    """Make every expert of ``moe`` a copy of the dense MLP ``fc2(gelu(fc1(x)))`` (``w1``: fc1's ``[hidden,
+    dim]`` weight, ``w2``: fc2's ``[dim, hidden]``), plus Gaussian noise of std ``noise_std`` on the weights
+    when > 0. The router is left as it is. Errors name ``where``."""
+    ex = moe.experts
+    if ex.w3 is not None:
+        raise ValueError(f"{where}: gated ({moe.cfg.activation}) experts cannot copy a GELU MLP")
+    if tuple(ex.w1.shape[1:]) != tuple(w1.t().shape):
+        raise ValueError(f"{where}: the MLP is {tuple(w1.t().shape)} (dim, hidden) but the experts are "
+                         f"{tuple(ex.w1.shape[1:])}")
+    if (b1 is not None or b2 is not None) and ex.b1 is None:
+        raise ValueError(f"{where}: the dense MLP has biases; keep expert_bias=True")
+    with torch.no_grad():
+        ex.w1.copy_(w1.t().unsqueeze(0).expand_as(ex.w1))
+        ex.w2.copy_(w2.t().unsqueeze(0).expand_as(ex.w2))
+        for b_moe, b_dense in ((ex.b1, b1), (ex.b2, b2)):
+            if b_moe is not None:
+                b_moe.copy_(b_dense.unsqueeze(0).expand_as(b_moe) if b_dense is not None else torch.zeros_like(b_moe))
+        if noise_std > 0:
+            for w in (ex.w1, ex.w2):
+                w.add_(torch.randn(w.shape, generator=generator).to(w) * noise_std)
+
+
 def upcycle_vit(dense: nn.Module | str | Path, *, model_name: str | None = None,
                 model_kwargs: dict[str, Any] | None = None, moe_layers: str | Sequence[int] = "every_2",
                 expert_noise_std: float = 0.0, seed: int | None = None, **moe_options: Any) -> nn.Module:
@@ -146,18 +171,7 @@ def upcycle_vit(dense: nn.Module | str | Path, *, model_name: str | None = None,
         if w1.shape[0] != hidden:
             raise ValueError(f"blocks.{i}.mlp: hidden width {w1.shape[0]} differs from block {indices[0]}'s {hidden}")
         moe = MoE(cfg).to(device=w1.device, dtype=w1.dtype)
-        ex = moe.experts
-        with torch.no_grad():
-            ex.w1.copy_(w1.t().unsqueeze(0).expand_as(ex.w1))
-            ex.w2.copy_(w2.t().unsqueeze(0).expand_as(ex.w2))
-            for b_moe, b_dense in ((ex.b1, b1), (ex.b2, b2)):
-                if b_moe is not None:
-                    b_moe.copy_(b_dense.unsqueeze(0).expand_as(b_moe) if b_dense is not None else torch.zeros_like(b_moe))
-            if expert_noise_std > 0:
-                for w in (ex.w1, ex.w2):
-                    w.add_(torch.randn(w.shape, generator=gen).to(w) * expert_noise_std)
-        if (b1 is not None or b2 is not None) and ex.b1 is None:
-            raise ValueError("upcycle_vit: the dense MLP has biases; keep expert_bias=True")
+        copy_mlp_into_moe(moe, w1, b1, w2, b2, noise_std=expert_noise_std, generator=gen, where="upcycle_vit")
         model.blocks[i].mlp = moe
     if type(model) is VisionTransformer:
         # same modules and attributes as a VisionTransformerMoE built by timm.create_model
