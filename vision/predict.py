@@ -1,4 +1,10 @@
-"""``mmoe predict CHECKPOINT IMAGE [IMAGE ...]``: top-k classes of image files from a trained classifier.
+"""``mmoe predict CHECKPOINT IMAGE [IMAGE ...]``: predictions of a trained vision run on image files.
+
+An image classifier prints the top-k classes with their scores. A detection run (``task: detection``)
+draws the boxes, class names, scores and masks on each image, and a semantic-segmentation run
+(``task: semantic_segmentation``) writes the colour-coded label map: PNGs in ``--out`` (default
+``predictions``), one line (or, with ``--json``, one JSON object) per image on stdout. Any task with a
+``predict(model, paths, out_dir)`` method is served the same way.
 
 ``CHECKPOINT`` is a checkpoint folder (``RUN/checkpoints/step_NNNNNNN``), a run's ``checkpoints`` folder or
 the run folder itself (then its latest complete checkpoint). The model is rebuilt from the run's
@@ -21,6 +27,8 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--topk", type=int, default=5, help="classes to show per image (default 5)")
     parser.add_argument("--no-ema", action="store_true", help="use the raw weights even if an EMA was kept")
     parser.add_argument("--json", action="store_true", help="print one JSON object per image")
+    parser.add_argument("--out", default="predictions",
+                        help="folder for the drawn PNGs of detection / segmentation runs (default: predictions)")
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -34,7 +42,8 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 
 class Predictor:
-    """A classifier rebuilt from a checkpoint; ``predict(paths, topk)`` -> list of results."""
+    """A vision run rebuilt from a checkpoint: ``predict(paths, topk)`` (classifiers) -> list of results, or
+    ``predict_files(paths, out_dir)`` (detection / segmentation: ``dense`` is True)."""
 
     def __init__(self, checkpoint: str | Path, config: str | Path | None = None, use_ema: bool = True) -> None:
         import torch
@@ -62,16 +71,24 @@ class Predictor:
                                              origins=getattr(cfg, "_origins", None))
         except ConfigError as err:
             raise CLIError(str(err)) from None
-        self.task = task_cls(from_dict(task_cls.ModelConfig, cfg.model, source=str(cfg_path), path="model"),
-                             options)
-        if not hasattr(self.task, "decode_eval") or cfg.task != "image_classification":
-            raise CLIError(f"{cfg_path}: task {cfg.task!r} is not an image classifier")
+        model_cfg = from_dict(task_cls.ModelConfig, cfg.model, source=str(cfg_path), path="model")
+        if isinstance(getattr(model_cfg, "upcycle", None), bool) and getattr(model_cfg, "init", None):
+            import dataclasses
+
+            # the checkpoint holds every weight: the backbone's start (model.init) is not needed to rebuild it
+            model_cfg = dataclasses.replace(model_cfg, init=None, upcycle=False)
+        self.task = task_cls(model_cfg, options)
+        self.task_name = cfg.task
+        self.dense = cfg.task != "image_classification"  # a task that writes its predictions (task.predict)
+        if self.dense and not callable(getattr(self.task, "predict", None)):
+            raise CLIError(f"{cfg_path}: task {cfg.task!r} has no image predictions (not an image classifier, "
+                           "detector or segmenter)")
         self.task.load_state_dict(meta.get("task_state", {}))
         torch.manual_seed(0)
         model = self.task.build_model()
         ckpt_lib.load_model_state(model, self.checkpoint, ep_rank=0, ep_size=1)
         self.used_ema = False
-        if use_ema and self.task.options.ema_decay is not None:
+        if use_ema and getattr(self.task.options, "ema_decay", None) is not None:
             if meta.get("world_size") != 1:
                 import sys
 
@@ -85,7 +102,19 @@ class Predictor:
                     self.used_ema = True
         self.model = model.eval()
         n = self.task.model_cfg.num_classes
-        self.classes = self.task.classes or [str(i) for i in range(n)]
+        self.classes = getattr(self.task, "classes", None) or [str(i) for i in range(n)]
+
+    def predict_files(self, images, out_dir: str | Path) -> list[dict]:
+        """A detection / segmentation run's predictions: PNGs written into ``out_dir`` by ``task.predict``."""
+        from mmoe.errors import CLIError
+
+        for img in images:
+            if not Path(img).is_file():
+                raise CLIError(f"{img}: no such image file")
+        try:
+            return self.task.predict(self.model, [str(i) for i in images], Path(out_dir))
+        except OSError as err:  # PIL's UnidentifiedImageError is an OSError
+            raise CLIError(f"cannot read the images ({err})") from None
 
     def predict(self, images, topk: int = 5) -> list[dict]:
         import torch
@@ -118,6 +147,14 @@ class Predictor:
 
 def run(args: argparse.Namespace) -> int:
     pred = Predictor(args.checkpoint, args.config, use_ema=not args.no_ema)
+    if pred.dense:
+        for r in pred.predict_files(args.images, args.out):
+            if args.json:
+                print(json.dumps(r))
+            else:
+                found = r.get("detections", r.get("classes_present"))
+                print(f"{r['image']}: {r['output']} ({len(found)} {'detections' if 'detections' in r else 'classes'})")
+        return 0
     results = pred.predict(args.images, args.topk)
     for r in results:
         if args.json:
