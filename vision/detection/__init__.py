@@ -1,0 +1,1 @@
+"""Object detection and instance segmentation (torchvision Mask R-CNN) on COCO-format shards."""
