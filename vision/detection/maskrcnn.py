@@ -93,7 +93,7 @@ def build_maskrcnn(cfg: DetectionModelConfig, backbone: SimpleFeaturePyramid | N
 
         load_backbone_weights(bb.net, cfg.init, upcycle=cfg.upcycle)
     levels = bb.names
-    roi_levels = levels[:4] if bb.top_block else levels
+    roi_levels = levels[:-1] if bb.top_block else levels  # the top level only feeds the RPN
     anchors = AnchorGenerator(sizes=tuple((int(round(cfg.anchor_scale * s)),) for s in bb.strides),
                               aspect_ratios=(tuple(cfg.aspect_ratios),) * len(levels))
     C, norm = bb.out_channels, _norm(cfg.head_norm)

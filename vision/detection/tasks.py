@@ -19,6 +19,9 @@ min_box_size         instances whose box after the crop is smaller on a side (pi
 layer_decay          ViTDet's layer-wise lr decay of the backbone (0.7 for fine-tuning); None = off
 per_class            report the AP of every class (``bbox/AP-<name>``, ``segm/AP-<name>``)
 iou_types            what COCOeval scores: ``[bbox, segm]`` (default) or one of them
+area_scale           multiplies COCO's small / medium area limits (32**2, 96**2 pixels, meant for images
+                     about 640 pixels wide); ``(side / 640) ** 2`` buckets the objects of smaller images as
+                     if they were resized to 640 (0.04 for the 128-pixel generated set)
 ===================  ==========================================================================================
 
 Crowd annotations never enter the training loss (torchvision's heads cannot ignore regions); COCOeval
@@ -55,11 +58,14 @@ class DetectionOptions:
     layer_decay: float | None = None
     per_class: bool = False
     iou_types: list[str] = field(default_factory=lambda: ["bbox", "segm"])
+    area_scale: float = 1.0
     score_threshold: float = 0.5  # what `mmoe predict` draws
 
     def __post_init__(self) -> None:
         if self.layer_decay is not None and not 0 < self.layer_decay <= 1:
             raise ValueError(f"layer_decay: must be in (0, 1], got {self.layer_decay}")
+        if not self.area_scale > 0:
+            raise ValueError(f"area_scale: must be > 0, got {self.area_scale}")
         bad = [t for t in self.iou_types if t not in ("bbox", "segm")]
         if bad or not self.iou_types:
             raise ValueError(f"iou_types: each must be 'bbox' or 'segm', got {self.iou_types}")
@@ -151,7 +157,7 @@ class DetectionTask(Task):
         images, targets = batch
         losses = model(list(images), self.training_targets(targets))
         total = sum(losses.values())
-        scalars = {k: float(v) for k, v in losses.items()}
+        scalars = {k: float(v.detach()) for k, v in losses.items()}
         return total, scalars, len(images)
 
     def _predict(self, model, images) -> list[dict]:
@@ -162,7 +168,7 @@ class DetectionTask(Task):
 
         cats = self.categories or [{"id": i, "name": n} for i, n in zip(self.category_ids, self.class_names)]
         return CocoEvaluator(self._predict, cats, iou_types=tuple(self.options.iou_types),
-                             per_class=self.options.per_class)
+                             per_class=self.options.per_class, area_scale=self.options.area_scale)
 
     # ---------------------------------------------------------------- predict
     @torch.no_grad()
