@@ -1,9 +1,9 @@
 """WebDataset shards: writers, manifest, reader with exact resume, weighted mixing of sources.
 
 Writing (`mmoe.data.writers`): `write_shards` for any iterable of WebDataset-style sample dicts, and
-`write_imagefolder`, `write_coco`, `write_text`, `write_pairs` for the common layouts (also as
-``mmoe shards ...`` on the command line). Each output directory gets a ``manifest.json``
-(`Manifest`, layout in `mmoe.data.manifest`); `verify_shards` re-checks it.
+`write_imagefolder`, `write_coco`, `write_text`, `write_pairs`, `write_segfolder`, `write_coco_semantic` for
+the common layouts (also as ``mmoe shards ...`` on the command line). Each output directory gets a
+``manifest.json`` (`Manifest`, layout in `mmoe.data.manifest`); `verify_shards` re-checks it.
 
 Reading (`mmoe.data.reader`): `ShardLoader`, batches with seeded shuffling, rank/worker splitting,
 ``on_error="fail" | "skip"`` and exact resume through ``state_dict()`` / ``load_state_dict()``;
@@ -29,7 +29,8 @@ _EXPORTS = {
     "write_shards": "writers", "write_imagefolder": "writers", "write_coco": "writers", "write_text": "writers",
     "write_pairs": "writers", "ShardSource": "writers", "ImageFolderSource": "writers", "CocoSource": "writers",
     "TextSource": "writers", "PairsSource": "writers", "make_key": "writers", "parse_size": "writers",
-    "split_for_key": "writers",
+    "split_for_key": "writers", "SegmentationFolderSource": "writers", "CocoSemanticSource": "writers",
+    "write_segfolder": "writers", "write_coco_semantic": "writers", "read_label_map": "writers",
     "ShardLoader": "reader", "resolve_urls": "reader",
     "MixedLoader": "mixing", "SourcedBatch": "mixing", "choose_source": "mixing",
     "mask_tokens": "masking", "block_mask": "masking",

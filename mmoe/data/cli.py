@@ -1,5 +1,5 @@
-"""``mmoe shards``: write WebDataset shards from an image folder, COCO, text or image-text pairs, and
-verify a shard directory against its manifest.
+"""``mmoe shards``: write WebDataset shards from an image folder, COCO, text, image-text pairs or semantic
+segmentation folders / COCO masks, and verify a shard directory against its manifest.
 
 ::
 
@@ -7,6 +7,8 @@ verify a shard directory against its manifest.
     mmoe shards coco ANNOTATIONS.json IMAGE_DIR OUT
     mmoe shards text SRC OUT [--unit line|file] [--lang xx]
     mmoe shards pairs LIST.jsonl|LIST.tsv OUT [--image-field image] [--caption-field caption]
+    mmoe shards segfolder IMAGES LABELS OUT [--label-suffix .png] [--classes a,b,c | --classes classes.txt]
+    mmoe shards coco-semantic ANNOTATIONS.json IMAGE_DIR OUT [--keep-crowd]
     mmoe shards verify DIR
 
 Writers share ``--samples-per-shard``, ``--max-shard-size`` (``64MB``, ``512MiB``, bytes), ``--val-fraction``,
@@ -56,7 +58,24 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
-_BUILTIN = ("imagefolder", "coco", "text", "pairs", "verify")
+def _classes(text: str) -> list[str]:
+    """``--classes``: ``a,b,c``, or a text file with one name per line (blank lines ignored)."""
+    from pathlib import Path
+
+    path = Path(text)
+    if text.endswith(".txt") or path.is_file():
+        try:
+            names = [line.strip() for line in path.read_text(encoding="utf-8-sig").splitlines() if line.strip()]
+        except (OSError, UnicodeDecodeError) as err:
+            raise argparse.ArgumentTypeError(f"cannot read the class names file {text}: {err}")
+    else:
+        names = [name.strip() for name in text.split(",")]
+    if not names or not all(names) or len(set(names)) != len(names):
+        raise argparse.ArgumentTypeError(f"expected distinct, non-empty class names, got {text!r}")
+    return names
+
+
+_BUILTIN = ("imagefolder", "coco", "text", "pairs", "segfolder", "coco-semantic", "verify")
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
@@ -99,6 +118,32 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     p.add_argument("out", metavar="OUT", help="output directory (shards + manifest.json)")
     p.add_argument("--image-field", default="image", help="jsonl field with the image path (default image)")
     p.add_argument("--caption-field", default="caption", help="jsonl field with the caption (default caption)")
+    _add_common(p)
+
+    p = sub.add_parser("segfolder", help="images + label-map PNGs in two folders (semantic segmentation)",
+                       description="Shard a semantic-segmentation folder pair: IMAGES/a/x.jpg goes with "
+                       "LABELS/a/x.png (see --label-suffix), a single-channel label map (mode L or P) whose "
+                       "pixel values are class indices. Each sample holds the image bytes, 'seg.png' and "
+                       "'json' {image}.")
+    p.add_argument("images", metavar="IMAGES", help="folder of images (searched recursively)")
+    p.add_argument("labels", metavar="LABELS", help="folder of label maps, laid out as IMAGES")
+    p.add_argument("out", metavar="OUT", help="output directory (shards + manifest.json)")
+    p.add_argument("--label-suffix", default=".png", metavar="SUFFIX",
+                   help="label map of IMAGES/a/x.jpg: LABELS/a/x + SUFFIX (default .png)")
+    p.add_argument("--classes", type=_classes, metavar="NAMES",
+                   help="class names by index, background included: a,b,c or a .txt file with one per line "
+                   "(recorded in the manifest for per-class metrics and predictions)")
+    _add_common(p)
+
+    p = sub.add_parser("coco-semantic", help="COCO instances json + images -> label maps painted from the masks",
+                       description="Shard a COCO instance set for semantic segmentation: per image, its bytes, "
+                       "'seg.png' (category i of the file's list -> class i+1, 0 = background; annotations "
+                       "painted in file order; crowd regions 255 = ignore unless --keep-crowd) and 'json' "
+                       "{image, id}; class names go into the manifest.")
+    p.add_argument("annotations", metavar="ANNOTATIONS", help="instances_*.json")
+    p.add_argument("image_dir", metavar="IMAGE_DIR", help="folder of the images named in the json")
+    p.add_argument("out", metavar="OUT", help="output directory (shards + manifest.json)")
+    p.add_argument("--keep-crowd", action="store_true", help="paint crowd regions as their class (default: 255)")
     _add_common(p)
 
     # sources of the task families (``mmoe.shards`` entry points: ``digits`` from vision, ``shapes`` from
@@ -156,6 +201,12 @@ def _write(args: argparse.Namespace) -> int:
     elif args.source == "pairs":
         manifest = writers.write_pairs(args.list, args.out, image_field=args.image_field,
                                        caption_field=args.caption_field, on_error=args.on_error, **options)
+    elif args.source == "segfolder":
+        manifest = writers.write_segfolder(args.images, args.labels, args.out, label_suffix=args.label_suffix,
+                                           classes=args.classes, on_error=args.on_error, **options)
+    elif args.source == "coco-semantic":
+        manifest = writers.write_coco_semantic(args.annotations, args.image_dir, args.out,
+                                               ignore_crowd=not args.keep_crowd, on_error=args.on_error, **options)
     else:
         from mmoe.errors import CLIError
 

@@ -4,8 +4,10 @@ The core is `write_shards`: it takes WebDataset-style sample dicts (``"__key__"`
 file extension: ``{"__key__": "cat/0001", "jpg": b"...", "cls": 3, "json": {...}}``), writes
 ``{prefix}-000000.tar``, ``{prefix}-000001.tar``, ... into a directory and describes them in a
 ``manifest.json`` (layout in `mmoe.data.manifest`). The source readers (`ImageFolderSource`,
-`CocoSource`, `TextSource`, `PairsSource`) turn common on-disk layouts into such samples and add
-source-specific facts to the manifest; `write_imagefolder` and friends combine the two.
+`CocoSource`, `TextSource`, `PairsSource`, `SegmentationFolderSource`, `CocoSemanticSource`) turn common on-disk layouts into such samples and add
+source-specific facts to the manifest; `write_imagefolder` and friends combine the two. For semantic
+segmentation, `SegmentationFolderSource` pairs images with label-map PNGs and `CocoSemanticSource` paints
+label maps from COCO instance masks; both store the map as the ``seg.png`` field.
 
 Shards are reproducible: the same input gives byte-identical tar files (fixed mtime, owner and mode,
 sorted members, inputs read in sorted order) and therefore the same SHA-256s in the manifest.
@@ -556,6 +558,256 @@ class CocoSource(ShardSource):
                 "num_annotations": self.num_annotations}
 
 
+def _png_bytes(array) -> bytes:
+    """A ``uint8 [H, W]`` array as mode-L PNG bytes (reproducible: no metadata, no optimisation)."""
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.fromarray(array).save(out, format="PNG", optimize=False)
+    return out.getvalue()
+
+
+def _label_values(array) -> list[int]:
+    import numpy as np
+
+    return [int(v) for v in np.flatnonzero(np.bincount(array.ravel(), minlength=256))]
+
+
+def read_label_map(path: str | os.PathLike) -> tuple[bytes, tuple[int, int], list[int]]:
+    """A label map file as PNG bytes whose pixel values are the class indices, its ``(width, height)`` and the
+    values it holds. Mode ``L`` (grey levels) and ``P`` (palette images, as VOC's: the palette index is the
+    class) are kept; a PNG is stored as it is, another format re-encoded as a mode-L PNG of the same values.
+    Raises `OSError`, PIL's errors, or `ValueError` for other modes (RGB colour-coded maps must be converted
+    to class indices first)."""
+    import numpy as np
+    from PIL import Image
+
+    data = Path(path).read_bytes()
+    with Image.open(io.BytesIO(data)) as image:
+        image.load()
+        if image.mode not in ("L", "P"):
+            raise ValueError(f"a label map must be a single-channel 8-bit image of class indices (mode L or P), "
+                             f"got mode {image.mode}")
+        array = np.asarray(image)
+        size, fmt = image.size, image.format
+    if fmt != "PNG":
+        data = _png_bytes(np.ascontiguousarray(array, dtype=np.uint8))
+    return data, size, _label_values(array)
+
+
+def _image_size(data: bytes) -> tuple[int, int]:
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as image:
+        return image.size
+
+
+class SegmentationFolderSource(ShardSource):
+    """Images and their label maps in two folders, paired by relative path: ``images_dir/a/x.jpg`` goes with
+    ``labels_dir/a/x<label_suffix>`` (default ``labels_dir/a/x.png``).
+
+    Sample: the image bytes under their format's extension, ``seg.png`` = the label map (PNG bytes; pixel
+    value = class index, mode L or P kept, see `read_label_map`) and ``json`` = ``{"image": path relative to
+    images_dir}``. An image without a label map, an unreadable image or label map, or a label map of another
+    size is a bad input (``on_error``). Label maps without an image are not looked at. Hidden files are
+    ignored; when both folders are one, files ending in ``label_suffix`` are the label maps, not images.
+    Manifest ``info``: ``num_images``, ``label_values`` (every pixel value seen, e.g. ``[0, 1, 2, 255]``) and,
+    when ``classes`` is given (class names by index, background included), ``classes`` and ``num_classes``.
+    """
+
+    type = "segfolder"
+
+    def __init__(self, images_dir: str | os.PathLike, labels_dir: str | os.PathLike, *, label_suffix: str = ".png",
+                 classes: list[str] | None = None, on_error: str = "fail") -> None:
+        super().__init__(on_error)
+        self.images_dir, self.labels_dir, self.label_suffix = Path(images_dir), Path(labels_dir), label_suffix
+        for folder, what in ((self.images_dir, "image"), (self.labels_dir, "label map")):
+            if not folder.is_dir():
+                raise DataError(f"{folder}: {what} directory not found")
+        if not label_suffix:
+            raise ValueError("label_suffix must not be empty")
+        self.classes = [str(c) for c in classes] if classes is not None else None
+        if self.classes is not None and (not self.classes or len(set(self.classes)) != len(self.classes)):
+            raise ValueError(f"classes must be distinct names, got {self.classes}")
+        files = _files_under(self.images_dir)
+        if self.images_dir.resolve() == self.labels_dir.resolve():
+            files = [f for f in files if not f.name.endswith(label_suffix)]
+        if not files:
+            raise DataError(f"{self.images_dir}: no image files found")
+        self._files = files
+        self.num_images = 0
+        self._values: set[int] = set()
+
+    def options(self) -> dict[str, Any]:
+        return {"images_dir": str(self.images_dir), "labels_dir": str(self.labels_dir),
+                "label_suffix": self.label_suffix, **super().options()}
+
+    def size_hint(self) -> int:
+        return len(self._files)
+
+    def label_path(self, image: Path) -> Path:
+        """The label map file of an image file under ``images_dir``."""
+        rel = image.relative_to(self.images_dir)
+        return self.labels_dir / rel.parent / (Path(rel.name).stem + self.label_suffix)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        keys = KeyMaker()
+        self.num_images, self._values = 0, set()
+        for file in self._files:
+            rel = file.relative_to(self.images_dir).as_posix()
+            label_file = self.label_path(file)
+            if not label_file.is_file():
+                self._problem(str(file), f"no label map {label_file}")
+                continue
+            try:
+                data, ext = read_image_file(file)
+                size = _image_size(data)
+            except Exception as err:
+                self._problem(str(file), f"not a readable image ({_describe(err)})")
+                continue
+            try:
+                label, label_size, values = read_label_map(label_file)
+            except Exception as err:
+                self._problem(str(label_file), f"not a usable label map ({_describe(err)})")
+                continue
+            if label_size != size:
+                self._problem(str(label_file), f"label map is {label_size[0]}x{label_size[1]}, its image {file} "
+                              f"{size[0]}x{size[1]}")
+                continue
+            self.num_images += 1
+            self._values.update(values)
+            yield {"__key__": keys(str(Path(rel).with_suffix(""))), ext: data, "seg.png": label,
+                   "json": {"image": rel}}
+        if self.num_images == 0:
+            raise DataError(f"{self.images_dir}: no usable image / label map pairs")
+
+    def info(self) -> dict[str, Any]:
+        info: dict[str, Any] = {"num_images": self.num_images, "label_values": sorted(self._values)}
+        if self.classes is not None:
+            info.update(classes=list(self.classes), num_classes=len(self.classes))
+        return info
+
+
+class CocoSemanticSource(CocoSource):
+    """Semantic label maps painted from the instance masks of a COCO ``instances_*.json``: one sample per image.
+
+    Category ``categories[i]`` (file order) becomes class ``i + 1``, 0 is the background. The annotations of an
+    image are painted in file order (a later one over an earlier one where they overlap); a crowd region
+    (``iscrowd: 1``) is painted 255 (ignore) with ``ignore_crowd``, else as its class. Polygons, RLE and
+    uncompressed RLE are decoded with pycocotools. Sample: the image bytes under their format's extension,
+    ``seg.png`` (mode-L PNG of class indices) and ``json`` = ``{"image": file_name, "id": image id}``. A
+    missing or unreadable image, one whose size differs from its ``width``/``height``, an annotation without a
+    segmentation, of an unknown category or of another size is a bad input (``on_error``; the whole image).
+    Manifest ``info``: ``classes`` (``["background", *category names]``), ``num_classes``, ``categories``,
+    ``num_images``, ``num_annotations``, ``crowd_annotations``, ``ignore_crowd``.
+    """
+
+    type = "coco-semantic"
+
+    def __init__(self, annotations: str | os.PathLike, image_dir: str | os.PathLike, *, ignore_crowd: bool = True,
+                 on_error: str = "fail") -> None:
+        super().__init__(annotations, image_dir, on_error=on_error)
+        self.ignore_crowd = ignore_crowd
+        self._index: dict[Any, int] = {}
+        for i, cat in enumerate(self.categories):
+            if not isinstance(cat, dict) or "id" not in cat or "name" not in cat:
+                raise DataError(f"{self.annotations}: categories[{i}] lacks 'id' or 'name'")
+            if cat["id"] in self._index:
+                raise DataError(f"{self.annotations}: category id {cat['id']} appears twice in \"categories\"")
+            self._index[cat["id"]] = i + 1
+        if not self._index:
+            raise DataError(f"{self.annotations}: no \"categories\"")
+        if len(self._index) > 254:
+            raise DataError(f"{self.annotations}: {len(self._index)} categories; an 8-bit label map holds at most 254 "
+                            "besides the background and 255 (ignore)")
+        self.crowd_annotations = 0
+
+    def options(self) -> dict[str, Any]:
+        return {**super().options(), "ignore_crowd": self.ignore_crowd}
+
+    @staticmethod
+    def _mask(ann: dict, height: int, width: int):
+        """The annotation's mask, ``uint8 [height, width]``; `ValueError` if it has none or of another size."""
+        import numpy as np
+        import pycocotools.mask as mask_util
+
+        seg = ann.get("segmentation")
+        if not seg:
+            raise ValueError("has no segmentation")
+        try:
+            if isinstance(seg, list):  # polygons
+                if not all(isinstance(p, list) and len(p) >= 6 and len(p) % 2 == 0 for p in seg):
+                    raise ValueError("polygons must be lists of at least 3 x, y pairs")
+                rle = mask_util.merge(mask_util.frPyObjects(seg, height, width))
+            elif isinstance(seg, dict) and "counts" in seg and "size" in seg:
+                if [int(s) for s in seg["size"]] != [height, width]:
+                    raise ValueError(f"RLE of size {list(seg['size'])} in an image of height, width {height}, {width}")
+                counts = seg["counts"]
+                if isinstance(counts, list):  # uncompressed RLE
+                    rle = mask_util.frPyObjects(seg, height, width)
+                else:
+                    rle = {"size": [height, width], "counts": counts.encode("ascii") if isinstance(counts, str)
+                           else counts}
+            else:
+                raise ValueError(f"unknown segmentation format {type(seg).__name__}")
+            return np.asarray(mask_util.decode(rle), dtype=np.uint8)
+        except ValueError:
+            raise
+        except Exception as err:  # pycocotools raises assorted types for malformed input
+            raise ValueError(f"cannot decode its segmentation ({_describe(err)})") from None
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        import numpy as np
+
+        for ann in self._orphans:
+            self._problem(f"{self.annotations} annotation id {ann.get('id')}",
+                          f"refers to image_id {ann.get('image_id')!r}, which is not in \"images\"")
+        keys = KeyMaker()
+        self.num_images = self.num_annotations = self.crowd_annotations = 0
+        for image in self.images:
+            file = self.image_dir / image["file_name"]
+            if not file.is_file():
+                self._problem(str(file), f"image file not found (image id {image['id']} in {self.annotations})")
+                continue
+            try:
+                data, ext = read_image_file(file)
+                width, height = _image_size(data)
+            except Exception as err:
+                self._problem(str(file), f"not a readable image ({_describe(err)})")
+                continue
+            declared = (image.get("width"), image.get("height"))
+            if None not in declared and (int(declared[0]), int(declared[1])) != (width, height):
+                self._problem(str(file), f"image is {width}x{height}, {self.annotations} says "
+                              f"{declared[0]}x{declared[1]} (image id {image['id']})")
+                continue
+            anns = self._by_image.get(image["id"], [])
+            label = np.zeros((height, width), dtype=np.uint8)
+            crowd = 0
+            try:
+                for ann in anns:
+                    if ann.get("category_id") not in self._index:
+                        raise ValueError(f"category_id {ann.get('category_id')!r} is not in \"categories\"")
+                    mask = self._mask(ann, height, width).astype(bool)
+                    is_crowd = bool(ann.get("iscrowd"))
+                    crowd += is_crowd
+                    label[mask] = 255 if is_crowd and self.ignore_crowd else self._index[ann["category_id"]]
+            except ValueError as err:
+                self._problem(str(file), f"annotation id {ann.get('id')} (image id {image['id']} in "
+                              f"{self.annotations}): {err}")
+                continue
+            self.num_images += 1
+            self.num_annotations += len(anns)
+            self.crowd_annotations += crowd
+            yield {"__key__": keys(str(Path(image["file_name"]).with_suffix(""))), ext: data,
+                   "seg.png": _png_bytes(label), "json": {"image": image["file_name"], "id": image["id"]}}
+
+    def info(self) -> dict[str, Any]:
+        names = [str(c["name"]) for c in self.categories]
+        return {"classes": ["background", *names], "num_classes": len(names) + 1, "categories": self.categories,
+                "num_images": self.num_images, "num_annotations": self.num_annotations,
+                "crowd_annotations": self.crowd_annotations, "ignore_crowd": self.ignore_crowd}
+
+
 _LANG_RE = re.compile(r"^[a-z]{2}(?:[-_][A-Za-z0-9]{2,8})*$")
 
 
@@ -762,6 +1014,21 @@ def write_imagefolder(root, out_dir, *, on_error: str = "fail", **kwargs) -> Man
 def write_coco(annotations, image_dir, out_dir, *, on_error: str = "fail", **kwargs) -> Manifest:
     """`write_shards` of a `CocoSource`; ``kwargs`` go to `write_shards`."""
     return write_shards(CocoSource(annotations, image_dir, on_error=on_error), out_dir, **kwargs)
+
+
+def write_segfolder(images_dir, labels_dir, out_dir, *, label_suffix: str = ".png", classes: list[str] | None = None,
+                    on_error: str = "fail", **kwargs) -> Manifest:
+    """`write_shards` of a `SegmentationFolderSource`; ``kwargs`` go to `write_shards`."""
+    source = SegmentationFolderSource(images_dir, labels_dir, label_suffix=label_suffix, classes=classes,
+                                      on_error=on_error)
+    return write_shards(source, out_dir, **kwargs)
+
+
+def write_coco_semantic(annotations, image_dir, out_dir, *, ignore_crowd: bool = True, on_error: str = "fail",
+                        **kwargs) -> Manifest:
+    """`write_shards` of a `CocoSemanticSource`; ``kwargs`` go to `write_shards`."""
+    source = CocoSemanticSource(annotations, image_dir, ignore_crowd=ignore_crowd, on_error=on_error)
+    return write_shards(source, out_dir, **kwargs)
 
 
 def write_text(src, out_dir, *, unit: str = "line", lang: str | None = None, on_error: str = "fail",

@@ -6,6 +6,8 @@
 * `vision.detection.data`: COCO shard samples to images and targets, ViTDet's large-scale jitter.
 * `vision.detection.coco_eval`: pycocotools COCOeval as an engine evaluator (`CocoEvaluator`).
 * `vision.detection.tasks`: ``task: detection``.
+* `vision.detection.segmentation`: detectron2's semantic FPN head, `SemanticSegmentor`, the mIoU metrics and
+  their evaluator; `vision.detection.segtask`: ``task: semantic_segmentation`` (image + ``seg.png`` shards).
 
 Names are imported lazily (``import vision.detection`` loads no torch).
 """
@@ -21,6 +23,8 @@ _EXPORTS = {
     "DetAugment": "data", "decode_coco_sample": "data", "collate_detection": "data",
     "CocoEvaluator": "coco_eval", "coco_metrics": "coco_eval",
     "DetectionTask": "tasks", "DetectionOptions": "tasks",
+    "SemSegFPNHead": "segmentation", "SemanticSegmentor": "segmentation", "segmentation_metrics": "segmentation",
+    "ConfusionEvaluator": "segmentation", "SemanticSegmentationTask": "segtask",
 }
 
 __all__ = list(_EXPORTS)
