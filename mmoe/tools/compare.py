@@ -32,32 +32,56 @@ mapping, ``variants:``, from variant name to that variant's overrides::
   section included) before anything trains; unknown keys are errors naming the file and line.
 * No ``variants:`` in the file: one variant named ``base``.
 
+Reported metrics
+----------------
+By default the table and plot show validation perplexity and loss (``val/loss``, language models). A
+task that validates with other metrics names them in a second extra top-level key, ``report:``, a list of
+``metrics.jsonl`` keys without the ``val/`` prefix; a plain name is higher-is-better, the mapping form sets
+the direction::
+
+    report: [bbox/AP, segm/AP, bbox/AP50]                 # detection
+    report: [mIoU, pixel_acc]                             # segmentation
+    report: [acc, {name: loss, better: lower}]            # classification
+
+Then the table has, instead of the perplexity and loss columns, ``final <name>`` and ``best <name>`` of
+every reported metric (best: highest, or lowest for ``better: lower``, over the evaluations) and
+``Δ <first> vs <first variant>`` (difference of the final means), and the plot shows the first metric.
+A malformed entry is a config error naming the file, line and key (``report[1].better``). A reported
+metric that no run logs, or runs without ``val/loss`` and no ``report:``, get a warning that lists the
+validation metrics the runs log.
+
 Runs
 ----
 ``mmoe compare`` is one process (under DeepSpeed's launcher every rank runs it and rank 0 writes the
 files; not tested). Runs train one after the other in this process, seeds interleaved (v1 s0, v2 s0, ...,
 v1 s1, v2 s1, ...) so that a partial comparison stays balanced. A run directory that already holds a
 finished run of the same config (final checkpoint at ``train.max_steps`` and final validation metrics in
-``metrics.jsonl``) is skipped; an unfinished one resumes from its latest checkpoint (the engine's exact
-resume; ``train.save_every`` sets how much an interruption costs); one with a different config (keys other
-than ``run.dir``, ``run.tensorboard``, ``train.progress``) is an error: use another ``--out``. After every
-run the results are rewritten, so ``OUT/results.md`` shows the comparison so far. ``--plot-only`` trains
-nothing and tabulates what is there (unfinished runs appear in the plot, not in the means).
+``metrics.jsonl``: any ``val/`` metric at that step) is skipped; an unfinished one resumes from its latest
+checkpoint (the engine's exact resume; ``train.save_every`` sets how much an interruption costs); one with
+a different config (keys other than ``run.dir``, ``run.tensorboard``, ``train.progress``) is an error: use
+another ``--out``. After every run the results are rewritten, so ``OUT/results.md`` shows the comparison so
+far. ``--plot-only`` trains nothing and tabulates what is there (unfinished runs appear in the plot, not in
+the means).
 
 Results (``OUT/results.json``, ``OUT/results.md``, printed as a Markdown table; ``--json`` prints the JSON)
 -----------------------------------------------------------------------------------------------------------
 Per variant, mean ± sample std over the finished seeds (per seed in the JSON): final validation perplexity
 and loss (at ``max_steps``), best validation perplexity over the evaluations, the change of the final
-perplexity against the first variant, training throughput (median of the logged ``throughput``: tokens/s
-for the language models), total and active parameters (`mmoe.count_params` on the built model),
-MoE multiply-adds per token summed over the MoE layers (`mmoe.moe_cost`), load balance from the last record
-of ``routing.jsonl`` (busiest expert's routed slots over the mean, and the coefficient of variation of the
-slots per expert, both averaged over the MoE layers; 1 and 0 when balanced) and, when a variant uses
+perplexity against the first variant (with ``report:``, the reported metrics instead: JSON keys
+``final_val/<name>`` and ``best_val/<name>``, per seed also ``best_step_val/<name>`` and the curves
+``report_curves``), training throughput (median of the logged ``throughput`` in the task's unit,
+`mmoe.train.tasks.Task.unit`: tokens/s for the language models, images/s for vision; JSON ``throughput``,
+``tokens_per_s`` kept as its old name, and ``unit``), total and active parameters (`mmoe.count_params` on
+the built model), MoE multiply-adds per token summed over the MoE layers (`mmoe.moe_cost`), load balance
+from the last record of ``routing.jsonl`` (busiest expert's routed slots over the mean, and the coefficient
+of variation of the slots per expert, both averaged over the MoE layers; 1 and 0 when balanced) and, when a variant uses
 MH-MoE (heads > 1), the expert activation (fraction of the experts a token's sub-tokens reach).
 
-``OUT/val_loss.png``: validation loss against training tokens seen (counted exactly by replaying the
-training data stream of each seed without the model; the step when tokens cannot be counted), one colour
-per variant, every seed as a thin line and the seed mean as a thick line.
+``OUT/val_loss.png`` (with ``report:``, ``OUT/val_<first metric>.png``, ``/`` written ``_``: e.g.
+``val_bbox_AP.png``; the JSON's ``plot``): validation loss (or the first reported metric) against training
+tokens seen (counted exactly by replaying the training data stream of each seed without the model; the step
+when tokens cannot be counted, e.g. images), one colour per variant, every seed as a thin line and the seed
+mean as a thick line.
 """
 
 from __future__ import annotations
@@ -79,6 +103,7 @@ from ..argtypes import positive_int as _positive_int
 
 VARIANTS_KEY = "variants"
 MH_MOE_KEY = "mh_moe"
+REPORT_KEY = "report"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
 # config keys that do not change what a run computes (a finished run with other values is still reused)
 _IGNORED_KEYS = ("train.progress", "run.tensorboard", "run.dir")
@@ -117,13 +142,34 @@ class Variant:
 
 
 @dataclass
+class ReportMetric:
+    """One entry of ``report:``: a validation metric (its ``metrics.jsonl`` key without ``val/``)."""
+
+    name: str
+    better: Literal["higher", "lower"] = "higher"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name or self.name != self.name.strip() or " " in self.name:
+            raise ValueError(f"name: expected a metric name like bbox/AP, got {self.name!r}")
+        if self.name.startswith("val/"):
+            raise ValueError(f"name: give the metric without its 'val/' prefix ({self.name[4:]!r}, not {self.name!r})")
+
+    @property
+    def key(self) -> str:
+        """The metric's key in ``metrics.jsonl``."""
+        return f"val/{self.name}"
+
+
+@dataclass
 class CompareFile:
-    """A compare config: the training config (``variants`` removed, ``base`` merged) and its variants."""
+    """A compare config: the training config (``variants`` and ``report`` removed, ``base`` merged), its variants
+    and the validation metrics to report (empty: perplexity and loss)."""
 
     path: str
     data: dict
     origins: dict[str, str]
     variants: dict[str, Variant]
+    report: list[ReportMetric] = field(default_factory=list)
 
 
 def _override_text(key: str, value: Any) -> str:
@@ -191,16 +237,49 @@ def parse_variants(raw: Any, path: str, origins: dict[str, str]) -> dict[str, Va
     return out
 
 
+def parse_report(raw: Any, path: str, origins: dict[str, str]) -> list[ReportMetric]:
+    """The ``report:`` list of a compare file as `ReportMetric` objects (errors name file, line and key)."""
+    from ..train.configfile import ConfigError, from_dict
+
+    where = origins.get(REPORT_KEY, path)
+    if raw is None:
+        return []
+    if not isinstance(raw, list) or not raw:
+        raise ConfigError(where, REPORT_KEY, "expected a non-empty list of validation metric names (as in "
+                          f"metrics.jsonl, without 'val/'), e.g. [bbox/AP, {{name: loss, better: lower}}], got {raw!r}")
+    out: list[ReportMetric] = []
+    for i, item in enumerate(raw):
+        ipath = f"{REPORT_KEY}[{i}]"
+        iwhere = origins.get(ipath, where)
+        if isinstance(item, str):
+            try:
+                metric = ReportMetric(item)
+            except ValueError as err:
+                raise ConfigError(iwhere, ipath, str(err).split(": ", 1)[1]) from None
+        elif isinstance(item, dict):
+            metric = from_dict(ReportMetric, item, source=path, path=ipath, origins=origins)
+        else:
+            raise ConfigError(iwhere, ipath, f"expected a metric name or a mapping like {{name: loss, better: lower}}, "
+                              f"got {item!r}")
+        if any(m.name == metric.name for m in out):
+            raise ConfigError(iwhere, ipath, f"{metric.name!r} is listed twice")
+        out.append(metric)
+    return out
+
+
 def load_compare_file(path: str | os.PathLike) -> CompareFile:
-    """Read a compare config: ``base`` files merged, ``variants`` popped and parsed (not yet validated)."""
+    """Read a compare config: ``base`` files merged, ``variants`` and ``report`` popped and parsed (the training
+    config is not yet validated)."""
     from ..train.configfile import load_yaml
 
     path = str(path)
     data, origins = load_yaml(path)
     raw = data.pop(VARIANTS_KEY, None)
     variants = parse_variants(raw, path, origins)
-    origins = {k: v for k, v in origins.items() if k != VARIANTS_KEY and not k.startswith(VARIANTS_KEY + ".")}
-    return CompareFile(path, data, origins, variants)
+    report = parse_report(data.pop(REPORT_KEY, None), path, origins)
+    origins = {k: v for k, v in origins.items()
+               if not any(k == top or k.startswith((top + ".", top + "[")) for top in (VARIANTS_KEY, REPORT_KEY))}
+    return CompareFile(path, data, origins, variants, report)
 
 
 def select_variants(cf: CompareFile, names: Sequence[str] | None) -> list[Variant]:
@@ -352,8 +431,8 @@ def run_status(run_dir: Path, cfg) -> tuple[str, list[str]]:
     if step is None:
         return "partial", []
     final = step >= cfg.train.max_steps
-    if final and cfg.data.val:
-        final = any(r.get("step") == cfg.train.max_steps and "val/loss" in r
+    if final and cfg.data.val:  # the final validation was logged (any val/ metric: detection logs no val/loss)
+        final = any(r.get("step") == cfg.train.max_steps and any(k.startswith("val/") for k in r)
                     for r in read_jsonl(run_dir / "metrics.jsonl"))
     return ("finished" if final else "partial"), []
 
@@ -533,15 +612,21 @@ def _load_stats(record: dict) -> dict:
             "routing_step": record.get("step")}
 
 
-def collect_run(run: Run) -> dict | None:
-    """The measurements of one run from its files (None when it has not logged anything yet)."""
+def _numeric(r: dict, key: str) -> bool:
+    v = r.get(key)
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def collect_run(run: Run, report: Sequence[ReportMetric] = ()) -> dict | None:
+    """The measurements of one run from its files (None when it has not logged anything yet); with ``report``,
+    also the final (at ``max_steps``) and best value and the curve of each reported validation metric."""
     from ..train.runlog import read_jsonl
 
     recs = read_jsonl(run.dir / "metrics.jsonl")
     if not recs:
         return None
-    val = [r for r in recs if isinstance(r.get("val/loss"), (int, float))]
-    thr = [float(r["throughput"]) for r in recs if isinstance(r.get("throughput"), (int, float))]
+    val = [r for r in recs if _numeric(r, "val/loss")]
+    thr = [float(r["throughput"]) for r in recs if _numeric(r, "throughput")]
     max_steps = run.cfg.train.max_steps
     final = next((r for r in reversed(val) if r["step"] == max_steps), None)
     best = min(val, key=lambda r: r["val/loss"]) if val else None
@@ -554,11 +639,25 @@ def collect_run(run: Run) -> dict | None:
         "best_val_ppl": best.get("val/ppl", math.exp(min(best["val/loss"], 50.0))) if best else None,
         "best_val_step": best["step"] if best else None,
         "final_val_acc": final.get("val/acc") if final else None,
-        "tokens_per_s": statistics.median(thr) if thr else None,
+        "tokens_per_s": statistics.median(thr) if thr else None,  # the name of old results: any unit
+        "throughput": statistics.median(thr) if thr else None,  # in the task's unit (results' "unit")
         **(_load_stats(routing[-1]) if routing else {"load_max_over_mean": None, "load_cv": None,
                                                        "activation": None, "routing_step": None}),
         "val_curve": [[int(r["step"]), float(r["val/loss"])] for r in val],
+        "val_metrics": sorted({k[4:] for r in recs for k in r if k.startswith("val/") and _numeric(r, k)}),
     }
+    if report:
+        curves = {}
+        for metric in report:
+            rows = [r for r in recs if _numeric(r, metric.key)]
+            last = next((r for r in reversed(rows) if r["step"] == max_steps), None)
+            pick = max if metric.better == "higher" else min
+            top = pick(rows, key=lambda r: r[metric.key]) if rows else None
+            out[f"final_{metric.key}"] = float(last[metric.key]) if last else None
+            out[f"best_{metric.key}"] = float(top[metric.key]) if top else None
+            out[f"best_step_{metric.key}"] = int(top["step"]) if top else None
+            curves[metric.name] = [[int(r["step"]), float(r[metric.key])] for r in rows]
+        out["report_curves"] = curves
     info = run.dir / "compare.json"
     if info.is_file():
         try:
@@ -568,8 +667,19 @@ def collect_run(run: Run) -> dict | None:
     return out
 
 
-_METRICS = ("final_val_ppl", "best_val_ppl", "final_val_loss", "final_val_acc", "tokens_per_s", "load_max_over_mean",
-            "load_cv", "activation", "wall_s")
+_METRICS = ("final_val_ppl", "best_val_ppl", "final_val_loss", "final_val_acc", "tokens_per_s", "throughput",
+            "load_max_over_mean", "load_cv", "activation", "wall_s")
+
+
+def task_unit(cfg) -> str:
+    """What the task's logged ``throughput`` counts per second (`mmoe.train.tasks.Task.unit`; else "units")."""
+    from ..train.tasks import get_task
+
+    try:
+        unit = getattr(get_task(cfg.task), "unit", None)
+    except KeyError:
+        unit = None
+    return unit if isinstance(unit, str) and unit else "units"
 
 
 def _mean_std(xs: list[float]) -> dict:
@@ -580,15 +690,16 @@ def _mean_std(xs: list[float]) -> dict:
 
 
 def summarize(runs: Sequence[Run], sizes: dict[str, dict], tokens: dict[tuple[str, int], list[int] | None],
-              *, source: str, out: Path) -> dict:
-    """``results.json``'s content: per variant the per-seed measurements and their mean ± std."""
+              *, source: str, out: Path, report: Sequence[ReportMetric] = ()) -> dict:
+    """``results.json``'s content: per variant the per-seed measurements and their mean ± std (with ``report``,
+    ``final_val/<name>`` and ``best_val/<name>`` of each reported metric too)."""
     variants: dict[str, dict] = {}
     for run in runs:
         v = variants.setdefault(run.variant.name, {
             "overrides": list(run.variant.overrides),
             "mh_moe": vars(run.variant.mh_moe) if run.variant.mh_moe else None,
             "params": sizes.get(run.variant.name), "runs": {}, "summary": {}})
-        m = collect_run(run)
+        m = collect_run(run, report)
         if m is None:
             continue
         cum = tokens.get((run.variant.name, run.seed))
@@ -596,13 +707,17 @@ def summarize(runs: Sequence[Run], sizes: dict[str, dict], tokens: dict[tuple[st
         v["runs"][str(run.seed)] = m
     for name, v in variants.items():
         done = [m for m in v["runs"].values() if m["status"] == "finished"]
-        v["summary"] = {k: _mean_std([m.get(k) for m in done]) for k in _METRICS}
+        keys = [*_METRICS, *(f"{kind}_{m.key}" for m in report for kind in ("final", "best"))]
+        v["summary"] = {k: _mean_std([m.get(k) for m in done]) for k in keys}
         v["finished_seeds"] = [m["seed"] for m in done]
     cfg0 = runs[0].cfg if runs else None
     return {
         "config": source, "out": str(out), "seeds": sorted({r.seed for r in runs}),
         "max_steps": cfg0.train.max_steps if cfg0 else None,
         "eval_every": cfg0.train.eval_every if cfg0 else None,
+        "unit": task_unit(cfg0) if cfg0 else "units",
+        "report": [vars(m) for m in report],
+        "plot": plot_name(report),
         "variants": variants,
     }
 
@@ -634,50 +749,94 @@ def _millions(n: int | None) -> str:
     return f"{n / 1e6:.2f}M" if n >= 1e5 else f"{n / 1e3:.1f}k"
 
 
+def _decimals(x: float | None) -> int:
+    """Decimals that show about four significant digits of ``x`` (0 to 4)."""
+    if x is None or not math.isfinite(x) or x == 0:
+        return 3
+    return max(0, min(4, 3 - math.floor(math.log10(abs(x)))))
+
+
 def markdown_table(results: dict) -> str:
-    """The comparison as a Markdown table (one row per variant) with a legend."""
+    """The comparison as a Markdown table (one row per variant) with a legend: validation perplexity and loss,
+    or with ``report`` the reported validation metrics."""
     variants = results["variants"]
     names = list(variants)
+    report = [ReportMetric(**m) for m in results.get("report") or []]
+    unit = results.get("unit") or "units"
     show_act = any(((v.get("params") or {}).get("moe") or {}).get("heads", 1) > 1 for v in variants.values())
     base = names[0] if names else None
-    base_ppl = variants[base]["summary"]["final_val_ppl"]["mean"] if base else None
-    head = ["variant", "seeds", "final val ppl", "best val ppl", "final val loss", f"Δ ppl vs {base}",
-            "tokens/s", "params total / active", "MoE MACs/token", "load max/mean", "load CV", "train s/run"]
+    if report:
+        first = report[0]
+        head = ["variant", "seeds", *(f"{kind} {m.name}" for m in report for kind in ("final", "best")),
+                f"Δ {first.name} vs {base}"]
+    else:
+        head = ["variant", "seeds", "final val ppl", "best val ppl", "final val loss", f"Δ ppl vs {base}"]
+    head += [f"{unit}/s", "params total / active", "MoE MACs/token", "load max/mean", "load CV", "train s/run"]
     if show_act:
         head.append("expert activation")
+    base_s = variants[base]["summary"] if base else {}
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name in names:
         v = variants[name]
         s = v["summary"]
         p = v.get("params") or {}
-        ppl = s["final_val_ppl"]["mean"]
-        delta = "–" if ppl is None or not base_ppl else (
-            "0 (base)" if name == base else f"{100 * (ppl / base_ppl - 1):+.1f}%")
-        row = [name, f"{len(v.get('finished_seeds', []))}/{len(results.get('seeds') or [])}",
-               _pm(s["final_val_ppl"], 2), _pm(s["best_val_ppl"], 2), _pm(s["final_val_loss"], 3), delta,
-               _pm(s["tokens_per_s"], 0), f"{_millions(p.get('total'))} / {_millions(p.get('active'))}",
-               _millions(p.get("moe_macs_per_token")), _pm(s["load_max_over_mean"], 2), _pm(s["load_cv"], 2),
-               _pm(s["wall_s"], 0)]
+        row = [name, f"{len(v.get('finished_seeds', []))}/{len(results.get('seeds') or [])}"]
+        if report:
+            for m in report:
+                for kind in ("final", "best"):
+                    st = s.get(f"{kind}_{m.key}") or {}
+                    row.append(_pm(st, _decimals(st.get("mean"))))
+            key = f"final_{first.key}"
+            x, x0 = (s.get(key) or {}).get("mean"), (base_s.get(key) or {}).get("mean")
+            row.append("–" if x is None or x0 is None else
+                       "0 (base)" if name == base else f"{x - x0:+.{_decimals(x0)}f}")
+        else:
+            base_ppl = base_s["final_val_ppl"]["mean"] if base else None
+            ppl = s["final_val_ppl"]["mean"]
+            delta = "–" if ppl is None or not base_ppl else (
+                "0 (base)" if name == base else f"{100 * (ppl / base_ppl - 1):+.1f}%")
+            row += [_pm(s["final_val_ppl"], 2), _pm(s["best_val_ppl"], 2), _pm(s["final_val_loss"], 3), delta]
+        row += [_pm(s.get("throughput") or s["tokens_per_s"], 0),
+                f"{_millions(p.get('total'))} / {_millions(p.get('active'))}",
+                _millions(p.get("moe_macs_per_token")), _pm(s["load_max_over_mean"], 2), _pm(s["load_cv"], 2),
+                _pm(s["wall_s"], 0)]
         if show_act:
             row.append(_pm(s["activation"], 2))
         lines.append("| " + " | ".join(row) + " |")
+    if report:
+        lower = [m.name for m in report if m.better == "lower"]
+        what = (f"best = highest of the validation evaluations (every {results.get('eval_every') or 'run end'} "
+                "steps" + (f"; lowest for {', '.join(lower)}: lower is better" if lower else "")
+                + f"). Δ {first.name}: final mean minus the first variant's. ")
+    else:
+        what = (f"best = lowest of the validation evaluations (every {results.get('eval_every') or 'run end'} "
+                "steps). ")
     legend = (f"\nMean ± std over the finished seeds ({', '.join(map(str, results.get('seeds') or []))}), "
               f"{results.get('max_steps')} steps each, config `{results.get('config')}`. Final = at the last step; "
-              f"best = lowest of the validation evaluations (every {results.get('eval_every') or 'run end'} steps). "
-              "tokens/s = median logged training throughput. Params: total / active per token (whole model). "
-              "MoE MACs/token: multiply-adds of the MoE layers per token (leading terms, all MoE layers). Load: "
-              "last routing record, averaged over MoE layers: busiest expert's slots over the mean (1 = balanced) "
-              "and coefficient of variation of the slots per expert (0 = balanced). train s/run: wall time of "
-              "the run in mmoe compare (setup, evaluations and checkpoints included)"
+              + what + f"{unit}/s = median logged training throughput. Params: total / active per token (whole "
+              "model). MoE MACs/token: multiply-adds of the MoE layers per token (leading terms, all MoE layers). "
+              "Load: last routing record, averaged over MoE layers: busiest expert's slots over the mean (1 = "
+              "balanced) and coefficient of variation of the slots per expert (0 = balanced). train s/run: wall "
+              "time of the run in mmoe compare (setup, evaluations and checkpoints included)"
               + ("; expert activation: fraction of the experts a token's sub-tokens reach." if show_act else "."))
     return "\n".join(lines) + "\n" + legend + "\n"
 
 
+def plot_name(report: Sequence[ReportMetric] = ()) -> str:
+    """The plot's file name: ``val_loss.png``, or with ``report`` ``val_<first metric>.png`` (``/`` -> ``_``)."""
+    if not report:
+        return "val_loss.png"
+    return "val_" + re.sub(r"[^A-Za-z0-9_.+-]", "_", report[0].name) + ".png"
+
+
 def plot_val_loss(results: dict, tokens: dict[tuple[str, int], list[int] | None], path: Path) -> Path:
-    """Validation loss against tokens seen: per variant one colour, seeds thin, the seed mean thick."""
+    """Validation loss (with ``report``: the first reported metric) against tokens seen (else steps): per
+    variant one colour, seeds thin, the seed mean thick."""
     from matplotlib.figure import Figure
 
     variants = results["variants"]
+    report = [ReportMetric(**m) for m in results.get("report") or []]
+    metric = report[0] if report else None
     runs_all = [(name, int(seed)) for name, v in variants.items() for seed in v["runs"]]
     use_tokens = bool(runs_all) and all(tokens.get(k) for k in runs_all)
 
@@ -687,6 +846,11 @@ def plot_val_loss(results: dict, tokens: dict[tuple[str, int], list[int] | None]
             return float(cum[min(step, len(cum) - 1)])
         return float(step)
 
+    def curve(m: dict) -> list:
+        if metric is None:
+            return m.get("val_curve") or []
+        return (m.get("report_curves") or {}).get(metric.name) or []
+
     fig = Figure(figsize=(7.5, 4.6))
     ax = fig.subplots()
     drawn = False
@@ -694,7 +858,7 @@ def plot_val_loss(results: dict, tokens: dict[tuple[str, int], list[int] | None]
         color = f"C{i % 10}"
         curves = {}
         for seed, m in v["runs"].items():
-            pts = m.get("val_curve") or []
+            pts = curve(m)
             if not pts:
                 continue
             curves[int(seed)] = dict(pts)
@@ -709,9 +873,10 @@ def plot_val_loss(results: dict, tokens: dict[tuple[str, int], list[int] | None]
             ys = [statistics.fmean(c[s] for c in curves.values()) for s in common]
             ax.plot(xs, ys, color=color, linewidth=2.2, marker="o" if len(common) < 4 else None, markersize=3,
                     label=f"{name} (mean of {len(curves)} seed{'s' if len(curves) > 1 else ''})")
+    what = "validation loss" if metric is None else f"validation {metric.name}"
     ax.set_xlabel("training tokens seen" if use_tokens else "step")
-    ax.set_ylabel("validation loss")
-    ax.set_title(f"{Path(str(results.get('config'))).name}: validation loss", fontsize=10)
+    ax.set_ylabel(what if metric is None else f"{what} ({metric.better} is better)")
+    ax.set_title(f"{Path(str(results.get('config'))).name}: {what}", fontsize=10)
     ax.grid(True, alpha=0.3)
     if drawn:
         ax.legend(fontsize=8)
@@ -722,9 +887,10 @@ def plot_val_loss(results: dict, tokens: dict[tuple[str, int], list[int] | None]
     return path
 
 
-def write_results(runs: Sequence[Run], sizes: dict, tokens: dict, *, source: str, out: Path) -> dict:
-    """Write ``results.json``, ``results.md`` and ``val_loss.png`` under ``out``; returns the results."""
-    results = summarize(runs, sizes, tokens, source=source, out=out)
+def write_results(runs: Sequence[Run], sizes: dict, tokens: dict, *, source: str, out: Path,
+                  report: Sequence[ReportMetric] = ()) -> dict:
+    """Write ``results.json``, ``results.md`` and the plot (`plot_name`) under ``out``; returns the results."""
+    results = summarize(runs, sizes, tokens, source=source, out=out, report=report)
     if not _is_main():
         return results
     out.mkdir(parents=True, exist_ok=True)
@@ -732,8 +898,25 @@ def write_results(runs: Sequence[Run], sizes: dict, tokens: dict, *, source: str
     tmp.write_text(json.dumps(results, indent=1, default=str))
     os.replace(tmp, out / "results.json")
     (out / "results.md").write_text(markdown_table(results))
-    plot_val_loss(results, tokens, out / "val_loss.png")
+    plot_val_loss(results, tokens, out / results["plot"])
     return results
+
+
+def report_hints(results: dict) -> list[str]:
+    """Warnings about ``report``: a reported metric no run logs (a typo?), or runs without ``val/loss`` and no
+    ``report`` (the table would show no validation metric)."""
+    logged = sorted({k for v in results["variants"].values() for m in v["runs"].values()
+                     for k in m.get("val_metrics") or ()})
+    if not logged:
+        return []
+    report = [m["name"] for m in results.get("report") or []]
+    shown = ", ".join(logged)
+    if not report:
+        if "loss" in logged:
+            return []
+        return [f"the runs log no val/loss: name the validation metrics to tabulate with a top-level report: "
+                f"list in {results.get('config')} (they log: {shown})"]
+    return [f"report: no run logs val/{name} (they log: {shown})" for name in report if name not in logged]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -752,7 +935,8 @@ def _seeds(text: str) -> list[int]:
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("config", help="training config with a top-level `variants:` mapping (name -> overrides)")
+    parser.add_argument("config", help="training config with a top-level `variants:` mapping (name -> overrides) "
+                        "and optionally `report:` (validation metrics to tabulate, e.g. [bbox/AP, segm/AP])")
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value",
                         help="overrides for every variant (a variant's own keys win)")
     parser.add_argument("--variants", type=_names, default=None, metavar="NAME[,NAME...]",
@@ -761,6 +945,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
                         help="seeds (run.seed) per variant (default 0,1)")
     parser.add_argument("--out", default=None, metavar="DIR",
                         help="output folder: DIR/<variant>/seed<k> runs, results.json/.md, val_loss.png "
+                        "(with report: val_<metric>.png) "
                         "(default runs/compare/<config name>)")
     parser.add_argument("--steps", type=_positive_int, default=None, metavar="N", help="train.max_steps of every run")
     parser.add_argument("--json", action="store_true", help="print the results as JSON instead of the Markdown table")
@@ -815,15 +1000,17 @@ def run(args: argparse.Namespace) -> int:
                 raise CLIError(f"{r.variant.name} seed {r.seed} ({r.dir}): {err}") from None
             r.status, _ = run_status(r.dir, r.cfg)
             store_tokens(r, tokens.get((r.variant.name, r.seed)))
-            write_results(runs, sizes, tokens, source=source, out=out)
+            write_results(runs, sizes, tokens, source=source, out=out, report=cf.report)
     elif not any((r.dir / "metrics.jsonl").is_file() for r in runs):
         raise CLIError(f"--plot-only: no runs of {source} under {out} yet")
-    results = write_results(runs, sizes, tokens, source=source, out=out)
+    results = write_results(runs, sizes, tokens, source=source, out=out, report=cf.report)
     if not _is_main():
         return 0
+    for hint in report_hints(results):
+        print(f"mmoe compare: {hint}", file=sys.stderr)
     if args.json:
         print(json.dumps(results, indent=1, default=str))
     else:
         print(markdown_table(results))
-        print(f"wrote {out / 'results.json'}, {out / 'results.md'}, {out / 'val_loss.png'}", file=sys.stderr)
+        print(f"wrote {out / 'results.json'}, {out / 'results.md'}, {out / results['plot']}", file=sys.stderr)
     return 0

@@ -292,3 +292,134 @@ def test_run_folder_of_another_config_is_refused(compared, tmp_path):
     assert _snapshot(out) == before
     with pytest.raises(MMoEError, match="no runs"):
         compare.run(parse([str(path), "--out", str(tmp_path / "empty"), "--plot-only"]))
+
+
+def test_throughput_header_uses_the_task_unit(compared):
+    _, out = compared
+    res = json.loads((out / "results.json").read_text())
+    assert res["unit"] == "tokens" and res["report"] == [] and res["plot"] == "val_loss.png"
+    head = (out / "results.md").read_text().splitlines()[0]
+    assert "| Δ ppl vs topk | tokens/s | params total / active |" in head
+    m = res["variants"]["topk"]["runs"]["0"]
+    assert m["throughput"] == m["tokens_per_s"] > 0 and "loss" in m["val_metrics"]
+    assert compare.task_unit(argparse.Namespace(task="no_such_task")) == "units"
+
+
+# ------------------------------------------------------------------------------------------------
+# report: other validation metrics (the digits task: val/acc, val/loss; images/s)
+
+DIGITS = """\
+task: digits_mlp
+model: {dim: 16, depth: 2, moe: {num_experts: 4, top_k: 2, expert_hidden: 16}}
+data: {train: synthetic, val: synthetic, batch_size: 8}
+optim: {lr: 3.0e-3, warmup_steps: 1}
+train: {max_steps: 4, log_every: 1, eval_every: 2, eval_batches: 2, save_every: 4, stats_every: 2, progress: false}
+run: {dir: runs/unused, tensorboard: false}
+report:
+  - acc
+  - {name: loss, better: lower}
+variants:
+  top2: {}
+  top1: {model.moe.top_k: 1}
+"""
+
+
+@pytest.fixture(scope="module")
+def reported(tmp_path_factory):
+    """A digits comparison with ``report: [acc, loss (lower)]``, 2 variants x 2 seeds of 4 steps."""
+    import torch.distributed as dist
+
+    saved_env = dict(os.environ)
+    tmp = tmp_path_factory.mktemp("report")
+    path = tmp / "digits.yaml"
+    path.write_text(DIGITS)
+    out = tmp / "out"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert compare.run(parse([str(path), "--seeds", "0,1", "--out", str(out)])) == 0
+        yield path, out
+    finally:
+        torch.set_num_threads(threads)
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+        os.environ.clear()
+        os.environ.update(saved_env)
+
+
+def test_report_metrics_replace_perplexity(reported):
+    path, out = reported
+    res = json.loads((out / "results.json").read_text())
+    assert res["unit"] == "images" and res["plot"] == "val_acc.png"
+    assert res["report"] == [{"name": "acc", "better": "higher"}, {"name": "loss", "better": "lower"}]
+    for name in ("top2", "top1"):
+        v = res["variants"][name]
+        assert v["finished_seeds"] == [0, 1]
+        for m in v["runs"].values():
+            recs = read_jsonl(Path(m["dir"]) / "metrics.jsonl")
+            final = next(r for r in recs if r["step"] == 4 and "val/acc" in r)
+            assert m["final_val/acc"] == final["val/acc"] and 0 <= m["final_val/acc"] <= 1
+            assert m["best_val/acc"] >= m["final_val/acc"] and m["best_val/loss"] <= m["final_val/loss"]
+            assert m["report_curves"]["acc"][-1] == [4, final["val/acc"]] and len(m["report_curves"]["loss"]) == 2
+            assert m["best_step_val/acc"] in (2, 4) and m["throughput"] > 0
+        finals = [m["final_val/acc"] for m in v["runs"].values()]
+        s = v["summary"]["final_val/acc"]
+        assert s["n"] == 2 and s["mean"] == pytest.approx(sum(finals) / 2)
+        assert v["summary"]["best_val/loss"]["n"] == 2
+
+    rows = [line for line in (out / "results.md").read_text().splitlines() if line.startswith("| ")]
+    assert rows[0].startswith("| variant | seeds | final acc | best acc | final loss | best loss | Δ acc vs top2 | "
+                              "images/s | params total / active | MoE MACs/token |")
+    assert "ppl" not in rows[0] and "tokens/s" not in rows[0]
+    cells = [[c.strip() for c in r.split("|")[1:-1]] for r in rows[1:]]
+    assert [c[0] for c in cells] == ["top2", "top1"] and cells[0][6] == "0 (base)"
+    a0, a1 = (res["variants"][n]["summary"]["final_val/acc"]["mean"] for n in ("top2", "top1"))
+    assert float(cells[1][6]) == pytest.approx(a1 - a0, abs=1e-3)
+    assert all(" ± " in c[2] and "–" not in c[2:7] for c in cells)
+    png = (out / "val_acc.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and not (out / "val_loss.png").exists()
+
+
+def test_runs_without_val_loss_count_as_finished(reported, tmp_path, capsys):
+    """A detection run logs no val/loss: its final validation is any val/ metric at max_steps."""
+    path, out0 = reported
+    out = tmp_path / "out"
+    shutil.copytree(out0, out)
+    for f in out.glob("*/seed*/metrics.jsonl"):
+        recs = [{k: v for k, v in r.items() if k not in ("val/loss", "val/count")} for r in read_jsonl(f)]
+        f.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    text = path.read_text().replace("  - {name: loss, better: lower}\n", "  - AP\n")
+    (tmp_path / "digits.yaml").write_text(text)
+    before = _snapshot(out)
+    capsys.readouterr()
+    assert compare.run(parse([str(tmp_path / "digits.yaml"), "--seeds", "0,1", "--out", str(out)])) == 0
+    captured = capsys.readouterr()
+    assert _snapshot(out) == before and captured.err.count("finished run in") == 4  # nothing retrained
+    assert "report: no run logs val/AP (they log: acc)" in captured.err
+    head = captured.out.splitlines()[0]
+    assert head.startswith("| variant | seeds | final acc | best acc | final AP | best AP | Δ acc vs top2 | images/s")
+    res = json.loads((out / "results.json").read_text())
+    assert res["variants"]["top1"]["finished_seeds"] == [0, 1]
+    assert res["variants"]["top1"]["runs"]["0"]["final_val_loss"] is None
+
+    # the same runs without report: a warning that names what they log
+    (tmp_path / "plain.yaml").write_text(text.replace("report:\n  - acc\n  - AP\n", ""))
+    assert compare.run(parse([str(tmp_path / "plain.yaml"), "--seeds", "0,1", "--out", str(out), "--plot-only"])) == 0
+    assert "the runs log no val/loss" in capsys.readouterr().err and (out / "val_loss.png").is_file()
+
+
+@pytest.mark.parametrize("report, want", [
+    ("{acc: 1}", r"compare\.yaml:1: report: expected a non-empty list"),
+    ("[]", r"compare\.yaml:1: report: expected a non-empty list"),
+    ("[acc, 3]", r"compare\.yaml:1: report\[1\]: expected a metric name or a mapping"),
+    ("[val/acc]", r"compare\.yaml:1: report\[0\]: give the metric without its 'val/' prefix \('acc'"),
+    ("\n  - acc\n  - {name: loss, better: low}", r"compare\.yaml:3: report\[1\]\.better: .*did you mean 'lower'"),
+    ("[{nam: acc}]", r"compare\.yaml:1: report\[0\]\.nam: unknown key"),
+    ("[acc, acc]", r"compare\.yaml:1: report\[1\]: 'acc' is listed twice"),
+])
+def test_malformed_report_is_a_config_error(tmp_path, report, want):
+    path = tmp_path / "compare.yaml"
+    path.write_text(f"report: {report}\n" + DIGITS.split("report:")[0])
+    with pytest.raises(ConfigError, match=want) as err:
+        compare.run(parse([str(path), "--out", str(tmp_path / "out")]))
+    assert "\n" not in str(err.value) and not (tmp_path / "out").exists()
