@@ -180,3 +180,16 @@ def test_config_errors_name_the_key(tmp_path):
     task = DetectionTask(_tiny_cfg(), DetectionOptions(image_size=64))
     with pytest.raises(ValueError, match="num_classes=3 but the shards .* have 1 categories"):
         task.setup(TaskContext(run_dir=tmp_path, train_data="x", train_manifest=Manifest()))
+
+
+@pytest.mark.distributed
+def test_evaluation_on_two_ranks_gathers_the_whole_split(trained):
+    """COCOeval over both ranks' halves of the validation split equals the one-process evaluation."""
+    run, cfg, _ = trained
+    ck = run / "checkpoints"
+    one = json.loads(run_mmoe(["eval", str(cfg), "--checkpoint", str(ck)]).stdout.strip().splitlines()[-1])
+    two = run_mmoe(["eval", str(cfg), "--checkpoint", str(ck), "dist.ep_size=2"], world=2, timeout=400)
+    two = json.loads([line for line in two.stdout.strip().splitlines() if line.startswith("{")][-1])
+    assert one["bbox/AP"] > 0
+    for key in ("bbox/AP", "bbox/AP50", "segm/AP", "segm/AP75"):
+        assert two[key] == pytest.approx(one[key], abs=1e-6), key
