@@ -58,3 +58,6 @@ SHAPES_DET_SHARDS = Command(_add_shapes_det_args, _write_shapes_det,
                             "generated detection / segmentation set: shapes of 4 classes with occlusion, "
                             "visible-instance masks (COCO RLE), boxes and label maps on textured backgrounds; "
                             "a COCO folder under OUT/coco plus its shards, deterministic for a seed")
+D2 = Command(lazy("vision.detection.d2cli", "add_args"), lazy("vision.detection.d2cli", "run"),
+             "detectron2's training loop on a LazyConfig (mmoe d2 train|eval CONFIG.py [key=value ...]); "
+             "needs the optional detectron2")
