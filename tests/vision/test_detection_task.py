@@ -52,7 +52,7 @@ def shapes(tmp_path_factory) -> Path:
 
     out = tmp_path_factory.mktemp("shapes") / "det"
     write_shapes_det(out, num_images=80, img_size=64, seed=1, max_instances=4, scale_range=(0.12, 0.3),
-                     progress=False)
+                     samples_per_shard=8, progress=False)  # several shards per split: 2 ranks can share them
     return out
 
 
