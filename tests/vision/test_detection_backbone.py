@@ -141,6 +141,22 @@ def test_weights_from_a_run_folder(tmp_path):
         load_backbone_weights(net, tmp_path / "nowhere")
 
 
+def test_weights_from_a_detection_run_take_its_vit_only(tmp_path):
+    """A detection / segmentation run of this project is a valid ``model.init``: its ``backbone.net.*`` (the
+    ViT) is loaded, the pyramid and the heads are left behind (here a pyramid of another width)."""
+    from mmoe.train.checkpoint import save_checkpoint
+    from vision.detection.maskrcnn import DetectionModelConfig, build_maskrcnn
+
+    torch.manual_seed(4)
+    det = build_maskrcnn(DetectionModelConfig(backbone=tiny(), num_classes=3, min_size=32, max_size=32))
+    save_checkpoint(tmp_path / "det" / "checkpoints", 5, model=det)
+    seg_backbone = build_backbone(tiny(out_channels=24))
+    load_backbone_weights(seg_backbone.net, tmp_path / "det")
+    theirs = det.backbone.net.state_dict()
+    for k, v in seg_backbone.net.state_dict().items():
+        torch.testing.assert_close(v, theirs[k], msg=k)
+
+
 def test_layer_decay_follows_vitdet():
     bb = build_backbone(tiny())
     scales = lr_decay_scales(bb, 0.5)

@@ -302,7 +302,8 @@ def load_backbone_weights(vit: ViTDetMoE, path: str | Path, *, upcycle: bool = F
     """Load a classification ViT (ViT-MoE or dense) into ``vit``.
 
     ``path``: a run folder, a ``checkpoints`` folder or a checkpoint folder of this project (its latest
-    complete checkpoint; experts of every expert-parallel rank merged), or a ``.safetensors`` / ``.pth`` file
+    complete checkpoint; experts of every expert-parallel rank merged) of a classification run or of a
+    detection / segmentation run (then its backbone's ViT, ``backbone.net.*``, is taken), or a ``.safetensors`` / ``.pth`` file
     of a timm ViT or of this project's ``vit_moe_*``. Keys are timm's (``patch_embed.proj``, ``pos_embed``,
     ``blocks.<i>.{norm1,attn.qkv,attn.proj,norm2,mlp}``); the class token, final norm and head are left
     out; the position embedding is resized to the backbone's pre-training grid and the patch embedding to
@@ -326,6 +327,10 @@ def load_backbone_weights(vit: ViTDetMoE, path: str | Path, *, upcycle: bool = F
     except Exception as err:  # noqa: BLE001 - re-raised with the file named
         raise ValueError(f"{where}: cannot read a state dict ({type(err).__name__}: {err})") from None
     state = {k[7:] if k.startswith("module.") else k: v for k, v in state.items()}
+    if "pos_embed" not in state and "backbone.net.pos_embed" in state:
+        # a detection or segmentation run of this project: its ViT is ``backbone.net``; the pyramid and the
+        # heads stay behind
+        state = {k[len("backbone.net."):]: v for k, v in state.items() if k.startswith("backbone.net.")}
     if "pos_embed" not in state or "patch_embed.proj.weight" not in state:
         raise ValueError(f"{where}: not a ViT checkpoint (no pos_embed / patch_embed.proj.weight)")
     own = vit.state_dict()
