@@ -531,12 +531,13 @@ class CocoSource(ShardSource):
     def size_hint(self) -> int:
         return len(self.images)
 
-    def __iter__(self) -> Iterator[dict[str, Any]]:
+    def _readable_images(self, *, sized: bool = False) -> Iterator[tuple[dict, Path, bytes, str, list, Any]]:
+        """``(image record, file, bytes, extension, annotations, (width, height) or None)`` for every image
+        that exists and decodes (``sized``: its size read too); annotations of unknown images, missing and
+        unreadable files are reported as problems (skipped or raised per ``on_error``)."""
         for ann in self._orphans:
             self._problem(f"{self.annotations} annotation id {ann.get('id')}",
                           f"refers to image_id {ann.get('image_id')!r}, which is not in \"images\"")
-        keys = KeyMaker()
-        self.num_images = self.num_annotations = 0
         for image in self.images:
             file = self.image_dir / image["file_name"]
             if not file.is_file():
@@ -544,10 +545,16 @@ class CocoSource(ShardSource):
                 continue
             try:
                 data, ext = read_image_file(file)
+                size = _image_size(data) if sized else None
             except Exception as err:
                 self._problem(str(file), f"not a readable image ({_describe(err)})")
                 continue
-            anns = self._by_image.get(image["id"], [])
+            yield image, file, data, ext, self._by_image.get(image["id"], []), size
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        keys = KeyMaker()
+        self.num_images = self.num_annotations = 0
+        for image, _, data, ext, anns, _ in self._readable_images():
             self.num_images += 1
             self.num_annotations += len(anns)
             yield {"__key__": keys(str(Path(image["file_name"]).with_suffix(""))), ext: data,
@@ -759,28 +766,14 @@ class CocoSemanticSource(CocoSource):
     def __iter__(self) -> Iterator[dict[str, Any]]:
         import numpy as np
 
-        for ann in self._orphans:
-            self._problem(f"{self.annotations} annotation id {ann.get('id')}",
-                          f"refers to image_id {ann.get('image_id')!r}, which is not in \"images\"")
         keys = KeyMaker()
         self.num_images = self.num_annotations = self.crowd_annotations = 0
-        for image in self.images:
-            file = self.image_dir / image["file_name"]
-            if not file.is_file():
-                self._problem(str(file), f"image file not found (image id {image['id']} in {self.annotations})")
-                continue
-            try:
-                data, ext = read_image_file(file)
-                width, height = _image_size(data)
-            except Exception as err:
-                self._problem(str(file), f"not a readable image ({_describe(err)})")
-                continue
+        for image, file, data, ext, anns, (width, height) in self._readable_images(sized=True):
             declared = (image.get("width"), image.get("height"))
             if None not in declared and (int(declared[0]), int(declared[1])) != (width, height):
                 self._problem(str(file), f"image is {width}x{height}, {self.annotations} says "
                               f"{declared[0]}x{declared[1]} (image id {image['id']})")
                 continue
-            anns = self._by_image.get(image["id"], [])
             label = np.zeros((height, width), dtype=np.uint8)
             crowd = 0
             try:

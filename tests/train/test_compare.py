@@ -5,6 +5,7 @@ skipping finished runs, resuming an interrupted one, refusing a run folder of an
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -172,26 +173,34 @@ def test_runs_interleave_seeds(tmp_path):
 # end to end: 2 variants x 2 seeds, 4 steps each
 
 
-@pytest.fixture(scope="module")
-def compared(tmp_path_factory):
-    """One tiny comparison, run in this process (torch.distributed and the environment restored after)."""
+@contextlib.contextmanager
+def _compare_in_process(argv: list[str]):
+    """Run ``mmoe compare argv`` in this process on one thread; torch.distributed, the thread count and the
+    environment are restored after."""
     import torch.distributed as dist
 
     saved_env = dict(os.environ)
-    tmp = tmp_path_factory.mktemp("compare")
-    path = write_configs(tmp)
-    out = tmp / "out"
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        assert compare.run(parse([str(path), "--variants", "topk,mh", "--seeds", "0,1", "--out", str(out)])) == 0
-        yield path, out
+        assert compare.run(parse(argv)) == 0
+        yield
     finally:
         torch.set_num_threads(threads)
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
         os.environ.clear()
         os.environ.update(saved_env)
+
+
+@pytest.fixture(scope="module")
+def compared(tmp_path_factory):
+    """One tiny comparison, run in this process."""
+    tmp = tmp_path_factory.mktemp("compare")
+    path = write_configs(tmp)
+    out = tmp / "out"
+    with _compare_in_process([str(path), "--variants", "topk,mh", "--seeds", "0,1", "--out", str(out)]):
+        yield path, out
 
 
 def _snapshot(out: Path) -> dict:
@@ -327,24 +336,12 @@ variants:
 @pytest.fixture(scope="module")
 def reported(tmp_path_factory):
     """A digits comparison with ``report: [acc, loss (lower)]``, 2 variants x 2 seeds of 4 steps."""
-    import torch.distributed as dist
-
-    saved_env = dict(os.environ)
     tmp = tmp_path_factory.mktemp("report")
     path = tmp / "digits.yaml"
     path.write_text(DIGITS)
     out = tmp / "out"
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        assert compare.run(parse([str(path), "--seeds", "0,1", "--out", str(out)])) == 0
+    with _compare_in_process([str(path), "--seeds", "0,1", "--out", str(out)]):
         yield path, out
-    finally:
-        torch.set_num_threads(threads)
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
-        os.environ.clear()
-        os.environ.update(saved_env)
 
 
 def test_report_metrics_replace_perplexity(reported):
