@@ -302,9 +302,9 @@ def load_backbone_weights(vit: ViTDetMoE, path: str | Path, *, upcycle: bool = F
     """Load a classification ViT (ViT-MoE or dense) into ``vit``.
 
     ``path``: a run folder, a ``checkpoints`` folder or a checkpoint folder of this project (its latest
-    complete checkpoint; experts of every expert-parallel rank merged) of a classification run or of a
-    detection / segmentation run (then its backbone's ViT, ``backbone.net.*``, is taken), or a ``.safetensors`` / ``.pth`` file
-    of a timm ViT or of this project's ``vit_moe_*``. Keys are timm's (``patch_embed.proj``, ``pos_embed``,
+    complete checkpoint; experts of every expert-parallel rank merged), of a classification run or of a
+    detection / segmentation run (then its backbone's ViT, ``backbone.net.*``, is taken), or a
+    ``.safetensors`` / ``.pth`` file of a timm ViT or of this project's ``vit_moe_*``. Keys are timm's (``patch_embed.proj``, ``pos_embed``,
     ``blocks.<i>.{norm1,attn.qkv,attn.proj,norm2,mlp}``); the class token, final norm and head are left
     out; the position embedding is resized to the backbone's pre-training grid and the patch embedding to
     its patch size. A block that is an MoE here and a dense MLP in the file is an error unless ``upcycle``:
