@@ -43,7 +43,7 @@ from typing import Any
 import numpy as np
 
 __all__ = ["CATEGORIES", "DetSample", "shapes_det_sample", "size_bucket", "write_shapes_det",
-           "SMALL_AREA", "MEDIUM_AREA"]
+           "shapes_cls_sample", "write_shapes_cls", "SMALL_AREA", "MEDIUM_AREA"]
 
 CATEGORIES = [
     {"id": 1, "name": "square", "supercategory": "shape"},
@@ -282,3 +282,79 @@ def write_shapes_det(out_dir: str | os.PathLike, *, num_images: int = 1000, seed
         write_shards_kwargs.setdefault("prefix", "train")
     return write_coco(ann_dir / "instances_all.json", image_dir, out, val_fraction=val_fraction,
                       extra_manifest=extra, **write_shards_kwargs)
+
+
+# ---------------------------------------------------------------------------------------- classification
+def shapes_cls_sample(index: int, seed: int = 0, img_size: int = 64, *, max_shapes: int = 3,
+                      scale_range: tuple[float, float] = (0.22, 0.38), distractor_range: tuple[float, float] = (0.06, 0.14),
+                      dominance: float = 1.5) -> tuple[np.ndarray, int]:
+    """A classification image of the shapes world, labelled with the class (0..3, ``CATEGORIES`` order) of
+    its **largest visible shape**: one large shape (size ``r`` log-uniform in ``scale_range`` of the side,
+    wholly inside the image) and 0..``max_shapes - 1`` smaller distractors of any class
+    (``distractor_range``, drawn after it, so they may occlude it a little), on the detection set's
+    textured backgrounds and in its random colours. An image whose largest visible shape is not at least
+    ``dominance`` times the second is redrawn (deterministically), so the label is never a near tie. A pure
+    function of its arguments (its own seeds: never an image of the detection set); returns
+    ``(uint8 [H, W, 3], label)``.
+
+    The task shares its visual world with the detection set (classes, textures, colours) without sharing
+    images: the setting of AdaMV-MoE's classification + detection training on one backbone.
+    """
+    if img_size < 16:
+        raise ValueError(f"img_size must be >= 16, got {img_size}")
+    if max_shapes < 1 or dominance < 1:
+        raise ValueError(f"max_shapes must be >= 1 and dominance >= 1, got {max_shapes}, {dominance}")
+    for attempt in range(64):
+        rng = random.Random(f"mmoe-shapes-cls/{seed}/{index}/{attempt}")
+        image = _background(rng, img_size)
+        owner = np.full((img_size, img_size), -1, dtype=np.int32)
+        n = 1 + min(int(rng.random() * max_shapes), max_shapes - 1)
+        classes = []
+        for k in range(n):
+            lo, hi = scale_range if k == 0 else distractor_range
+            r = img_size * lo * (hi / lo) ** rng.random()
+            margin = r if k == 0 else 0.0
+            cx = margin + (img_size - 2 * margin) * rng.random()
+            cy = margin + (img_size - 2 * margin) * rng.random()
+            name = _NAMES[min(int(rng.random() * len(_NAMES)), len(_NAMES) - 1)]
+            color = np.array([int(256 * rng.random()) for _ in range(3)], dtype=np.uint8)
+            mask = _shape_mask(name, cx, cy, r, 2 * math.pi * rng.random(), img_size)
+            image[mask] = color
+            owner[mask] = k
+            classes.append(_NAMES.index(name))
+        areas = sorted(((int((owner == k).sum()), classes[k]) for k in range(n)), reverse=True)
+        if areas[0][0] > 0 and (n == 1 or areas[0][0] >= dominance * areas[1][0]):
+            return image, areas[0][1]
+    raise RuntimeError(f"shapes_cls_sample: no unambiguous image for index {index} in 64 draws")
+
+
+def write_shapes_cls(out_dir: str | os.PathLike, *, num_images: int = 2000, seed: int = 0, img_size: int = 64,
+                     val_fraction: float = 0.2, max_shapes: int = 3, **write_shards_kwargs):
+    """Generate ``num_images`` classification images (`shapes_cls_sample`) as image-classification shards
+    (``png`` + ``cls`` + ``json`` ``{"label"}``, the layout of ``mmoe shards imagefolder``) with
+    ``train`` / ``val`` splits by key hash. The manifest's ``info`` holds ``classes`` (the four shape
+    names), ``class_counts`` and ``generator`` (these arguments). Byte-identical for the same arguments."""
+    import io
+
+    from PIL import Image
+
+    from mmoe.data import write_shards
+
+    if num_images < 1:
+        raise ValueError(f"num_images must be >= 1, got {num_images}")
+    counts = {n: 0 for n in _NAMES}
+
+    def samples():
+        for index in range(num_images):
+            image, label = shapes_cls_sample(index, seed, img_size, max_shapes=max_shapes)
+            buf = io.BytesIO()
+            Image.fromarray(image).save(buf, format="PNG", optimize=False)
+            counts[_NAMES[label]] += 1
+            yield {"__key__": f"{index:06d}", "png": buf.getvalue(), "cls": label,
+                   "json": {"label": _NAMES[label]}}
+
+    generator = {"name": "shapes-cls", "num_images": num_images, "seed": seed, "img_size": img_size,
+                 "val_fraction": val_fraction, "max_shapes": max_shapes}
+    return write_shards(samples(), out_dir, val_fraction=val_fraction, source={"type": "shapes-cls", "options": generator},
+                        extra_manifest={"classes": list(_NAMES), "class_counts": counts, "generator": generator},
+                        **write_shards_kwargs)

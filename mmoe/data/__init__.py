@@ -11,7 +11,8 @@ Reading (`mmoe.data.reader`): `ShardLoader`, batches with seeded shuffling, rank
 
 Mixing (`mmoe.data.mixing`): `MixedLoader`, several weighted sources (one loader each) in one stream, each
 batch whole from one source chosen by `choose_source` (a pure function of seed and step, the same on every
-rank), items `SourcedBatch` (batch, source index, task label), exact resume.
+rank), items `SourcedBatch` (batch, source index, task label), exact resume; `AllLoader`, one batch of every
+source in each item (`MultiBatch`, by task label), for multi-task steps.
 
 Bad data raises `DataError` (a `RuntimeError`) naming the file or shard, the sample key and the cause,
 or, when skipping, warns with `DataWarning`.
@@ -32,7 +33,8 @@ _EXPORTS = {
     "split_for_key": "writers", "SegmentationFolderSource": "writers", "CocoSemanticSource": "writers",
     "write_segfolder": "writers", "write_coco_semantic": "writers", "read_label_map": "writers",
     "ShardLoader": "reader", "resolve_urls": "reader",
-    "MixedLoader": "mixing", "SourcedBatch": "mixing", "choose_source": "mixing",
+    "MixedLoader": "mixing", "AllLoader": "mixing", "SourcedBatch": "mixing", "MultiBatch": "mixing",
+    "choose_source": "mixing",
     "mask_tokens": "masking", "block_mask": "masking",
     "decode_image": "decode", "decode_json": "decode", "decode_text": "decode", "decode_label": "decode",
 }

@@ -31,6 +31,13 @@ again and goes on: a `ShardLoader` then starts a new pass of the finished source
 where they were. Training loaders are endless (``epochs=None``), so in training no source runs out; an
 evaluation mixture would want every source once through instead, which this loader does not do.
 
+Every source in every batch (`AllLoader`)
+-----------------------------------------
+Multi-task training of the AdaMV-MoE kind takes one batch of *each* task in every step (one ImageNet and
+one COCO batch) and sums the weighted losses. `AllLoader` does that: item ``i`` is a `MultiBatch` holding
+the next batch of every source, by task label. There is no draw; the state is every source's own state,
+so resume is exact as above; a source that runs out ends the pass (training loaders never do).
+
 Sources and the language mixer
 ------------------------------
 `language.tasks` mixes languages *inside* one shard set: it keeps each document with a per-language
@@ -55,7 +62,7 @@ from typing import Any, Iterator, Sequence
 
 STATE_VERSION = 1
 
-__all__ = ["MixedLoader", "SourcedBatch", "choose_source"]
+__all__ = ["MixedLoader", "AllLoader", "SourcedBatch", "MultiBatch", "choose_source"]
 
 
 @dataclass
@@ -65,6 +72,23 @@ class SourcedBatch:
     data: Any  # the source loader's batch, as its collate made it
     source: int  # index of the source in the mixture
     task: str | None = None  # the source's label (``DataSource.task``), None when it has none
+
+
+@dataclass
+class MultiBatch:
+    """One micro-batch of `AllLoader` (``data.mix: all``): one batch of every source, by task label."""
+
+    batches: dict[str, Any]  # label -> that source's batch, in source order
+
+    def __getitem__(self, task: str) -> Any:
+        return self.batches[task]
+
+    def __contains__(self, task: object) -> bool:
+        return task in self.batches
+
+    @property
+    def tasks(self) -> list[str]:
+        return list(self.batches)
 
 
 def choose_source(seed: int, step: int, weights: Sequence[float]) -> int:
@@ -174,6 +198,84 @@ class MixedLoader:
                     return  # a newer iteration or load_state_dict took over
         finally:
             # close the sources' iterators now (a ShardLoader stops its DataLoader workers on close)
+            for it in iterators:
+                close = getattr(it, "close", None)
+                if close is not None:
+                    close()
+
+
+class AllLoader:
+    """Iterate `MultiBatch` items: the next batch of every loader, by label (module docstring).
+
+    Args:
+        loaders: one loader per source (`mmoe.data.ShardLoader` or anything with its resume protocol).
+        tasks: one distinct label per source (the keys of each `MultiBatch`).
+
+    `state_dict` / `load_state_dict` save and restore every source's position.
+    """
+
+    def __init__(self, loaders: Sequence[Any], tasks: Sequence[str]) -> None:
+        if not loaders:
+            raise ValueError("AllLoader needs at least one source")
+        if len(tasks) != len(loaders):
+            raise ValueError(f"{len(loaders)} source(s) but {len(tasks)} task label(s)")
+        if any(not t for t in tasks) or len(set(tasks)) != len(tasks):
+            raise ValueError(f"AllLoader: task labels must be distinct non-empty strings, got {list(tasks)}")
+        self.loaders = list(loaders)
+        self.tasks = list(tasks)
+        self._step = 0
+        self._generation = 0
+
+    @property
+    def step(self) -> int:
+        """Micro-batches delivered so far."""
+        return self._step
+
+    @property
+    def errors(self) -> dict[str, int]:
+        total: Counter = Counter()
+        for loader in self.loaders:
+            total.update(getattr(loader, "errors", None) or {})
+        return dict(total)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"version": STATE_VERSION, "kind": "all", "tasks": list(self.tasks), "step": self._step,
+                "sources": [loader.state_dict() for loader in self.loaders]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from ``state`` (of a loader with the same sources and labels); `ValueError` naming what
+        differs."""
+        if not isinstance(state, dict) or state.get("kind") != "all" or state.get("version") != STATE_VERSION:
+            raise ValueError(f"not an AllLoader state (data.mix: all, version {STATE_VERSION}): {str(state)[:200]}")
+        if list(state["tasks"]) != self.tasks:
+            raise ValueError(f"sources: saved with task labels {state['tasks']}, now {self.tasks}")
+        for i, (loader, sub) in enumerate(zip(self.loaders, state["sources"])):
+            try:
+                loader.load_state_dict(sub)
+            except ValueError as err:
+                raise ValueError(f"source {i} ({self.tasks[i]}): {err}") from None
+        self._step = int(state["step"])
+        self._generation += 1
+
+    def __iter__(self) -> Iterator[MultiBatch]:
+        self._generation += 1
+        return self._iterate(self._generation)
+
+    def _iterate(self, generation: int) -> Iterator[MultiBatch]:
+        iterators = [iter(loader) for loader in self.loaders]
+        try:
+            while True:
+                batches = {}
+                for t, it in zip(self.tasks, iterators):
+                    try:
+                        batches[t] = next(it)
+                    except StopIteration:
+                        return
+                self._step += 1
+                yield MultiBatch(batches)
+                if generation != self._generation:
+                    return
+        finally:
             for it in iterators:
                 close = getattr(it, "close", None)
                 if close is not None:

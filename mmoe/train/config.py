@@ -19,6 +19,19 @@ data:
   val: data/digits
   val_split: val
 ```
+Several tasks trained together, every micro-batch holding one batch of each (``mix: all``; e.g. AdaMV-MoE's
+classification + detection, ``task: multitask_vision``), each source with its own batch size, and one
+validation set per task:
+```yaml
+data:
+  mix: all
+  sources:
+    - {path: data/shapes_cls, split: train, task: cls, batch_size: 32}
+    - {path: data/shapes_det, split: train, task: det, batch_size: 4}
+  val_sources:
+    - {path: data/shapes_cls, split: val, task: cls}
+    - {path: data/shapes_det, split: val, task: det, batch_size: 8}
+```
 Unknown keys and wrong types are errors naming the key and the file (`mmoe.train.configfile`); any key can be
 overridden on the command line with ``key.sub=value``.
 """
@@ -48,12 +61,19 @@ class DataSource:
     Each logged step records ``source/<i>``: the share of its micro-batches that came from source ``i``.
     The checkpoint holds the mixture's position (its batch counter and every source's `ShardLoader` state),
     so a resume needs the same sources, weights and seed.
+
+    With ``data.mix: all`` there is no draw: every micro-batch holds the next batch of *every* source, and
+    the task's ``loss`` gets a `mmoe.data.MultiBatch` (``batch[label]`` per source; every source must
+    have a distinct ``task`` label, ``weight`` is unused and must stay 1). ``batch_size`` overrides
+    ``data.batch_size`` for this source (in ``data.val_sources``: ``data.eval_batch_size``), e.g. many
+    small classification images beside a few large detection images.
     """
 
     path: str  # like data.train: shard URL pattern, list file, directory or manifest
     weight: float = 1.0  # relative share of the batches (> 0)
     task: str | None = None  # label handed to the task with this source's batches
     split: str | None = None  # split of a shard directory's manifest (e.g. "train"); None = its only one
+    batch_size: int | None = None  # this source's batch size (None: data.batch_size / data.eval_batch_size)
 
     def __post_init__(self) -> None:
         # "field: problem": the config loader turns it into "file:line: data.sources[i].field: problem"
@@ -63,6 +83,8 @@ class DataSource:
             raise ValueError(f"weight: must be > 0, got {self.weight}")
         if self.task is not None and not self.task:
             raise ValueError("task: an empty label; leave it out (null) or name the task")
+        if self.batch_size is not None and self.batch_size < 1:
+            raise ValueError(f"batch_size: must be >= 1, got {self.batch_size}")
 
 
 @dataclass
@@ -70,7 +92,13 @@ class DataConfig:
     train: str = ""  # shard URL pattern, list file, directory or manifest (see mmoe.data.ShardLoader)
     # several weighted training sources instead of `train` (see DataSource); empty = the one stream `train`
     sources: list[DataSource] = field(default_factory=list)
+    # how micro-batches come from `sources`: "weighted" = each micro-batch whole from one source drawn by
+    # weight (mmoe.data.MixedLoader); "all" = each micro-batch one batch of every source (mmoe.data.AllLoader)
+    mix: Literal["weighted", "all"] = "weighted"
     val: str | None = None
+    # one validation set per task instead of `val` (each with a `task` label); evaluation passes over each
+    # in turn and the task's evaluator gets `SourcedBatch`es
+    val_sources: list[DataSource] = field(default_factory=list)
     train_split: str | None = None  # split of a shard directory's manifest (e.g. "train"); None = its only one
     val_split: str | None = None  # e.g. "val"
     batch_size: int = 32  # per rank and micro-batch
@@ -79,6 +107,11 @@ class DataConfig:
     num_workers: int = 0
     resampled: bool = False
     on_error: Literal["fail", "skip"] = "fail"  # bad shard / sample: stop with its name, or skip and count
+
+    @property
+    def has_val(self) -> bool:
+        """Validation data is configured (``val`` or ``val_sources``)."""
+        return bool(self.val or self.val_sources)
 
     @property
     def labelled_sources(self) -> bool:
@@ -165,8 +198,48 @@ def check_train_config(cfg: TrainConfig, source: str) -> None:
     if cfg.data.sources and cfg.data.train_split is not None:
         raise ConfigError(source, "data.train_split", "with data.sources each source sets its own split "
                                                       "(data.sources[i].split)")
+    _check_sources(cfg, source)
     if cfg.data.val == "synthetic" and cfg.train.eval_batches is None:
         raise ConfigError(source, "train.eval_batches", "data.val: synthetic is endless: set train.eval_batches")
+
+
+def _check_sources(cfg: TrainConfig, source: str) -> None:
+    from .configfile import ConfigError
+
+    d = cfg.data
+    if d.mix == "all":
+        if not d.sources:
+            raise ConfigError(source, "data.mix", "'all' takes one batch of every data.sources entry: give "
+                                                  "data.sources (with a task label each)")
+        for i, s in enumerate(d.sources):
+            if s.task is None:
+                raise ConfigError(source, f"data.sources[{i}].task", "data.mix: all needs a task label on every "
+                                                                    "source (the key of its batch)")
+            if s.weight != 1.0:
+                raise ConfigError(source, f"data.sources[{i}].weight", "unused with data.mix: all (every "
+                                                                      "micro-batch takes every source); remove it")
+    labels = [s.task for s in d.sources if s.task is not None]
+    if d.mix == "all" and len(set(labels)) != len(labels):
+        raise ConfigError(source, "data.sources", f"task labels must be distinct with data.mix: all, got {labels}")
+    if d.val_sources:
+        if d.val:
+            raise ConfigError(source, "data.val_sources", f"give data.val or data.val_sources, not both "
+                                                          f"(data.val is {d.val!r})")
+        if d.val_split is not None:
+            raise ConfigError(source, "data.val_split", "with data.val_sources each source sets its own split")
+        seen: set[str] = set()
+        for i, s in enumerate(d.val_sources):
+            if s.task is None:
+                raise ConfigError(source, f"data.val_sources[{i}].task", "required: the task this validation "
+                                                                        "set belongs to")
+            if s.task in seen:
+                raise ConfigError(source, f"data.val_sources[{i}].task", f"{s.task!r} given twice")
+            seen.add(s.task)
+            if s.weight != 1.0:
+                raise ConfigError(source, f"data.val_sources[{i}].weight", "unused for validation; remove it")
+            if s.path == "synthetic":
+                raise ConfigError(source, f"data.val_sources[{i}].path", "synthetic data is not supported as a "
+                                                                        "validation source (use data.val)")
 
 
 def load_train_config(path, overrides=()) -> TrainConfig:

@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 
 
-from ..data.mixing import SourcedBatch
+from ..data.mixing import MultiBatch, SourcedBatch
 from ..errors import TrainingError
 from ..layer import aux_loss, clear_aux, moe_layers, routing_stats, update_balance_bias
 from . import checkpoint as ckpt_lib
@@ -73,16 +73,18 @@ class SyntheticLoader:
 
 
 def _shard_loader(cfg: TrainConfig, task: Task, rank: int, world: int, urls: str, *, split: str | None,
-                  train: bool, seed: int, decode):
+                  train: bool, seed: int, decode, batch_size: int | None = None):
     """A `ShardLoader` over ``urls`` (``split`` applies to a shard directory or manifest): endless and shuffled
-    for training, one ordered pass for evaluation."""
+    for training, one ordered pass for evaluation. ``batch_size``: a source's own (default: ``data``'s)."""
     from ..data import ShardLoader
 
     d = cfg.data
     where = Path(str(urls))
     use_split = where.is_dir() or where.suffix == ".json"
+    if batch_size is None:
+        batch_size = d.batch_size if train else (d.eval_batch_size or d.batch_size)
     return ShardLoader(urls, split=split if use_split else None,
-                       batch_size=d.batch_size if train else (d.eval_batch_size or d.batch_size),
+                       batch_size=batch_size,
                        decode=decode, collate=task.collate,
                        shuffle_buffer=d.shuffle_buffer if train else 0, seed=seed,
                        rank=rank, world_size=world, num_workers=d.num_workers,
@@ -103,21 +105,25 @@ class _LabelledDecode:
 
 def _mixed_loader(cfg: TrainConfig, task: Task, rank: int, world: int):
     """``data.sources``: one endless loader per source (source ``i`` seeded ``run.seed + i``), mixed by weight
-    with `mmoe.data.MixedLoader` (the choice seeded by ``run.seed``, the same on every rank)."""
-    from ..data import MixedLoader
+    with `mmoe.data.MixedLoader` (the choice seeded by ``run.seed``, the same on every rank), or, with
+    ``data.mix: all``, zipped by `mmoe.data.AllLoader` (every micro-batch one batch of each)."""
+    from ..data import AllLoader, MixedLoader
 
     sources = cfg.data.sources
     labelled = cfg.data.labelled_sources
     loaders = []
     for i, src in enumerate(sources):
+        bs = src.batch_size or cfg.data.batch_size
         if src.path == "synthetic":
             if not hasattr(task, "synthetic_example"):
                 raise TrainingError(f"data.sources[{i}].path: task {cfg.task!r} has no synthetic data")
-            loaders.append(SyntheticLoader(task, cfg.data.batch_size, rank, world))
+            loaders.append(SyntheticLoader(task, bs, rank, world))
             continue
         decode = _LabelledDecode(task.decode, src.task) if labelled else task.decode
         loaders.append(_shard_loader(cfg, task, rank, world, src.path, split=src.split, train=True,
-                                     seed=cfg.run.seed + i, decode=decode))
+                                     seed=cfg.run.seed + i, decode=decode, batch_size=bs))
+    if cfg.data.mix == "all":
+        return AllLoader(loaders, [s.task for s in sources])
     return MixedLoader(loaders, [s.weight for s in sources], seed=cfg.run.seed, tasks=[s.task for s in sources])
 
 
@@ -220,6 +226,8 @@ class Trainer:
         ``self.source`` (its index) and hands the task a `SourcedBatch` when the sources carry task labels
         (`mmoe.train.config.DataSource`), else the plain batch."""
         item = next(it)
+        if isinstance(item, MultiBatch):
+            return MultiBatch({t: self._to_device(b) for t, b in item.batches.items()})
         if not isinstance(item, SourcedBatch):
             return self._to_device(item)
         self.source = item.source
@@ -355,6 +363,7 @@ class Trainer:
         self.logger = RunLogger(self.run_dir, total_steps=tl.max_steps, start_step=self.step,
                                 enabled=self.rank == 0, tensorboard=cfg.run.tensorboard,
                                 progress=tl.progress, unit=self.task.unit, desc=f"train {cfg.task}")
+        self.task.logger = self.logger  # for tasks that log their own events and metrics (e.g. after_step)
         engine = self.engine
         it = iter(self.train_loader)
         bad_in_a_row = 0
@@ -411,22 +420,29 @@ class Trainer:
                         vals["grad_norm"] = _safe_float(gn)
                     self.logger.log(self.step, **vals, lr=lr, throughput=units * self.world / max(dt, 1e-9))
                 if tl.stats_every and (self.step % tl.stats_every == 0 or self.step == tl.max_steps):
-                    stats = routing_stats(engine.module)
-                    if stats:
-                        self.logger.log_routing(self.step, stats)
+                    groups = self.task.routing_groups(engine.module)
+                    if groups is None:
+                        stats = routing_stats(engine.module)
+                        if stats:
+                            self.logger.log_routing(self.step, stats)
+                    else:
+                        for tag, stats in groups.items():
+                            if stats:
+                                self.logger.log_routing(self.step, stats, tag=tag)
                 errors = getattr(self.train_loader, "errors", None)
                 if errors and sum(errors.values()) != getattr(self, "_logged_errors", 0):
                     self._logged_errors = sum(errors.values())
                     self.logger.event(self.step, "data_skipped", f"skipped so far: {dict(errors)}", **errors)
-                if self.cfg.data.val and tl.eval_every and self.step % tl.eval_every == 0 and self.step < tl.max_steps:
+                if self.cfg.data.has_val and tl.eval_every and self.step % tl.eval_every == 0 and self.step < tl.max_steps:
                     last_eval = self.evaluate()
                 if tl.save_every and self.step % tl.save_every == 0 and self.step < tl.max_steps:
                     self.save()
             self.save()
-            if self.cfg.data.val:
+            if self.cfg.data.has_val:
                 last_eval = self.evaluate()
         finally:
             self.logger.close()
+            self.task.logger = None
         if self.rank == 0:
             from .runlog import plot_curves
 
@@ -436,21 +452,39 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self, split: str | None = None) -> dict[str, float]:
+        """Validation metrics (every rank the same), logged as ``val/<name>``. ``split``: other shards than
+        ``data.val``. With ``data.val_sources`` (and no ``split``) the task's evaluator passes over every
+        source in turn and gets `SourcedBatch`\ es (``train.eval_batches`` caps each source)."""
         engine = self.engine
         engine.eval()
-        loader = self._make_loader(train=False, split=split)
+        d = self.cfg.data
+        if d.val_sources and split is None:
+            loaders = []
+            for i, src in enumerate(d.val_sources):
+                loaders.append((i, src.task, _shard_loader(
+                    self.cfg, self.task, self.rank, self.world, src.path, split=src.split, train=False,
+                    seed=self.cfg.run.seed, decode=_LabelledDecode(self.task.decode_eval, src.task),
+                    batch_size=src.batch_size)))
+        else:
+            loaders = [(None, None, self._make_loader(train=False, split=split))]
         self.task.eval_begin(engine.module)
         try:
-            return self._evaluate(engine, loader)
+            ev = self.task.evaluator()
+            ev.reset()
+            for i, label, loader in loaders:
+                self._evaluate_pass(engine, ev, loader, source=i, label=label)
+            ev.gather(dist.group.WORLD if self.world > 1 else None)
+            metrics = ev.summarize()
+            if self.logger is not None and metrics:
+                self.logger.log(self.step, **{f"val/{k}": v for k, v in metrics.items()})
+            return metrics
         finally:
             self.task.eval_end(engine.module)
             engine.train()
 
-    def _evaluate(self, engine, loader) -> dict[str, float]:
-        """One pass of the task's evaluator (`mmoe.train.tasks.Evaluator`) over this rank's share of the split,
-        gathered over the world; every rank returns the same metrics."""
-        ev = self.task.evaluator()
-        ev.reset()
+    def _evaluate_pass(self, engine, ev, loader, *, source: int | None = None, label: str | None = None) -> None:
+        """The task's evaluator (`mmoe.train.tasks.Evaluator`) over this rank's share of one split (batches
+        wrapped in `SourcedBatch` when ``source`` is given)."""
         cap = self.cfg.train.eval_batches
         # every rank must take part in each expert-parallel forward: a rank whose shards are done repeats
         # the forward of its last batch (outputs dropped, never processed) until every rank is done
@@ -470,13 +504,10 @@ class Trainer:
                 i += 1
                 continue
             last = self._to_device(batch)
+            if source is not None:
+                last = SourcedBatch(last, source, label)
             ev.process(last, ev.run(engine, last))
             i += 1
-        ev.gather(dist.group.WORLD if self.world > 1 else None)
-        metrics = ev.summarize()
-        if self.logger is not None and metrics:
-            self.logger.log(self.step, **{f"val/{k}": v for k, v in metrics.items()})
-        return metrics
 
 
 def _safe_float(x) -> float:

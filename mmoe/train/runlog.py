@@ -325,7 +325,8 @@ class RunLogger:
         if parts:
             bar.set_postfix_str(", ".join(parts), refresh=True)
 
-    def log_routing(self, step: int, stats: Mapping[str, Any], *, plot: bool = True) -> Path | None:
+    def log_routing(self, step: int, stats: Mapping[str, Any], *, plot: bool = True,
+                    tag: str | None = None) -> Path | None:
         """Log per-layer routing statistics (``mmoe.routing_stats(model)``) of ``step``.
 
         Appends ``{"step", "time", "layers": {name: stats.as_dict()}}`` to ``routing.jsonl``; writes the
@@ -334,23 +335,32 @@ class RunLogger:
         balanced; ``load_max_over_mean``: the busiest expert's load over the mean, 1 when balanced);
         and, with ``plot``, the expert-load heatmap ``plots/expert_load_step{step:07d}.png``.
 
+        ``tag`` (e.g. a task of a multi-task model, `mmoe.train.tasks.Task.routing_groups`): the record
+        gets ``"tag"``, the scalars are ``routing/<tag>/<layer>/...`` and the heatmap
+        ``plots/expert_load_<tag>_step{step:07d}.png``.
+
         Returns the heatmap's path, or None (disabled, no statistics, or ``plot=False``).
         """
         if not self._active() or not stats:
             return None
         layers = {name: (s.as_dict() if hasattr(s, "as_dict") else dict(s)) for name, s in stats.items()}
-        self._append("routing.jsonl", {"step": int(step), "time": time.time(), "layers": layers})
+        record = {"step": int(step), "time": time.time(), "layers": layers}
+        if tag is not None:
+            record["tag"] = tag
+        self._append("routing.jsonl", record)
         w = self.writer
         if w is not None:
             for name, d in layers.items():
                 for key, value in _layer_scalars(d).items():
-                    w.add_scalar(f"routing/{name}/{key}", value, global_step=int(step))
+                    w.add_scalar(f"routing/{tag + '/' if tag else ''}{name}/{key}", value, global_step=int(step))
         if not plot:
             return None
         from ..stats import plot_expert_load
 
-        path = self.run_dir / "plots" / f"expert_load_step{int(step):07d}.png"
-        return plot_expert_load(dict(stats), path, title=f"expert load, step {int(step)}")
+        stem = f"expert_load_{tag}_step" if tag else "expert_load_step"
+        path = self.run_dir / "plots" / f"{stem}{int(step):07d}.png"
+        title = f"expert load{' (' + tag + ')' if tag else ''}, step {int(step)}"
+        return plot_expert_load(dict(stats), path, title=title)
 
     def event(self, step: int, kind: str, message: str, **fields: Any) -> None:
         """Record a notable event (``kind`` e.g. ``"nonfinite_step"``, ``"skipped_data"``,

@@ -131,6 +131,10 @@ class TaskContext:
         seed: ``run.seed``.
         sources: with ``data.sources``: ``(source, its manifest or None)`` per source, in config order (a
             multi-task task reads each task's classes or languages from its own source); else empty.
+        val_sources: the same for ``data.val_sources``.
+        mix: ``data.mix`` (``"all"``: every training micro-batch is a `mmoe.data.MultiBatch`).
+        max_steps: ``train.max_steps``; optim: the ``optim`` section (`mmoe.train.config.OptimConfig`; a task
+            whose loss follows the lr schedule, e.g. AdaMV-MoE's loss ratio), None outside the engine.
     """
 
     run_dir: Path
@@ -142,16 +146,23 @@ class TaskContext:
     world_size: int = 1
     seed: int = 0
     sources: tuple = ()
+    val_sources: tuple = ()
+    mix: str = "weighted"
+    max_steps: int = 0
+    optim: Any = None
 
     @classmethod
     def from_config(cls, cfg: Any, *, rank: int = 0, world_size: int = 1) -> "TaskContext":
         """The context of a `TrainConfig` (``data.train``, ``data.val``, ``run.dir``, ``run.seed``)."""
         sources = tuple((src, data_manifest(src.path)) for src in getattr(cfg.data, "sources", None) or ())
+        val_sources = tuple((src, data_manifest(src.path)) for src in getattr(cfg.data, "val_sources", None) or ())
         train = sources[0][0].path if sources else str(cfg.data.train or "")
         val = str(cfg.data.val) if cfg.data.val else None
         return cls(run_dir=Path(cfg.run.dir), train_data=train, val_data=val,
                    train_manifest=sources[0][1] if sources else data_manifest(train), val_manifest=data_manifest(val),
-                   rank=rank, world_size=world_size, seed=int(cfg.run.seed), sources=sources)
+                   rank=rank, world_size=world_size, seed=int(cfg.run.seed), sources=sources,
+                   val_sources=val_sources, mix=getattr(cfg.data, "mix", "weighted"),
+                   max_steps=int(cfg.train.max_steps), optim=cfg.optim)
 
 
 # ---------------------------------------------------------------------------------------- evaluators
@@ -282,6 +293,9 @@ class Task:
     ModelConfig: type = dict
     Options: type = NoOptions  # the task_options section
     unit = "samples"  # throughput unit for the progress bar ("samples", "tokens", "images")
+    # the run's `mmoe.train.runlog.RunLogger` while `Trainer.fit` runs (None otherwise; disabled on ranks > 0):
+    # a task may log its own events and metrics, e.g. from `after_step`
+    logger: Any = None
 
     def __init__(self, model_cfg: Any, options: Any = None) -> None:
         """``options``: an instance of ``Options`` (None: its defaults); build one from a mapping with
@@ -335,7 +349,11 @@ class Task:
     # -- loss / metrics
     def loss(self, model: nn.Module, batch: Any) -> tuple[Tensor, dict[str, float], int]:
         """(loss for backward, scalars to log, number of units in the batch for throughput). The engine adds
-        ``mmoe.aux_loss(model)``: the MoE aux losses of every training forward this call ran."""
+        ``mmoe.aux_loss(model)``: the MoE aux losses of every training forward this call ran that the task has
+        not collected itself (a task that weights them, e.g. per task, calls ``mmoe.aux_loss(model)`` after
+        each forward and returns them inside the loss; the engine then adds zero; it may report the total as
+        the scalar ``aux_loss``). With ``data.sources`` labelled, ``batch`` is a `mmoe.data.SourcedBatch`;
+        with ``data.mix: all`` a `mmoe.data.MultiBatch`."""
         raise NotImplementedError
 
     def evaluator(self) -> Evaluator:
@@ -370,6 +388,12 @@ class Task:
 
     def load_rank_state_dict(self, state: dict) -> None:
         pass
+
+    def routing_groups(self, model: nn.Module) -> dict[str, dict] | None:
+        """Routing statistics to log in groups (e.g. per task of a multi-task model): ``{tag: {layer name:
+        LayerStats}}``, each logged with its tag (`mmoe.train.runlog.RunLogger.log_routing`). None (the
+        default): the engine logs ``mmoe.routing_stats(model)``, the latest forward's."""
+        return None
 
     def after_step(self, model: nn.Module, step: int) -> None:
         """Called after every optimizer step (e.g. controllers)."""

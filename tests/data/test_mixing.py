@@ -1,5 +1,5 @@
 """mmoe.data.mixing: weighted source choice (seeded, rank-independent), homogeneous batches, exact resume of
-a `MixedLoader` over `ShardLoader` sources, finite sources."""
+a `MixedLoader` over `ShardLoader` sources, finite sources; `AllLoader` (every source in every item, data.mix: all)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from mmoe.data import MixedLoader, ShardLoader, SourcedBatch, choose_source, write_shards
+from mmoe.data import AllLoader, MixedLoader, MultiBatch, ShardLoader, SourcedBatch, choose_source, write_shards
 
 
 def _write(out: Path, name: str, n: int, per_shard: int = 5) -> Path:
@@ -125,3 +125,81 @@ def test_a_finished_source_ends_the_pass_and_restarts_on_the_next(tmp_path: Path
     assert second[0] == next(x for x in first if x[0] == finished)
     other = [keys for s, keys in second if s != finished]
     assert other and not set(map(tuple, other)) & {tuple(k) for s, k in first if s != finished}
+
+
+# ------------------------------------------------------------------------------------------------ AllLoader
+def _all(tmp_path: Path, *, seed=5, sizes=(60, 40), batch_sizes=(4, 2), tasks=("cls", "det")) -> AllLoader:
+    loaders = [ShardLoader(_write(tmp_path, f"s{i}", n) if not (tmp_path / f"s{i}").exists() else tmp_path / f"s{i}",
+                           batch_size=bs, decode=_key, collate=_keys, shuffle_buffer=6, seed=seed + i)
+               for i, (n, bs) in enumerate(zip(sizes, batch_sizes))]
+    return AllLoader(loaders, list(tasks))
+
+
+def _take_all(loader, n: int) -> list[dict]:
+    out = []
+    for item in loader:
+        assert isinstance(item, MultiBatch)
+        out.append(dict(item.batches))
+        if len(out) == n:
+            break
+    return out
+
+
+def test_all_loader_gives_one_batch_of_every_source_per_item(tmp_path: Path):
+    items = _take_all(_all(tmp_path), 25)
+    assert all(list(it) == ["cls", "det"] for it in items)
+    assert all(len(it["cls"]) == 4 and len(it["det"]) == 2 for it in items)  # each source's own batch size
+    assert all(k.startswith("s0") for it in items for k in it["cls"])
+    assert all(k.startswith("s1") for it in items for k in it["det"])
+    # every source is read in its own order, whole epochs: 25 batches of 2 from 40 samples = 1.25 epochs
+    det = [k for it in items for k in it["det"]]
+    assert sorted(det[:40]) == [f"s1{i:04d}" for i in range(40)]
+
+
+def test_all_loader_resume_is_exact_and_refuses_other_sources(tmp_path: Path):
+    expected = _take_all(_all(tmp_path), 30)
+    first = _all(tmp_path)
+    head = _take_all(first, 11)
+    state = json.loads(json.dumps(first.state_dict()))
+    assert state["kind"] == "all" and state["step"] == 11
+    resumed = _all(tmp_path)
+    resumed.load_state_dict(state)
+    assert head + _take_all(resumed, 19) == expected
+    with pytest.raises(ValueError, match="task labels"):
+        _all(tmp_path, tasks=("det", "cls")).load_state_dict(state)
+    with pytest.raises(ValueError, match="not an AllLoader state"):
+        _all(tmp_path).load_state_dict(_sources(tmp_path).state_dict())
+    with pytest.raises(ValueError, match="distinct"):
+        AllLoader(_all(tmp_path).loaders, ["cls", "cls"])
+
+
+def test_mix_all_config_checks(tmp_path: Path):
+    from mmoe.errors import ConfigError
+    from mmoe.train.config import TrainConfig, check_train_config
+    from mmoe.train.configfile import from_dict
+
+    def cfg(data):
+        c = from_dict(TrainConfig, {"task": "t", "data": data})
+        check_train_config(c, "x.yaml")
+        return c
+
+    ok = cfg({"mix": "all", "sources": [{"path": "a", "task": "cls", "batch_size": 8}, {"path": "b", "task": "det"}],
+              "val_sources": [{"path": "a", "task": "cls"}]})
+    assert ok.data.has_val and ok.data.sources[0].batch_size == 8
+    bad = [
+        ({"mix": "all", "train": "a"}, "data.mix: 'all' takes one batch of every data.sources entry"),
+        ({"mix": "all", "sources": [{"path": "a"}]}, "data.sources[0].task: data.mix: all needs a task label"),
+        ({"mix": "all", "sources": [{"path": "a", "task": "x"}, {"path": "b", "task": "x"}]}, "must be distinct"),
+        ({"mix": "all", "sources": [{"path": "a", "task": "x", "weight": 2}]}, "data.sources[0].weight: unused"),
+        ({"sources": [{"path": "a", "task": "x"}], "val": "v", "val_sources": [{"path": "v", "task": "x"}]},
+         "give data.val or data.val_sources"),
+        ({"sources": [{"path": "a", "task": "x"}], "val_sources": [{"path": "v"}]}, "data.val_sources[0].task"),
+        ({"sources": [{"path": "a", "task": "x"}], "val_sources": [{"path": "v", "task": "x"}, {"path": "w", "task": "x"}]},
+         "data.val_sources[1].task: 'x' given twice"),
+    ]
+    for data, message in bad:
+        with pytest.raises(ConfigError) as err:
+            cfg(data)
+        assert message in str(err.value) and str(err.value).startswith("x.yaml"), (data, str(err.value))
+    with pytest.raises(ConfigError, match="batch_size: must be >= 1"):
+        cfg({"sources": [{"path": "a", "batch_size": 0}]})

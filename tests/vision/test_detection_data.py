@@ -243,3 +243,40 @@ def test_cli_writes_the_set(tmp_path, monkeypatch, capsys):
     assert manifest.info["generator"] == {**manifest.info["generator"], "num_images": 12, "img_size": 32,
                                           "seed": 5, "val_fraction": 0.25}
     assert len(list((out / "coco" / "images").glob("*.png"))) == 12
+
+
+# ------------------------------------------------------------------------------------------------ shapes-cls
+def test_classification_images_are_deterministic_and_cover_every_class():
+    from vision.detection_data import shapes_cls_sample
+
+    labels = []
+    for i in range(60):
+        image, label = shapes_cls_sample(i, seed=2, img_size=48)
+        again, same = shapes_cls_sample(i, seed=2, img_size=48)
+        assert image.shape == (48, 48, 3) and image.dtype == np.uint8
+        assert np.array_equal(image, again) and label == same
+        labels.append(label)
+    assert set(labels) == {0, 1, 2, 3}
+    assert not np.array_equal(shapes_cls_sample(0, seed=3, img_size=48)[0], shapes_cls_sample(0, seed=2, img_size=48)[0])
+    with pytest.raises(ValueError, match="dominance"):
+        shapes_cls_sample(0, dominance=0.5)
+
+
+def test_shapes_cls_shards_read_as_an_image_classification_set(tmp_path):
+    from mmoe.data import Manifest, ShardLoader, decode_image, decode_label
+    from vision.detection_data import shapes_cls_sample, write_shapes_cls
+
+    m = write_shapes_cls(tmp_path / "a", num_images=30, img_size=32, seed=1, progress=False)
+    assert m.info["classes"] == ["square", "circle", "triangle", "cross"]
+    assert sum(m.info["class_counts"].values()) == 30 and set(m.splits) == {"train", "val"}
+    write_shapes_cls(tmp_path / "b", num_images=30, img_size=32, seed=1, progress=False)
+    assert _tree(tmp_path / "a") == _tree(tmp_path / "b")  # byte-identical for the same arguments
+    seen = {}
+    for split in ("train", "val"):
+        loader = ShardLoader(tmp_path / "a", split=split, batch_size=1, shuffle_buffer=0, epochs=1,
+                             decode=lambda s: (s["__key__"], np.asarray(decode_image(s, mode="RGB")), decode_label(s)),
+                             collate=lambda b: b[0])
+        seen.update({k: (im, y) for k, im, y in loader})
+    assert len(seen) == 30 and Manifest.load(tmp_path / "a").num_samples == 30
+    image, label = shapes_cls_sample(7, seed=1, img_size=32)
+    assert np.array_equal(seen["000007"][0], image) and seen["000007"][1] == label

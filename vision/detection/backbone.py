@@ -9,7 +9,9 @@ token grid padded to a multiple of the window inside each windowed block (timm's
 optional decomposed relative positions (MViTv2; zero-initialised, interpolated to other sizes), drop path,
 and an `mmoe.MoE` as the FFN of the blocks ``moe_layers`` names (`mmoe.moe_block_indices`; V-MoE's
 "every 2" by default). Every `mmoe.MoEConfig` field is reachable through ``moe``; task ids
-(``forward(x, task=...)``: an int or one id per image) reach every MoE layer.
+(``forward(x, task=...)``: an int or one id per image) reach every MoE layer (``moe.num_tasks > 1``: one
+router per task; with one router every task id shares it) and choose the patch + position embedding
+set (``task_embeddings > 1``: one per task, AdaMV-MoE's task-specific embeddings).
 
 `SimpleFeaturePyramid` builds ViTDet's pyramid from the last map alone: strides ``patch/4 ... patch*2``
 (4, 8, 16, 32 for patch 16) by transposed convs / identity / max-pool, each followed by a 1x1 and a 3x3
@@ -69,6 +71,9 @@ class BackboneConfig:
     use_rel_pos: bool = False
     moe_layers: str | list[int] = "every_2"  # mmoe.moe_block_indices; "none" = a dense ViTDet
     moe: dict[str, Any] = field(default_factory=dict)  # mmoe.MoEConfig fields (dim = embed_dim)
+    # patch + position embedding sets: 1 = shared by all tasks; n = one per task id 0..n-1 (AdaMV-MoE's
+    # task-specific embeddings), the set of task t chosen by the forward's task ids
+    task_embeddings: int = 1
     # the pyramid
     out_channels: int = 256
     scale_factors: list[float] = field(default_factory=lambda: [4.0, 2.0, 1.0, 0.5])
@@ -83,6 +88,8 @@ class BackboneConfig:
             raise ValueError(f"num_heads: {self.num_heads} does not divide embed_dim {self.embed_dim}")
         if self.window_size < 0:
             raise ValueError(f"window_size: must be >= 0, got {self.window_size}")
+        if self.task_embeddings < 1:
+            raise ValueError(f"task_embeddings: must be >= 1, got {self.task_embeddings}")
         if self.global_blocks is not None:
             bad = [i for i in self.global_blocks if not 0 <= int(i) < self.depth]
             if bad:
@@ -131,7 +138,9 @@ def _block_class():
             x = x.reshape(B, H * W, C)
             h = self.norm2(x)
             if isinstance(self.mlp, MoE):
-                if isinstance(task, Tensor) and task.dim() == 1:  # one id per image -> one per token
+                if self.mlp.cfg.num_tasks == 1:  # one router: shared by every task id (their embeddings may differ)
+                    task = None
+                elif isinstance(task, Tensor) and task.dim() == 1:  # one id per image -> one per token
                     task = task[:, None].expand(B, H * W)
                 h = self.mlp(h, task=task)
             else:
@@ -163,6 +172,13 @@ class ViTDetMoE(nn.Module):
         self.pretrain_grid = cfg.img_size // cfg.patch_size
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + self.pretrain_grid ** 2, D))  # entry 0: class token
         trunc_normal_(self.pos_embed, std=0.02)
+        # task_embeddings > 1: the embeddings of task ids 1.. (task 0 uses patch_embed / pos_embed)
+        self.task_patch_embeds = nn.ModuleList([
+            PatchEmbed(img_size=cfg.img_size, patch_size=cfg.patch_size, in_chans=cfg.in_chans, embed_dim=D,
+                       strict_img_size=False, output_fmt="NHWC") for _ in range(cfg.task_embeddings - 1)])
+        self.task_pos_embeds = nn.ParameterList([
+            nn.Parameter(trunc_normal_(torch.zeros(1, 1 + self.pretrain_grid ** 2, D), std=0.02))
+            for _ in range(cfg.task_embeddings - 1)])
         windowed = set(cfg.windowed_blocks)
         dpr = torch.linspace(0, cfg.drop_path_rate, cfg.depth).tolist()
         Block = _block_class()
@@ -200,9 +216,10 @@ class ViTDetMoE(nn.Module):
     def moe_modules(self) -> list[MoE]:
         return [self.blocks[i].mlp for i in self.moe_layers]
 
-    def abs_pos(self, h: int, w: int) -> Tensor:
-        """The position embedding (without its class-token entry) resized to an ``h x w`` grid: ``[1, h, w, D]``."""
-        pos = self.pos_embed[:, 1:]
+    def abs_pos(self, h: int, w: int, embedding: int = 0) -> Tensor:
+        """The position embedding (without its class-token entry) resized to an ``h x w`` grid: ``[1, h, w, D]``
+        (of embedding set ``embedding``, see ``task_embeddings``)."""
+        pos = (self.pos_embed if embedding == 0 else self.task_pos_embeds[embedding - 1])[:, 1:]
         if (h, w) != (self.pretrain_grid, self.pretrain_grid):
             from timm.layers import resample_abs_pos_embed
 
@@ -217,9 +234,34 @@ class ViTDetMoE(nn.Module):
         ph, pw = -H % s, -W % s
         return F.pad(x, (0, pw, 0, ph)) if ph or pw else x
 
+    def embed(self, x: Tensor, embedding: int = 0) -> Tensor:
+        """Patch + position embedding of set ``embedding``: ``[B, C, H, W]`` (padded) -> ``[B, h, w, D]``."""
+        pe = self.patch_embed if embedding == 0 else self.task_patch_embeds[embedding - 1]
+        x = pe(x)
+        return x + self.abs_pos(x.shape[1], x.shape[2], embedding)
+
     def forward(self, x: Tensor, task: Tensor | int | None = None) -> dict[str, Tensor]:
-        x = self.patch_embed(self.pad(x))  # [B, h, w, D]
-        x = x + self.abs_pos(x.shape[1], x.shape[2])
+        x = self.pad(x)
+        n = self.cfg.task_embeddings
+        if n == 1 or task is None:
+            x = self.embed(x)
+        elif isinstance(task, Tensor) and task.dim() > 0:
+            ids = task.reshape(len(x), -1)[:, 0].long()  # one id per image (per-token ids: the first token's)
+            if int(ids.max()) >= n or int(ids.min()) < 0:
+                raise ValueError(f"task ids {sorted(set(ids.tolist()))} outside the {n} task_embeddings")
+            out = None
+            for t in ids.unique().tolist():
+                sel = ids == t
+                e = self.embed(x[sel], t)
+                if out is None:
+                    out = e.new_zeros((len(x), *e.shape[1:]))
+                out[sel] = e
+            x = out
+        else:
+            t = int(task)
+            if not 0 <= t < n:
+                raise ValueError(f"task {t} outside the {n} task_embeddings of the backbone")
+            x = self.embed(x, t)
         for blk in self.blocks:
             x = blk(x, task)
         return {self.out_feature: x.permute(0, 3, 1, 2).contiguous()}
@@ -235,6 +277,7 @@ class SimpleFeaturePyramid(nn.Module):
         from timm.layers import LayerNorm2d
 
         self.net = net
+        self.task: int | None = None  # task id used when forward gets none (see forward)
         D = net.embed_dim
         self.out_channels = out_channels
 
@@ -270,7 +313,9 @@ class SimpleFeaturePyramid(nn.Module):
         return self.net.moe_layers
 
     def forward(self, x: Tensor, task: Tensor | int | None = None) -> "OrderedDict[str, Tensor]":
-        feat = self.net(x, task)[self.net.out_feature]
+        # torchvision's detectors call backbone(images) without task ids: `self.task` (set by a multi-task
+        # model around such a call) stands in for them
+        feat = self.net(x, task if task is not None else self.task)[self.net.out_feature]
         outs = [stage(feat) for stage in self.stages]
         if self.top_block:  # detectron2's LastLevelMaxPool: kernel 1, stride 2
             outs.append(F.max_pool2d(outs[-1], kernel_size=1, stride=2))
@@ -307,7 +352,10 @@ def load_backbone_weights(vit: ViTDetMoE, path: str | Path, *, upcycle: bool = F
     ``.safetensors`` / ``.pth`` file of a timm ViT or of this project's ``vit_moe_*``. Keys are timm's (``patch_embed.proj``, ``pos_embed``,
     ``blocks.<i>.{norm1,attn.qkv,attn.proj,norm2,mlp}``); the class token, final norm and head are left
     out; the position embedding is resized to the backbone's pre-training grid and the patch embedding to
-    its patch size. A block that is an MoE here and a dense MLP in the file is an error unless ``upcycle``:
+    its patch size (with ``task_embeddings > 1`` every task's set starts from them). An MoE of the file with
+    fewer task routers than the backbone's (a classification run loaded into a multi-task backbone) gives
+    its routers to tasks 0..; the other tasks' routers start fresh. The per-task top-k always comes from
+    the backbone's config (the file's ``task_top_k`` is skipped). A block that is an MoE here and a dense MLP in the file is an error unless ``upcycle``:
     then the MLP is copied into every expert (`vision.upcycle.copy_mlp_into_moe`) and the router starts
     fresh. Relative-position tables (absent from classification ViTs) stay zero. Returns ``{"skipped": keys
     of the file not used, "fresh": backbone keys not in the file}``.
@@ -356,6 +404,11 @@ def load_backbone_weights(vit: ViTDetMoE, path: str | Path, *, upcycle: bool = F
         grid = resample_abs_pos_embed(grid, new_size=[g, g], old_size=[side, side], num_prefix_tokens=0)
     cls = pos[:, :1] if n_prefix else torch.zeros_like(pos[:, :1])
     out["pos_embed"] = torch.cat([cls, grid], dim=1)
+    for t in range(len(vit.task_patch_embeds)):  # task-specific embeddings all start from the file's
+        for k in ("patch_embed.proj.weight", "patch_embed.proj.bias"):
+            if k in out:
+                out[f"task_patch_embeds.{t}.{k[len('patch_embed.'):]}"] = out[k]
+        out[f"task_pos_embeds.{t}"] = out["pos_embed"]
     # blocks
     moe_blocks = set(vit.moe_layers)
     for i, blk in enumerate(vit.blocks):
@@ -378,10 +431,16 @@ def load_backbone_weights(vit: ViTDetMoE, path: str | Path, *, upcycle: bool = F
             raise ValueError(f"{where}: block {i} is an MoE in the checkpoint but dense in the backbone (moe_layers "
                              "must include it)")
         for k, v in theirs.items():
-            if f"{pre}{k}" in own:
-                out[f"{pre}{k}"] = v
+            key = f"{pre}{k}"
+            if k == "mlp.task_top_k":  # the k's come from this backbone's config (and an AdaptiveTopK)
+                skipped.append(key)
+            elif key in own and k in ("mlp.balance_bias", "mlp.balance_load") and v.shape[0] < own[key].shape[0]:
+                # fewer tasks in the file: its rows are tasks 0.., the others keep their start values
+                out[key] = torch.cat([v, own[key][v.shape[0]:]], dim=0)
+            elif key in own:
+                out[key] = v
             else:
-                skipped.append(f"{pre}{k}")
+                skipped.append(key)
     for k in list(state):
         if k.startswith(_DROPPED) or k in ("cls_token", "reg_token"):
             skipped.append(k)
@@ -395,7 +454,7 @@ def load_backbone_weights(vit: ViTDetMoE, path: str | Path, *, upcycle: bool = F
         raise ValueError(f"{where}: {k} has shape {tuple(out[k].shape)}, the backbone {tuple(own[k].shape)} "
                          "(embed_dim, num_experts or the MoE layout differ)")
     fresh = sorted(k for k in own if k not in out)
-    not_rel = [k for k in fresh if ".rel_pos_" not in k and ".routers." not in k]
+    not_rel = [k for k in fresh if ".rel_pos_" not in k and ".routers." not in k and not k.endswith(".task_top_k")]
     if not_rel:
         raise ValueError(f"{where}: lacks {not_rel[:5]}{' ...' if len(not_rel) > 5 else ''}")
     vit.load_state_dict(out, strict=False)
@@ -413,7 +472,7 @@ def lr_decay_scales(model: nn.Module, rate: float) -> dict[str, float]:
         L = len(mod.blocks)
         for name, _ in mod.named_parameters():
             full = f"{prefix}.{name}" if prefix else name
-            if name.startswith(("pos_embed", "patch_embed")):
+            if name.startswith(("pos_embed", "patch_embed", "task_pos_embeds", "task_patch_embeds")):
                 layer = 0
             elif name.startswith("blocks."):
                 layer = int(name.split(".")[1]) + 1
