@@ -73,9 +73,10 @@ class SyntheticLoader:
 
 
 def _shard_loader(cfg: TrainConfig, task: Task, rank: int, world: int, urls: str, *, split: str | None,
-                  train: bool, seed: int, decode, batch_size: int | None = None):
+                  train: bool, seed: int, decode, batch_size: int | None = None, what: str = "data"):
     """A `ShardLoader` over ``urls`` (``split`` applies to a shard directory or manifest): endless and shuffled
-    for training, one ordered pass for evaluation. ``batch_size``: a source's own (default: ``data``'s)."""
+    for training, one ordered pass for evaluation. ``batch_size``: a source's own (default: ``data``'s). A layout
+    the loader refuses (e.g. fewer shards than ranks) is a `TrainingError` naming ``what`` (the config key)."""
     from ..data import ShardLoader
 
     d = cfg.data
@@ -83,13 +84,15 @@ def _shard_loader(cfg: TrainConfig, task: Task, rank: int, world: int, urls: str
     use_split = where.is_dir() or where.suffix == ".json"
     if batch_size is None:
         batch_size = d.batch_size if train else (d.eval_batch_size or d.batch_size)
-    return ShardLoader(urls, split=split if use_split else None,
-                       batch_size=batch_size,
-                       decode=decode, collate=task.collate,
-                       shuffle_buffer=d.shuffle_buffer if train else 0, seed=seed,
-                       rank=rank, world_size=world, num_workers=d.num_workers,
-                       resampled=d.resampled if train else False, epochs=None if train else 1,
-                       drop_last=train, on_error=d.on_error)
+    try:
+        return ShardLoader(urls, split=split if use_split else None, batch_size=batch_size,
+                           decode=decode, collate=task.collate,
+                           shuffle_buffer=d.shuffle_buffer if train else 0, seed=seed,
+                           rank=rank, world_size=world, num_workers=d.num_workers,
+                           resampled=d.resampled if train else False, epochs=None if train else 1,
+                           drop_last=train, on_error=d.on_error)
+    except ValueError as err:  # e.g. too few shards for the ranks: the user's layout, said in one line
+        raise TrainingError(f"{what} ({urls}): {err}") from None
 
 
 class _LabelledDecode:
@@ -121,7 +124,8 @@ def _mixed_loader(cfg: TrainConfig, task: Task, rank: int, world: int):
             continue
         decode = _LabelledDecode(task.decode, src.task) if labelled else task.decode
         loaders.append(_shard_loader(cfg, task, rank, world, src.path, split=src.split, train=True,
-                                     seed=cfg.run.seed + i, decode=decode, batch_size=bs))
+                                     seed=cfg.run.seed + i, decode=decode, batch_size=bs,
+                                     what=f"data.sources[{i}]"))
     if cfg.data.mix == "all":
         return AllLoader(loaders, [s.task for s in sources])
     return MixedLoader(loaders, [s.weight for s in sources], seed=cfg.run.seed, tasks=[s.task for s in sources])
@@ -219,7 +223,8 @@ class Trainer:
             raise TrainingError("data.train: no training shards given" if train else "data.val: no validation shards given")
         return _shard_loader(self.cfg, self.task, self.rank, self.world, urls,
                              split=d.train_split if train else d.val_split, train=train, seed=self.cfg.run.seed,
-                             decode=self.task.decode if train else self.task.decode_eval)
+                             decode=self.task.decode if train else self.task.decode_eval,
+                             what="data.train" if train else ("--split" if split else "data.val"))
 
     def _next_batch(self, it) -> Any:
         """The next training micro-batch on this device. From ``data.sources``: records the source in
@@ -464,7 +469,7 @@ class Trainer:
                 loaders.append((i, src.task, _shard_loader(
                     self.cfg, self.task, self.rank, self.world, src.path, split=src.split, train=False,
                     seed=self.cfg.run.seed, decode=_LabelledDecode(self.task.decode_eval, src.task),
-                    batch_size=src.batch_size)))
+                    batch_size=src.batch_size, what=f"data.val_sources[{i}]")))
         else:
             loaders = [(None, None, self._make_loader(train=False, split=split))]
         self.task.eval_begin(engine.module)

@@ -67,9 +67,10 @@ def data(tmp_path_factory) -> dict[str, Path]:
     from vision.detection_data import write_shapes_cls, write_shapes_det
 
     tmp = tmp_path_factory.mktemp("mtdata")
-    write_shapes_cls(tmp / "cls", num_images=120, img_size=32, progress=False)
+    # several shards per split, so that two ranks can share them
+    write_shapes_cls(tmp / "cls", num_images=120, img_size=32, samples_per_shard=24, progress=False)
     write_shapes_det(tmp / "det", num_images=40, img_size=64, max_instances=3, scale_range=(0.15, 0.3),
-                     progress=False)
+                     samples_per_shard=4, progress=False)
     return {"cls": tmp / "cls", "det": tmp / "det"}
 
 
@@ -437,3 +438,31 @@ def test_model_config_checks():
         model_cfg(cls_num_classes=0)
     with pytest.raises(ConfigError, match="adaptive.check_every"):
         MultiTaskVisionTask.parse_options({"adaptive": {"check_every": 0}})
+
+
+@pytest.mark.distributed
+def test_two_ranks_with_expert_parallelism_train_evaluate_and_adapt_together(data, tmp_path):
+    """Two CPU ranks, experts split between them (all-to-all in every MoE layer of both task streams): the
+    per-task evaluation gathers both ranks' shares, and the validation losses are averaged over the ranks so
+    that both take the same top-k decisions (a divergent k would hang the all-to-all)."""
+    from mmoe.train.runlog import read_jsonl
+
+    cfg = write_config(tmp_path, data, "ep", steps=6)
+    one = tmp_path / "one_shard"
+    from vision.detection_data import write_shapes_cls
+
+    write_shapes_cls(one, num_images=20, img_size=32, val_fraction=0.0, progress=False)
+    bad = run_mmoe(["train", str(cfg), f"data.sources=[{{path: {one}, task: cls}}, {{path: {data['det']}, split: "
+                                       "train, task: det}]"], world=2, check=False)
+    assert bad.returncode != 0 and "data.sources[0] (" in bad.stderr and "cannot be split over 2 rank" in bad.stderr
+    assert "Traceback" not in bad.stderr, bad.stderr[-2000:]
+    val = (f"data.val_sources=[{{path: {data['cls']}, split: val, task: cls, batch_size: 2}}, "
+           f"{{path: {data['det']}, split: val, task: det, batch_size: 2}}]")  # each rank holds a few val images
+    p = run_mmoe(["train", str(cfg), "dist.ep_size=2", "train.eval_every=6", val], world=2, timeout=400)
+    final = json.loads([line for line in p.stdout.strip().splitlines() if line.startswith('{"step"')][-1])
+    assert {"val_cls/top1", "val_bbox/AP", "val_k/cls", "val_k/det"} <= set(final)
+    meta = json.loads((tmp_path / "ep" / "checkpoints" / "step_0000006" / "meta.json").read_text())
+    assert meta["world_size"] == 2 and meta["ep_size"] == 2
+    checks = [r for r in read_jsonl(tmp_path / "ep" / "metrics.jsonl") if "adaptive/k/cls" in r]
+    assert [r["step"] for r in checks] == [2, 4, 6]
+    assert meta["task_state"]["adaptive"]["k"] == {"cls": final["val_k/cls"], "det": final["val_k/det"]}
