@@ -320,6 +320,7 @@ class MultiTaskVisionTask(Task):
         self.controller = None
         self.k_trace: list = []  # [[step, {task: k}], ...] at the start and at every check
         self._step = 0
+        self._model: MultiTaskViTMoE | None = None  # set by model_ready
         self._train_stats: dict[str, dict] = {}
         self._val_loaders: dict[str, Any] = {}
         self._val_iters: dict[str, Any] = {}
@@ -562,6 +563,27 @@ class MultiTaskVisionTask(Task):
 
         return MultiTaskEvaluator(parts, extra)
 
+    # ---------------------------------------------------------------- predict
+    @torch.no_grad()
+    def predict(self, model: nn.Module, paths: list[str], out_dir: Path) -> list[dict]:
+        """``mmoe predict`` on a multi-task run: the detection drawing of ``task: detection``
+        (``<stem>_det.png``) plus the classification head's top classes of each image (``"classes"``:
+        ``[{"label", "score"}, ...]``, best first)."""
+        from PIL import Image
+
+        module = _unwrap(model)
+        module.eval()
+        results = self.det_task.predict(_DetectionView(module), paths, out_dir)
+        names = self.cls_classes or [str(i) for i in range(self.model_cfg.cls_num_classes)]
+        tf = self._cls_transform(train=False)
+        for rec in results:
+            with Image.open(rec["image"]) as im:
+                x = tf(im.convert("RGB"))[None]
+            probs = module("cls", x).float().softmax(-1)[0]
+            top = probs.topk(min(5, len(names)))
+            rec["classes"] = [{"label": names[int(i)], "score": round(float(p), 4)} for p, i in zip(*top)]
+        return results
+
     # ---------------------------------------------------------------- adaptive top-k
     def _val_loader(self, task: str, *, endless: bool):
         from mmoe.data import ShardLoader
@@ -657,13 +679,14 @@ class MultiTaskVisionTask(Task):
             self.k_trace = [[int(s), dict(k)] for s, k in state["k_trace"]]
         saved = state.get("adaptive")
         if saved is not None:
-            if self.controller is None:
-                # e.g. evaluating a run trained with the adaptive count: apply its final k's
+            if self.controller is None and self._model is not None:
+                # e.g. evaluating a run trained with the adaptive count: apply its final k's (the weights'
+                # task_top_k buffers hold them too, for a model built without model_ready)
                 for _, m in moe_layers(self._model.net):
                     for i, t in enumerate(TASKS):
                         if m.cfg.num_tasks > i:
                             m.set_top_k(int(saved["k"][t]), task=i)
-            else:
+            elif self.controller is not None:
                 self.controller.load_state_dict(saved)
 
     def rank_state_dict(self) -> dict:
@@ -672,6 +695,17 @@ class MultiTaskVisionTask(Task):
     def load_rank_state_dict(self, state: dict) -> None:
         self._pending_val_state = dict(state.get("val_loaders") or {})
         self._val_loaders, self._val_iters = {}, {}
+
+
+class _DetectionView(nn.Module):
+    """The detection branch of a `MultiTaskViTMoE` as a plain detector: ``view(images)``."""
+
+    def __init__(self, model: MultiTaskViTMoE) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, images, targets=None):
+        return self.model("det", images, targets)
 
 
 def _to_device(batch: Any, device: torch.device) -> Any:

@@ -399,6 +399,14 @@ def test_a_short_run_trains_both_tasks_and_evaluates_each(data, tmp_path):
     assert again["cls/top1"] == pytest.approx(final["val_cls/top1"])
     assert again["bbox/AP"] == pytest.approx(final["val_bbox/AP"])
     assert again["k/cls"] == final["val_k/cls"] and again["k/det"] == final["val_k/det"]
+    # `mmoe predict`: the detections drawn and the classification head's classes
+    image = next((data["det"] / "coco" / "images").glob("*.png"))
+    pred = run_mmoe(["predict", str(run), str(image), "--out", str(tmp_path / "pred"), "--json"])
+    rec = json.loads(pred.stdout.strip().splitlines()[-1])
+    assert Path(rec["output"]).is_file()
+    assert [c["label"] for c in rec["classes"]][:1] and {c["label"] for c in rec["classes"]} <= {
+        "square", "circle", "triangle", "cross"}
+    assert rec["classes"] == sorted(rec["classes"], key=lambda c: -c["score"])
 
 
 def test_a_single_task_source_trains_only_that_task(data, tmp_path):
