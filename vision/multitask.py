@@ -332,29 +332,17 @@ class MultiTaskVisionTask(Task):
         """Checks the data layout (``data.mix: all``, sources labelled ``cls`` / ``det``) and reads the
         detection categories and classification classes from the sources' manifests."""
         self.ctx = ctx
-        if ctx.sources:
-            if ctx.mix != "all":
-                raise ValueError("data.mix: multitask_vision takes one batch of every task per step: set "
-                                 "data.mix: all")
-            labels = [src.task for src, _ in ctx.sources]
-            bad = [t for t in labels if t not in TASKS]
-            if bad:
-                raise ValueError(f"data.sources: task labels {bad} are not tasks of multitask_vision "
-                                 f"({', '.join(TASKS)})")
-            self.train_tasks = [t for t in TASKS if t in labels]
-            manifests = {src.task: m for src, m in ctx.sources}
-        else:
+        if not ctx.sources:
             raise ValueError("data.sources: multitask_vision trains from labelled sources (task: cls / det) with "
                              "data.mix: all, not from data.train")
+        if ctx.mix != "all":
+            raise ValueError("data.mix: multitask_vision takes one batch of every task per step: set data.mix: all")
         if ctx.val_data:
             raise ValueError("data.val: multitask_vision validates per task: give data.val_sources "
                              "(task: cls / det) instead")
-        vlabels = [src.task for src, _ in ctx.val_sources]
-        bad = [t for t in vlabels if t not in TASKS]
-        if bad:
-            raise ValueError(f"data.val_sources: task labels {bad} are not tasks of multitask_vision "
-                             f"({', '.join(TASKS)})")
-        self.val_tasks = [t for t in TASKS if t in vlabels]
+        self.train_tasks = _task_labels("data.sources", ctx.sources)
+        self.val_tasks = _task_labels("data.val_sources", ctx.val_sources)
+        manifests = {src.task: m for src, m in ctx.sources}
         a = self.options.adaptive
         if a.enabled:
             if self.model_cfg.routers != "task":
@@ -695,6 +683,15 @@ class MultiTaskVisionTask(Task):
     def load_rank_state_dict(self, state: dict) -> None:
         self._pending_val_state = dict(state.get("val_loaders") or {})
         self._val_loaders, self._val_iters = {}, {}
+
+
+def _task_labels(key: str, sources: tuple) -> list[str]:
+    """The tasks of ``sources`` (``(DataSource, manifest)`` pairs) in `TASKS` order; other labels are an error."""
+    labels = [src.task for src, _ in sources]
+    bad = [t for t in labels if t not in TASKS]
+    if bad:
+        raise ValueError(f"{key}: task labels {bad} are not tasks of multitask_vision ({', '.join(TASKS)})")
+    return [t for t in TASKS if t in labels]
 
 
 class _DetectionView(nn.Module):

@@ -102,7 +102,41 @@ def choose_source(seed: int, step: int, weights: Sequence[float]) -> int:
     return min(bisect.bisect_right(bounds, u * bounds[-1]), len(bounds) - 1)
 
 
-class MixedLoader:
+class _SourcesLoader:
+    """What `MixedLoader` and `AllLoader` share: the sources' loaders, the skipped-data count, the batch counter."""
+
+    loaders: list
+
+    @property
+    def step(self) -> int:
+        """Batches delivered so far."""
+        return self._step
+
+    @property
+    def errors(self) -> dict[str, int]:
+        """Skipped bad data so far, summed over the sources (see `ShardLoader.errors`)."""
+        total: Counter = Counter()
+        for loader in self.loaders:
+            total.update(getattr(loader, "errors", None) or {})
+        return dict(total)
+
+    def _load_sources(self, states: list, labels: Sequence[Any]) -> None:
+        for i, (loader, sub) in enumerate(zip(self.loaders, states)):
+            try:
+                loader.load_state_dict(sub)
+            except ValueError as err:
+                raise ValueError(f"source {i}{f' ({labels[i]})' if labels[i] else ''}: {err}") from None
+
+    @staticmethod
+    def _close(iterators: list) -> None:
+        # close the sources' iterators now (a ShardLoader stops its DataLoader workers on close)
+        for it in iterators:
+            close = getattr(it, "close", None)
+            if close is not None:
+                close()
+
+
+class MixedLoader(_SourcesLoader):
     """Iterate `SourcedBatch` items drawn from several loaders by weight (see the module docstring).
 
     Args:
@@ -135,21 +169,8 @@ class MixedLoader:
         self._step = 0  # batches delivered so far: the index of the next choice
         self._generation = 0
 
-    @property
-    def step(self) -> int:
-        """Batches delivered so far (the index of the next source choice)."""
-        return self._step
-
-    @property
-    def errors(self) -> dict[str, int]:
-        """Skipped bad data so far, summed over the sources (see `ShardLoader.errors`)."""
-        total: Counter = Counter()
-        for loader in self.loaders:
-            total.update(getattr(loader, "errors", None) or {})
-        return dict(total)
-
     def state_dict(self) -> dict[str, Any]:
-        """The batch counter and every source's position."""
+        """The batch counter (the index of the next source choice) and every source's position."""
         return {"version": STATE_VERSION, "kind": "mixed", "seed": self.seed, "weights": list(self.weights),
                 "step": self._step, "sources": [loader.state_dict() for loader in self.loaders]}
 
@@ -169,11 +190,7 @@ class MixedLoader:
         if diffs:
             raise ValueError("the mixed loader state was saved with other settings, exact resume is impossible: "
                              + "; ".join(diffs))
-        for i, (loader, sub) in enumerate(zip(self.loaders, state["sources"])):
-            try:
-                loader.load_state_dict(sub)
-            except ValueError as err:
-                raise ValueError(f"source {i}: {err}") from None
+        self._load_sources(state["sources"], [None] * len(self.loaders))
         self._step = int(state["step"])
         self._generation += 1  # an iteration started before this no longer delivers
 
@@ -197,14 +214,10 @@ class MixedLoader:
                 if generation != self._generation:
                     return  # a newer iteration or load_state_dict took over
         finally:
-            # close the sources' iterators now (a ShardLoader stops its DataLoader workers on close)
-            for it in iterators:
-                close = getattr(it, "close", None)
-                if close is not None:
-                    close()
+            self._close(iterators)
 
 
-class AllLoader:
+class AllLoader(_SourcesLoader):
     """Iterate `MultiBatch` items: the next batch of every loader, by label (module docstring).
 
     Args:
@@ -226,19 +239,8 @@ class AllLoader:
         self._step = 0
         self._generation = 0
 
-    @property
-    def step(self) -> int:
-        """Micro-batches delivered so far."""
-        return self._step
-
-    @property
-    def errors(self) -> dict[str, int]:
-        total: Counter = Counter()
-        for loader in self.loaders:
-            total.update(getattr(loader, "errors", None) or {})
-        return dict(total)
-
     def state_dict(self) -> dict[str, Any]:
+        """The batch counter and every source's position."""
         return {"version": STATE_VERSION, "kind": "all", "tasks": list(self.tasks), "step": self._step,
                 "sources": [loader.state_dict() for loader in self.loaders]}
 
@@ -249,11 +251,7 @@ class AllLoader:
             raise ValueError(f"not an AllLoader state (data.mix: all, version {STATE_VERSION}): {str(state)[:200]}")
         if list(state["tasks"]) != self.tasks:
             raise ValueError(f"sources: saved with task labels {state['tasks']}, now {self.tasks}")
-        for i, (loader, sub) in enumerate(zip(self.loaders, state["sources"])):
-            try:
-                loader.load_state_dict(sub)
-            except ValueError as err:
-                raise ValueError(f"source {i} ({self.tasks[i]}): {err}") from None
+        self._load_sources(state["sources"], self.tasks)
         self._step = int(state["step"])
         self._generation += 1
 
@@ -276,7 +274,4 @@ class AllLoader:
                 if generation != self._generation:
                     return
         finally:
-            for it in iterators:
-                close = getattr(it, "close", None)
-                if close is not None:
-                    close()
+            self._close(iterators)
