@@ -416,8 +416,8 @@ class Trainer:
                         sums[k] = sums.get(k, 0.0) + v / tl.grad_accum
                 update_balance_bias(engine.module)
                 self.step += 1
+                dt = time.perf_counter() - t0  # the training step alone (a task's after_step work is not in it)
                 self.task.after_step(engine.module, self.step)
-                dt = time.perf_counter() - t0
                 if self.step % tl.log_every == 0 or self.step == tl.max_steps:
                     vals = self._mean_over_ranks(sums)
                     gn = engine.get_global_grad_norm() if cfg.dist.zero_stage > 0 else getattr(self, "_grad_norm", None)
