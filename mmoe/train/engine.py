@@ -459,7 +459,7 @@ class Trainer:
     def evaluate(self, split: str | None = None) -> dict[str, float]:
         """Validation metrics (every rank the same), logged as ``val/<name>``. ``split``: other shards than
         ``data.val``. With ``data.val_sources`` (and no ``split``) the task's evaluator passes over every
-        source in turn and gets `SourcedBatch`\ es (``train.eval_batches`` caps each source)."""
+        source in turn and gets `SourcedBatch` items (``train.eval_batches`` caps each source)."""
         engine = self.engine
         engine.eval()
         d = self.cfg.data
