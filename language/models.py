@@ -180,7 +180,14 @@ class LMConfig:
         if self.rope_theta <= 0:
             raise bad("rope_theta", "must be > 0")
         self.moe_layer_ids()  # ConfigError at moe_layers / first_dense
-        self.moe_config()  # ConfigError at moe.<field>
+        if self.moe_config().router == "soft":
+            from mmoe.errors import ConfigError
+
+            why = ("it mixes the tokens of a sequence into every slot, so a position would see later tokens"
+                   if self.kind == "causal" else
+                   "packed documents share a sequence, and its slots would mix tokens across documents")
+            raise ConfigError("", "moe.router", f"'soft' (Soft MoE) is not available in language models: {why}; "
+                                                "use a token-choice router (softmax, xmoe, sparsemixer)")
 
     @property
     def hidden(self) -> int:

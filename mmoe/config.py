@@ -19,7 +19,7 @@ from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 __all__ = ["MoEConfig", "moe_config_from_section", "moe_block_indices", "PLACEMENT_FORMS"]
 
-RouterName = Literal["softmax", "xmoe", "sparsemixer", "expert_choice"]
+RouterName = Literal["softmax", "xmoe", "sparsemixer", "expert_choice", "soft"]
 DenseBackprop = Literal["none", "default", "expert_group", "dense_oracle"]
 Activation = Literal["gelu", "swiglu"]
 ScoreFunc = Literal["softmax", "sigmoid"]
@@ -47,7 +47,13 @@ class MoEConfig:
 
     Router
         router: ``"softmax"`` top-k, ``"xmoe"`` (low-dim cosine router), ``"sparsemixer"``
-            (SparseMixer-v2 / GRIN sampling with its gradient estimator), ``"expert_choice"``.
+            (SparseMixer-v2 / GRIN sampling with its gradient estimator), ``"expert_choice"``, or
+            ``"soft"``: Soft MoE (Puigcerver et al., ICLR 2024; vmoe ``soft_moe``): per sequence, every
+            expert takes ``soft_slots`` slots, each a softmax-over-tokens mix of the sequence, and every
+            token's output is a softmax-over-slots mix of the slot outputs; nothing is dropped, there is
+            no top-k and no aux loss. Needs inputs ``[B, T, dim]`` (one sequence per row), mixes tokens
+            within a sequence (not for causal models), takes ``mask=`` for padding.
+        soft_slots: slots per expert of the soft router (the paper: 1).
         score_func: ``"softmax"`` or ``"sigmoid"`` scores for the top-k routers (softmax / xmoe).
         normalize_topk: renormalise the selected weights of a token to sum to 1. Off by default (V-MoE,
             Default MoE, GRIN use raw probabilities); turn on for upcycling (methods.md §7).
@@ -107,6 +113,7 @@ class MoEConfig:
     shared_experts: int = 0
 
     router: RouterName = "softmax"
+    soft_slots: int = 1
     score_func: ScoreFunc = "softmax"
     normalize_topk: bool = False
     router_jitter: float = 0.0
@@ -205,6 +212,20 @@ class MoEConfig:
             raise bad("score_func", f"sigmoid scores apply to the top-k routers, not router={self.router!r}")
         if self.balance_bias_rate > 0 and self.router not in ("softmax", "xmoe"):
             raise bad("balance_bias_rate", f"aux-loss-free bias applies to top-k routers, not router={self.router!r}")
+        if not isinstance(self.soft_slots, int) or isinstance(self.soft_slots, bool) or self.soft_slots < 1:
+            raise bad("soft_slots", "must be a positive integer")
+        if self.router == "soft":
+            # Soft MoE has no top-k choice, no capacity and no balance loss; these options have no meaning
+            for name, off, why in (
+                    ("heads", 1, "MH-MoE sub-tokens are not supported with the soft router"),
+                    ("dense_backprop", "none", "soft routing is dense already (every slot mixes every token)"),
+                    ("capacity_factor", None, "the soft router's capacity is soft_slots per expert"),
+                    ("batch_prioritized", False, "nothing is dropped by the soft router"),
+                    ("router_jitter", 0.0, "not defined for the soft router"),
+                    ("shared_experts", 0, "not supported with the soft router"),
+                    ("z_loss_weight", 0.0, "the soft router has no aux losses")):
+                if getattr(self, name) != off:
+                    raise bad(name, f"{why} (router='soft')")
         if self.expert_group_k is not None and not 1 <= self.expert_group_k <= self.num_experts:
             raise bad("expert_group_k", f"must be in [1, num_experts={self.num_experts}]")
 
@@ -237,7 +258,7 @@ _LITERALS = {
 # origin and a key relative to the calling section: raised inside a section's ``__post_init__``, the
 # config loader (`mmoe.train.configfile`) prefixes the section's key path and the ``file:line``.
 
-PLACEMENT_FORMS = "'every_<n>', 'last_<n>', 'all', 'none' or a list of block indices"
+PLACEMENT_FORMS = "'every_<n>', 'last_<n>', 'last_half', 'all', 'none' or a list of block indices"
 
 
 def _config_error(key: str, problem: str) -> Exception:
@@ -353,6 +374,8 @@ def moe_block_indices(spec: str | Sequence[int], depth: int, *, first_dense: int
     * ``"every_<n>"``: blocks ``i >= first_dense`` with ``(i - first_dense + 1) % n == 0``; ``"every_2"``
       is 1, 3, 5, ... (V-MoE "Every 2", GShard / Switch "every other layer"), ``"every_1"`` every block;
     * ``"last_<n>"``: the last ``n`` blocks of the ``"every_2"`` placement (V-MoE "Last n");
+    * ``"last_half"``: the contiguous second half of the blocks, ``depth // 2 .. depth - 1`` (Soft MoE's
+      placement: "MoE layers in the last half of the network");
     * ``"all"`` (blocks ``>= first_dense``), ``"none"``;
     * a list of block indices: each in ``[first_dense, depth)``, no duplicates (returned sorted).
 
@@ -376,6 +399,8 @@ def moe_block_indices(spec: str | Sequence[int], depth: int, *, first_dense: int
             return []
         if s == "all":
             return list(range(first_dense, depth))
+        if s == "last_half":
+            return list(range(max(first_dense, depth // 2), depth))
         m = re.fullmatch(r"(every|last)_(\d+)", s)
         if m is None:
             raise bad("unknown placement")

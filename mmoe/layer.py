@@ -53,6 +53,8 @@ class LayerStats:
     task: int = 0
     aux: dict[str, float] = field(default_factory=dict)
     per_task: dict[int, LayerStats] = field(default_factory=dict)
+    # router-specific statistics (the soft router: mean max / entropy of its dispatch and combine weights)
+    extra: dict[str, float] = field(default_factory=dict)
 
     @property
     def load(self) -> Tensor:
@@ -70,6 +72,7 @@ class LayerStats:
             "num_rows": self.num_rows,
             "task": self.task,
             **{f"aux_{k}": v for k, v in self.aux.items()},
+            **self.extra,
         }
         if len(self.per_task) > 1:  # a single-task forward's entry repeats the numbers above
             out["per_task"] = {str(t): s.as_dict() for t, s in self.per_task.items()}
@@ -251,11 +254,15 @@ class MoE(nn.Module):
         self._aux = []
 
     # ------------------------------------------------------------------ forward
-    def forward(self, x: Tensor, task: int | Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, task: int | Tensor | None = None, mask: Tensor | None = None) -> Tensor:
         cfg = self.cfg
         shape = x.shape
         if shape[-1] != cfg.dim:
             raise ValueError(f"MoE expects inputs [..., {cfg.dim}], got {tuple(shape)}")
+        if cfg.router == "soft":
+            return self._soft_forward(x, task, mask)
+        if mask is not None:
+            raise ValueError("MoE: mask= (padding) applies to router='soft'; token-choice routers route every row")
         row_task, tasks = self._row_tasks(task, shape[:-1])
         h = self.to_rows(x)  # [T, dh]
         T = h.shape[0]
@@ -296,6 +303,64 @@ class MoE(nn.Module):
         collect = self.training and torch.is_grad_enabled() and not recompute
         self._record(r, parts, plan, row_task, keep=not recompute, collect=collect)
         return out
+
+    # ------------------------------------------------------------------ Soft MoE
+    def _soft_forward(self, x: Tensor, task: int | Tensor | None, mask: Tensor | None) -> Tensor:
+        """Soft MoE over each sequence of ``x [B, T, dim]`` (`mmoe.routing.SoftRouter`): slots ``D^T x``, expert
+        ``e`` on its ``soft_slots`` slots of every sequence, outputs ``C y``. ``mask [B, T]`` (True = token)
+        keeps padding out of every slot; padded positions output 0."""
+        cfg = self.cfg
+        if x.dim() != 3:
+            raise ValueError(f"MoE(router='soft') mixes the tokens of each sequence: inputs must be [batch, tokens, "
+                             f"{cfg.dim}], got {tuple(x.shape)}")
+        if isinstance(task, Tensor):
+            ids = task.unique()
+            if ids.numel() != 1:
+                raise ValueError("MoE(router='soft'): one task per call (a sequence's slots mix all its tokens); "
+                                 f"got task ids {ids.tolist()}")
+            task = int(ids.item())
+        t = self._task(task)
+        B, T, D = x.shape
+        if mask is not None:
+            if tuple(mask.shape) != (B, T):
+                raise ValueError(f"MoE(router='soft'): mask must be [batch, tokens] = {(B, T)}, got {tuple(mask.shape)}")
+            mask = mask.to(device=x.device, dtype=torch.bool)
+        router = self.routers[t]
+        E, p = cfg.num_experts, cfg.soft_slots
+        dispatch, combine = router.weights(router.logits(x), mask)  # [B, T, E*p] each, fp32
+        slots = torch.einsum("bts,btd->bsd", dispatch.to(x.dtype), x)  # [B, E*p, D]
+        rows = slots.reshape(B, E, p, D).transpose(0, 1).reshape(E * B * p, D)  # expert-major rows
+        counts = torch.full((E,), B * p, dtype=torch.long, device=x.device)
+        if self.ep_group is not None:
+            y_rows = expert_parallel_forward(self.experts, rows, counts, self.ep_group)
+        else:
+            y_rows = self.experts(rows, counts)
+        y_slots = y_rows.reshape(E, B, p, D).transpose(0, 1).reshape(B, E * p, D)
+        out = torch.einsum("bts,bsd->btd", combine.to(y_slots.dtype), y_slots)
+        if mask is not None:
+            out = out * mask[..., None].to(out.dtype)
+        if self.shared is not None:  # not reachable (validated), kept explicit
+            raise AssertionError("shared experts with router='soft'")
+        if not _in_backward():
+            self.last_stats = self._soft_stats(dispatch.detach(), combine.detach(), mask, counts, t)
+        return out
+
+    @staticmethod
+    def _soft_stats(dispatch: Tensor, combine: Tensor, mask: Tensor | None, counts: Tensor, task: int) -> LayerStats:
+        tiny = torch.finfo(combine.dtype).tiny
+        real = mask.reshape(-1) if mask is not None else torch.ones(combine.shape[0] * combine.shape[1],
+                                                                     dtype=torch.bool, device=combine.device)
+        c = combine.reshape(-1, combine.shape[-1])[real]  # [tokens, S]
+        c_entropy = float(-(c * c.clamp_min(tiny).log()).sum(-1).mean()) if len(c) else 0.0
+        d = dispatch.transpose(1, 2)  # [B, S, T]: a slot's weights over its sequence's tokens
+        d_entropy = float(-(d * d.clamp_min(tiny).log()).sum(-1).mean())
+        extra = {"combine_max": float(c.max(-1).values.mean()) if len(c) else 0.0, "combine_entropy": c_entropy,
+                 "dispatch_max": float(d.max(-1).values.mean()), "dispatch_entropy": d_entropy}
+        n = int(real.sum())
+        s = LayerStats(tokens_per_expert=counts.detach().cpu(), kept_per_expert=counts.detach().cpu(),
+                       dropped_frac=0.0, entropy=c_entropy, activation=1.0, num_rows=n, task=task, extra=extra)
+        s.per_task = {task: dataclasses.replace(s)}
+        return s
 
     # ------------------------------------------------------------------ internals
     def _task(self, task: int | None) -> int:

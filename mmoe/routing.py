@@ -219,6 +219,52 @@ def expert_lists_to_routing(tok: Tensor, exp: Tensor, probs: Tensor, logits: Ten
     return Routing(idx, w, probs, logits)
 
 
+class SoftRouter(nn.Module):
+    """Soft MoE's slot parameters (Puigcerver et al., "From Sparse to Soft Mixtures of Experts", ICLR 2024;
+    vmoe ``projects/soft_moe/router.py``; dense-vision.md §6).
+
+    ``phi [D, E * p]`` (``p = soft_slots``) and a learned scalar ``scale`` (init 1). For one sequence
+    ``x [T, D]``: ``logits = scale * normalize(x) @ normalize(phi)`` (both L2-normalised over ``D``, eps 1e-6, as
+    vmoe's ``normalize_router_params``), ``[T, E * p]``; `weights` turns them into the dispatch weights
+    (softmax over the tokens of a sequence, padding excluded) and the combine weights (softmax over all
+    slots of a token). Runs in fp32. Optional V-MoE logit noise (``router_noise_std``) in training.
+    """
+
+    def __init__(self, dim: int, cfg: MoEConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.num_slots = cfg.num_experts * cfg.soft_slots
+        self.phi = nn.Parameter(torch.randn(dim, self.num_slots) / math.sqrt(dim))
+        self.scale = nn.Parameter(torch.ones(1))
+
+    def logits(self, x: Tensor) -> Tensor:
+        """``x [B, T, D]`` -> slot logits ``[B, T, E * p]`` (fp32)."""
+        with torch.autocast(x.device.type, enabled=False):
+            x = x.float()
+            xn = x * torch.rsqrt(x.pow(2).sum(-1, keepdim=True) + 1e-6)
+            phi = self.phi.float()
+            pn = phi * torch.rsqrt(phi.pow(2).sum(0, keepdim=True) + 1e-6)
+            logits = self.scale.float() * (xn @ pn)
+            if self.training and self.cfg.router_noise_std > 0:
+                logits = logits + torch.randn_like(logits) * self.cfg.router_noise_std
+        _check_finite(logits.reshape(-1, self.num_slots), self.cfg)
+        return logits
+
+    @staticmethod
+    def weights(logits: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Dispatch ``[B, T, S]`` (softmax over ``T``; padded tokens get 0) and combine ``[B, T, S]``
+        (softmax over ``S``) weights of ``logits [B, T, S]``; ``mask [B, T]`` True = a real token."""
+        if mask is not None:
+            dispatch_logits = logits.masked_fill(~mask[..., None], float("-inf"))
+        else:
+            dispatch_logits = logits
+        dispatch = torch.softmax(dispatch_logits, dim=1)
+        if mask is not None:  # a sequence without real tokens: no slot input at all (not NaN)
+            dispatch = torch.nan_to_num(dispatch, nan=0.0)
+        combine = torch.softmax(logits, dim=2)
+        return dispatch, combine
+
+
 ROUTERS: dict[str, type[TopKRouter]] = {
     "softmax": TopKRouter,
     "xmoe": XMoERouter,
@@ -228,6 +274,8 @@ ROUTERS: dict[str, type[TopKRouter]] = {
 
 
 def build_router(dim: int, cfg: MoEConfig) -> TopKRouter:
+    if cfg.router == "soft":
+        return SoftRouter(dim, cfg)
     try:
         cls = ROUTERS[cfg.router]
     except KeyError:

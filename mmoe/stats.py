@@ -132,7 +132,8 @@ def count_params(model: nn.Module, *, task: int = 0) -> ParamCount:
         t = task if m.cfg.num_tasks > 1 else 0
         if not 0 <= t < m.cfg.num_tasks:
             raise ValueError(f"{name}: task={task} out of range for num_tasks={m.cfg.num_tasks}")
-        used = min(m.cfg.heads * m.top_k(t), E)
+        # soft routing: every token's output mixes every expert's slots
+        used = E if m.cfg.router == "soft" else min(m.cfg.heads * m.top_k(t), E)
         total += per_expert * E - local
         active += per_expert * used - local
         expert += per_expert * E

@@ -157,8 +157,15 @@ class MultiwayConfig:
     def moe_config(self) -> MoEConfig:
         """The `mmoe.MoEConfig` of the MoE layers (defaults filled in as documented)."""
         tasks = 2 if self.moe_routing == "modality" else 1
-        return moe_config_from_section(self.moe, dim=self.dim, mlp_hidden=self.hidden,
-                                       defaults={"activation": "gelu"}, num_tasks=tasks)
+        cfg = moe_config_from_section(self.moe, dim=self.dim, mlp_hidden=self.hidden,
+                                      defaults={"activation": "gelu"}, num_tasks=tasks)
+        if cfg.router == "soft":
+            from mmoe.errors import ConfigError
+
+            raise ConfigError("", "moe.router", "'soft' (Soft MoE) is not available in the multiway model yet (its "
+                                                "MoE routes the valid tokens of both modalities as flat rows); use a "
+                                                "token-choice router")
+        return cfg
 
 
 # ------------------------------------------------------------------------------------------------

@@ -72,6 +72,9 @@ def test_section_builder_errors_name_the_relative_key():
     ("every_1", 4, 1, [1, 2, 3]),
     ("last_2", 12, 0, [9, 11]),  # V-MoE "Last 2": the last 2 of every_2
     ("last_1", 4, 0, [3]),
+    ("last_half", 12, 0, [6, 7, 8, 9, 10, 11]),  # Soft MoE's contiguous second half
+    ("last_half", 5, 0, [2, 3, 4]),
+    ("last_half", 4, 3, [3]),
     ("all", 4, 0, [0, 1, 2, 3]),
     ("all", 4, 2, [2, 3]),
     ("ALL ", 3, 0, [0, 1, 2]),
@@ -101,7 +104,7 @@ def test_placement_errors_name_the_spec_and_the_forms(spec, depth, first_dense, 
         moe_block_indices(spec, depth, first_dense=first_dense)
     e = info.value
     assert isinstance(e, ValueError) and e.key == "moe_layers" and problem in e.problem
-    assert repr(spec) in e.problem and "'every_<n>', 'last_<n>', 'all', 'none'" in e.problem
+    assert repr(spec) in e.problem and "'every_<n>', 'last_<n>', 'last_half', 'all', 'none'" in e.problem
 
 
 def test_placement_first_dense_is_checked():

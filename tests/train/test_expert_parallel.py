@@ -24,7 +24,13 @@ VARIANTS = {
     "xmoe_k1": dict(router="xmoe", top_k=1),
     # skewed routing: some experts (and so some ranks) get no rows at all
     "skewed": dict(top_k=1, balance_bias_rate=1e-3, _skew=True),
+    # Soft MoE: sequences of 4 tokens, 2 slots per expert (fixed loads: every expert gets B * 2 slot rows)
+    "soft": dict(router="soft", soft_slots=2, _seq=4),
 }
+
+
+def _shaped(x, opts):
+    return x.reshape(-1, opts["_seq"], x.shape[-1]) if opts.get("_seq") else x
 
 
 def _free_port() -> int:
@@ -70,7 +76,7 @@ def _worker(rank, world, port, out_dir, name):
         outs = []
         for x in _data(world):
             m.zero_grad()
-            xl = x.chunk(world)[rank]
+            xl = _shaped(x, opts).chunk(world)[rank]
             y = m(xl)
             loss = (y ** 2).mean() + mmoe.aux_loss(m)
             loss.backward()
@@ -95,7 +101,7 @@ def test_expert_parallel_matches_single_process(tmp_path, name):
         full.zero_grad()
         # with dp_group set, the mean of the ranks' local losses is the global-batch loss (the balance
         # loss uses the global load, the EMA / expert-group tables the global sums)
-        y = full(x)
+        y = full(_shaped(x, VARIANTS[name]))
         ((y ** 2).mean() + mmoe.aux_loss(full)).backward()
         ys = y.detach().chunk(world)
         for r in range(world):
