@@ -5,6 +5,10 @@ For every cell (E experts, top-k) the bench builds all variants on the same inpu
     dense             GELU MLP dim -> k*H -> dim: the active compute of a top-k MoE whose experts have hidden H
     mmoe_dropless     mmoe.MoE(MoEConfig(dim, E, k, H))
     mmoe_cf1.25       the same with capacity_factor=1.25 (dropped slots are counted)
+    mmoe_soft         Soft MoE (router="soft") over sequences of 64 tokens (x reshaped), E experts of hidden H
+                      with soft_slots p = round(k * 64 / E) (at least 1): E * p slot rows per sequence, the k
+                      rows per token of top-k, so its expert compute equals the dense FFN's; plus the dispatch
+                      and combine products (n/a when the tokens are not a multiple of 64)
     deepspeed_cf1.25  deepspeed.moe.layer.MoE(..., capacity_factor=1.25, ep_size=1) in a gloo world of one
 
 and one overhead group at a single (E, k): plain top-k (dropless) vs MH-MoE (--heads, default 2) matched in FLOPs,
@@ -55,6 +59,8 @@ DENSE = "dense"
 DROPLESS = "mmoe_dropless"
 CAPACITY = "mmoe_cf1.25"
 DEEPSPEED = "deepspeed_cf1.25"
+SOFT = "mmoe_soft"
+SOFT_SEQ = 64  # tokens per sequence of the Soft MoE variant (an 8 x 8 patch grid)
 # overhead group
 OVERHEAD_REPEAT_FACTOR = 3  # the overhead rows take this many times the cells' repeats
 PLAIN = "topk"
@@ -72,6 +78,7 @@ LABELS = {
     DROPLESS: "mmoe dropless",
     CAPACITY: "mmoe cf 1.25",
     DEEPSPEED: "DeepSpeed cf 1.25",
+    SOFT: "Soft MoE",
     PLAIN: "top-k, dropless",
     MULTIHEAD: "MH-MoE, FLOP-matched",
     DROPLESS_FLOOR: "compute floor",
@@ -199,6 +206,21 @@ def _mmoe_variant(name: str, x: Tensor, make_config: Callable[[], Any]) -> Varia
         return moe(x).float().pow(2).mean() + mmoe.aux_loss(moe)
 
     return Variant(name, moe, forward_loss, dropped=lambda: _mmoe_dropped_frac(moe))
+
+
+def _soft_variant(x: Tensor, num_experts: int, top_k: int, hidden: int) -> Variant:
+    """Soft MoE of the same expert compute as top-k over sequences of `SOFT_SEQ` tokens (module docstring)."""
+    T, D = x.shape
+    if T % SOFT_SEQ:
+        return _failed(SOFT, f"{T} tokens are not a multiple of the {SOFT_SEQ}-token sequences")
+    slots = max(1, round(top_k * SOFT_SEQ / num_experts))
+    try:
+        moe = mmoe.MoE(mmoe.MoEConfig(dim=D, num_experts=num_experts, router="soft", soft_slots=slots,
+                                      expert_hidden=hidden)).to(x.device)
+    except Exception as err:
+        return _failed(SOFT, err)
+    seqs = x.reshape(T // SOFT_SEQ, SOFT_SEQ, D)
+    return Variant(SOFT, moe, lambda: moe(seqs).float().pow(2).mean())
 
 
 def _floor_variant(name: str, moe_variant: Variant, x: Tensor) -> Variant:
@@ -498,6 +520,7 @@ def _bench_cell(settings: LayerBenchSettings, ds: _DeepSpeed | None, num_experts
         dropless,
         _floor_variant(DROPLESS_FLOOR, dropless, x),
         _mmoe_variant(CAPACITY, x, partial(config, capacity_factor=CAPACITY_FACTOR)),
+        _soft_variant(x, num_experts, top_k, hidden),
     ]
     if ds is not None:
         variants.append(ds.variant(x, num_experts, top_k, hidden))
@@ -620,7 +643,7 @@ def _fmt(value: float | None, spec: str, suffix: str = "") -> str:
 
 
 def _print_tables(settings: LayerBenchSettings, cells: list[dict], overhead: dict) -> None:
-    names = [DROPLESS, CAPACITY] + ([DEEPSPEED] if settings.deepspeed else [])
+    names = [DROPLESS, CAPACITY] + ([DEEPSPEED] if settings.deepspeed else []) + [SOFT]
     capacity_names = {CAPACITY, DEEPSPEED}
 
     headers = ["E", "k", "dense ms"]

@@ -62,10 +62,10 @@ def test_bench_layer_tiny_writes_ratios(tmp_path: Path):
     (cell,) = report["cells"]
     assert (cell["experts"], cell["top_k"], cell["dense_hidden"]) == (4, 1, 64)
     variants = cell["variants"]
-    assert set(variants) == {"dense", "mmoe_dropless", "mmoe_dropless_floor", "mmoe_cf1.25"}  # no DeepSpeed
+    assert set(variants) == {"dense", "mmoe_dropless", "mmoe_dropless_floor", "mmoe_cf1.25", "mmoe_soft"}  # no DeepSpeed
     assert variants["dense"]["median_ms"] > 0
     assert variants["dense"]["ratio_vs_dense"] == 1.0
-    for name in ("mmoe_dropless", "mmoe_dropless_floor", "mmoe_cf1.25"):
+    for name in ("mmoe_dropless", "mmoe_dropless_floor", "mmoe_cf1.25", "mmoe_soft"):
         v = variants[name]
         assert v["error"] is None, v["error"]
         assert len(v["times_ms"]) == 1
