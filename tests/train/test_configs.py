@@ -165,7 +165,7 @@ def test_literal_error_lists_allowed_values(tmp_path):
     assert msg == f"{p}:7: optim.name: expected one of 'adamw', 'sgd', 'lion'; got 'adma' (str) (did you mean 'adamw'?)"
     msg = _error(load_config, Run, p, ["optim.name=sgd", "moe.router=fancy"])
     assert "moe.router=fancy" in msg
-    assert "expected one of 'softmax', 'xmoe', 'sparsemixer', 'expert_choice'; got 'fancy' (str)" in msg
+    assert "expected one of 'softmax', 'xmoe', 'sparsemixer', 'expert_choice', 'soft'; got 'fancy' (str)" in msg
 
 
 def test_parse_override_uses_yaml_scalar_rules():
