@@ -339,8 +339,6 @@ class MoE(nn.Module):
         out = torch.einsum("bts,bsd->btd", combine.to(y_slots.dtype), y_slots)
         if mask is not None:
             out = out * mask[..., None].to(out.dtype)
-        if self.shared is not None:  # not reachable (validated), kept explicit
-            raise AssertionError("shared experts with router='soft'")
         if not _in_backward():
             self.last_stats = self._soft_stats(dispatch.detach(), combine.detach(), mask, counts, t)
         return out

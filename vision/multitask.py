@@ -477,12 +477,10 @@ class MultiTaskVisionTask(Task):
             loss = F.cross_entropy(logits.float(), y, label_smoothing=self.options.label_smoothing)
             return loss, {"cls/loss": float(loss.detach()),
                           "cls/acc": float((logits.argmax(-1) == y).float().mean())}, int(y.shape[0])
-        images, targets = data
-        losses = model("det", list(images), DetectionTask.training_targets(targets))
-        loss = sum(losses.values())
-        scalars = {f"det/{k}": float(v.detach()) for k, v in losses.items()}
+        loss, losses, n = self.det_task.loss(_DetectionView(model), data)  # task: detection's loss
+        scalars = {f"det/{k}": v for k, v in losses.items()}
         scalars["det/loss"] = float(loss.detach())
-        return loss, scalars, len(images)
+        return loss, scalars, n
 
     def loss(self, model, batch):
         from mmoe.data import MultiBatch
@@ -511,8 +509,9 @@ class MultiTaskVisionTask(Task):
         scalars["aux_loss"] = aux_total
         return total, scalars, units
 
-    def routing_groups(self, model: nn.Module) -> dict[str, dict] | None:
-        return dict(self._train_stats) if self._train_stats else None
+    def routing_groups(self, model: nn.Module) -> dict[str | None, dict]:
+        """Each task's latest training forward, tagged ``cls`` / ``det``."""
+        return dict(self._train_stats) if self._train_stats else super().routing_groups(model)
 
     # ---------------------------------------------------------------- evaluation
     @torch.no_grad()
@@ -528,18 +527,13 @@ class MultiTaskVisionTask(Task):
         return {"cls/top1": 100.0 * sums.get("correct", 0.0) / n, "cls/loss": sums.get("loss_sum", 0.0) / n}
 
     def evaluator(self) -> Evaluator:
-        from .detection.coco_eval import CocoEvaluator
-
-        det = self.det_task
-        cats = det.categories or [{"id": i, "name": n} for i, n in zip(det.category_ids, det.class_names)]
         parts: dict[str, Evaluator] = {}
         for t in self.val_tasks or list(TASKS):
             if t == "cls":
                 parts[t] = SumEvaluator(self._cls_eval_step, self._cls_metrics)
-            else:
-                parts[t] = CocoEvaluator(lambda model, images: model("det", list(images)), cats,
-                                         iou_types=tuple(det.options.iou_types), per_class=det.options.per_class,
-                                         area_scale=det.options.area_scale)
+            else:  # task: detection's COCOeval, predicting through the detection branch
+                parts[t] = self.det_task.evaluator()
+                parts[t].predict = lambda model, images: model("det", list(images))
 
         def extra() -> dict[str, float]:
             out: dict[str, float] = {}
@@ -575,14 +569,14 @@ class MultiTaskVisionTask(Task):
     # ---------------------------------------------------------------- adaptive top-k
     def _val_loader(self, task: str, *, endless: bool):
         from mmoe.data import ShardLoader
-        from mmoe.train.engine import _LabelledDecode
+        from mmoe.train.engine import LabelledDecode
 
         src = next(s for s, _ in self.ctx.val_sources if s.task == task)
         train_bs = next((s.batch_size for s, _ in self.ctx.sources if s.task == task), None)
         where = Path(str(src.path))
         use_split = where.is_dir() or where.suffix == ".json"
         return ShardLoader(src.path, split=src.split if use_split else None,
-                           batch_size=src.batch_size or train_bs or 8, decode=_LabelledDecode(self.decode_eval, task),
+                           batch_size=src.batch_size or train_bs or 8, decode=LabelledDecode(self.decode_eval, task),
                            collate=self.collate, shuffle_buffer=0, seed=self.ctx.seed, rank=self.ctx.rank,
                            world_size=self.ctx.world_size, num_workers=0, resampled=False,
                            epochs=None if endless else 1, drop_last=endless)
@@ -607,6 +601,8 @@ class MultiTaskVisionTask(Task):
         """Each task's summed loss (no aux) over its next ``adaptive.val_batches`` validation batches, with
         the current weights and the model's current mode (train mode during training, as the released code);
         buffers the forwards update are restored, pending aux terms dropped. Averaged over ranks."""
+        from mmoe.train.engine import to_device
+
         module = _unwrap(model)
         device = next(module.parameters()).device
         saved = [(b, b.detach().clone()) for b in module.buffers() if b.is_floating_point()]
@@ -615,7 +611,7 @@ class MultiTaskVisionTask(Task):
             for task in TASKS:
                 total = 0.0
                 for batch in self._val_batches(task):
-                    loss, _, _ = self._task_loss(module, task, _to_device(batch, device))
+                    loss, _, _ = self._task_loss(module, task, to_device(batch, device))
                     total += float(loss)
                 out[task] = total
         finally:
@@ -624,9 +620,12 @@ class MultiTaskVisionTask(Task):
                 b.copy_(copy)
         import torch.distributed as dist
 
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        from mmoe.parallel import all_reduce_, dp_active
+
+        world = dist.group.WORLD if dist.is_available() and dist.is_initialized() else None
+        if dp_active(world):
             t = torch.tensor([out[k] for k in TASKS], dtype=torch.float64)
-            dist.all_reduce(t)
+            all_reduce_(t, group=world)
             out = {k: float(v) / dist.get_world_size() for k, v in zip(TASKS, t.tolist())}
         return out
 
@@ -665,17 +664,10 @@ class MultiTaskVisionTask(Task):
         self._step = int(state.get("step", 0))
         if state.get("k_trace"):
             self.k_trace = [[int(s), dict(k)] for s, k in state["k_trace"]]
-        saved = state.get("adaptive")
-        if saved is not None:
-            if self.controller is None and self._model is not None:
-                # e.g. evaluating a run trained with the adaptive count: apply its final k's (the weights'
-                # task_top_k buffers hold them too, for a model built without model_ready)
-                for _, m in moe_layers(self._model.net):
-                    for i, t in enumerate(TASKS):
-                        if m.cfg.num_tasks > i:
-                            m.set_top_k(int(saved["k"][t]), task=i)
-            elif self.controller is not None:
-                self.controller.load_state_dict(saved)
+        # the k's themselves are in the weights (every MoE layer's task_top_k buffer); a controller also
+        # takes back its best losses, flags and history
+        if state.get("adaptive") is not None and self.controller is not None:
+            self.controller.load_state_dict(state["adaptive"])
 
     def rank_state_dict(self) -> dict:
         return {"val_loaders": {t: loader.state_dict() for t, loader in self._val_loaders.items()}}
@@ -703,13 +695,3 @@ class _DetectionView(nn.Module):
 
     def forward(self, images, targets=None):
         return self.model("det", images, targets)
-
-
-def _to_device(batch: Any, device: torch.device) -> Any:
-    if isinstance(batch, Tensor):
-        return batch.to(device)
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(_to_device(b, device) for b in batch)
-    if isinstance(batch, dict):
-        return {k: _to_device(v, device) for k, v in batch.items()}
-    return batch

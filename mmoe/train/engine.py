@@ -32,7 +32,7 @@ import torch.distributed as dist
 
 from ..data.mixing import MultiBatch, SourcedBatch
 from ..errors import TrainingError
-from ..layer import aux_loss, clear_aux, moe_layers, routing_stats, update_balance_bias
+from ..layer import aux_loss, clear_aux, moe_layers, update_balance_bias
 from . import checkpoint as ckpt_lib
 from . import deepspeed as ds
 from .optim import lr_lambda, param_groups
@@ -95,7 +95,18 @@ def _shard_loader(cfg: TrainConfig, task: Task, rank: int, world: int, urls: str
         raise TrainingError(f"{what} ({urls}): {err}") from None
 
 
-class _LabelledDecode:
+def to_device(batch: Any, device: torch.device) -> Any:
+    """``batch`` (tensors, possibly nested in lists, tuples and dicts) on ``device``; other values as they are."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(to_device(b, device) for b in batch)
+    if isinstance(batch, dict):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    return batch
+
+
+class LabelledDecode:
     """``decode`` that first sets ``sample["__task__"]`` to its source's label (picklable for workers)."""
 
     def __init__(self, decode, label: str | None) -> None:
@@ -122,7 +133,7 @@ def _mixed_loader(cfg: TrainConfig, task: Task, rank: int, world: int):
                 raise TrainingError(f"data.sources[{i}].path: task {cfg.task!r} has no synthetic data")
             loaders.append(SyntheticLoader(task, bs, rank, world))
             continue
-        decode = _LabelledDecode(task.decode, src.task) if labelled else task.decode
+        decode = LabelledDecode(task.decode, src.task) if labelled else task.decode
         loaders.append(_shard_loader(cfg, task, rank, world, src.path, split=src.split, train=True,
                                      seed=cfg.run.seed + i, decode=decode, batch_size=bs,
                                      what=f"data.sources[{i}]"))
@@ -242,13 +253,7 @@ class Trainer:
         return data
 
     def _to_device(self, batch: Any) -> Any:
-        if isinstance(batch, torch.Tensor):
-            return batch.to(self.device, non_blocking=True)
-        if isinstance(batch, (list, tuple)):
-            return type(batch)(self._to_device(b) for b in batch)
-        if isinstance(batch, dict):
-            return {k: self._to_device(v) for k, v in batch.items()}
-        return batch
+        return to_device(batch, self.device)
 
     # ------------------------------------------------------------------ checkpoints
     def _barrier(self) -> None:
@@ -425,15 +430,9 @@ class Trainer:
                         vals["grad_norm"] = _safe_float(gn)
                     self.logger.log(self.step, **vals, lr=lr, throughput=units * self.world / max(dt, 1e-9))
                 if tl.stats_every and (self.step % tl.stats_every == 0 or self.step == tl.max_steps):
-                    groups = self.task.routing_groups(engine.module)
-                    if groups is None:
-                        stats = routing_stats(engine.module)
+                    for tag, stats in self.task.routing_groups(engine.module).items():
                         if stats:
-                            self.logger.log_routing(self.step, stats)
-                    else:
-                        for tag, stats in groups.items():
-                            if stats:
-                                self.logger.log_routing(self.step, stats, tag=tag)
+                            self.logger.log_routing(self.step, stats, tag=tag)
                 errors = getattr(self.train_loader, "errors", None)
                 if errors and sum(errors.values()) != getattr(self, "_logged_errors", 0):
                     self._logged_errors = sum(errors.values())
@@ -468,7 +467,7 @@ class Trainer:
             for i, src in enumerate(d.val_sources):
                 loaders.append((i, src.task, _shard_loader(
                     self.cfg, self.task, self.rank, self.world, src.path, split=src.split, train=False,
-                    seed=self.cfg.run.seed, decode=_LabelledDecode(self.task.decode_eval, src.task),
+                    seed=self.cfg.run.seed, decode=LabelledDecode(self.task.decode_eval, src.task),
                     batch_size=src.batch_size, what=f"data.val_sources[{i}]")))
         else:
             loaders = [(None, None, self._make_loader(train=False, split=split))]

@@ -389,11 +389,13 @@ class Task:
     def load_rank_state_dict(self, state: dict) -> None:
         pass
 
-    def routing_groups(self, model: nn.Module) -> dict[str, dict] | None:
-        """Routing statistics to log in groups (e.g. per task of a multi-task model): ``{tag: {layer name:
-        LayerStats}}``, each logged with its tag (`mmoe.train.runlog.RunLogger.log_routing`). None (the
-        default): the engine logs ``mmoe.routing_stats(model)``, the latest forward's."""
-        return None
+    def routing_groups(self, model: nn.Module) -> dict[str | None, dict]:
+        """Routing statistics to log, in groups: ``{tag: {layer name: LayerStats}}``, each logged with its tag
+        (`mmoe.train.runlog.RunLogger.log_routing`; e.g. one group per task of a multi-task model). Default:
+        ``{None: mmoe.routing_stats(model)}``, the latest forward's, untagged."""
+        from ..layer import routing_stats
+
+        return {None: routing_stats(model)}
 
     def after_step(self, model: nn.Module, step: int) -> None:
         """Called after every optimizer step (e.g. controllers)."""
