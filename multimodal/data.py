@@ -4,6 +4,8 @@
   background with one or two coloured shapes, each caption names them and their relation ("a small red
   circle", "a blue square left of a yellow triangle"), written as WebDataset shards with
   `mmoe.data.write_pairs` (PNG + ``txt``; the shapes' parameters are kept in the sample's ``json``).
+  ``hard=True`` (`hard_shapes_sample`, ``mmoe shards shapes --hard``) is the retrieval variant: 2-3 shapes
+  with type, size, fill and colour, three captions per image and two distractor captions.
 * `block_mask`: BEiT's block-wise masking of an image's patch grid (`mmoe.data.masking`, re-exported).
 * `CaptionTokenizer`: open_clip's byte-level BPE (its vocabulary ships inside the package) with one
   extra ``[MASK]`` id; `mask_caption` masks captions with `language.models.mask_tokens` (80/10/10).
@@ -93,25 +95,128 @@ def shapes_sample(rng: random.Random, img_size: int = 32) -> tuple[bytes, str, d
                                                    for k, v in s.items()} for s in shapes]}
 
 
+# the hard variant (`hard_shapes_sample`): four shape types, two sizes, solid or outlined, 2-3 shapes
+HARD_SHAPES = ("circle", "square", "triangle", "diamond")
+HARD_SIZES = {"small": 0.12, "large": 0.18}
+INVERSE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
+
+
+def _draw_hard(draw, s: dict) -> None:
+    cx, cy, r = s["cx"], s["cy"], s["r"]
+    color = COLORS[s["color"]]
+    fill, outline = (None, color) if s["fill"] == "outlined" else (color, None)
+    box = (cx - r, cy - r, cx + r, cy + r)
+    if s["shape"] == "circle":
+        draw.ellipse(box, fill=fill, outline=outline, width=1)
+    elif s["shape"] == "square":
+        draw.rectangle(box, fill=fill, outline=outline, width=1)
+    else:
+        pts = ([(cx, cy - r), (cx + r, cy + r), (cx - r, cy + r)] if s["shape"] == "triangle"
+               else [(cx, cy - r), (cx + r, cy), (cx, cy + r), (cx - r, cy)])
+        draw.polygon(pts, fill=fill, outline=outline, width=1)
+
+
+def _phrase(s: dict) -> str:
+    return f"a {s['size']} {'outlined ' if s['fill'] == 'outlined' else ''}{s['color']} {s['shape']}"
+
+
+def _relation(a: dict, b: dict) -> str:
+    """Where ``a`` is seen from ``b``: along the axis of the larger offset."""
+    dx, dy = a["cx"] - b["cx"], a["cy"] - b["cy"]
+    if abs(dx) >= abs(dy):
+        return "left of" if dx < 0 else "right of"
+    return "above" if dy < 0 else "below"
+
+
+def _hard_captions(shapes: list[dict], rel: str) -> list[str]:
+    a, b, rest = shapes[0], shapes[1], shapes[2:]
+    tail = "".join(f", and {_phrase(c)}" for c in rest)
+    listing = ", ".join(_phrase(c) for c in shapes[:-1]) + f" and {_phrase(shapes[-1])}"
+    return [f"{_phrase(a)} {rel} {_phrase(b)}{tail}", f"{_phrase(b)} {INVERSE[rel]} {_phrase(a)}{tail}", listing]
+
+
+def hard_shapes_sample(rng: random.Random, img_size: int = 32) -> tuple[bytes, list[str], list[str], dict[str, Any]]:
+    """One image of the hard variant (PNG bytes), its three captions, two distractor captions and the shapes.
+
+    Two or three non-overlapping shapes, each with a type (circle, square, triangle, diamond), a size
+    (small, large), a fill (solid, outlined) and a colour (6), anywhere in the image. Captions: the first
+    two shapes and their relation (``"a small red circle left of a large outlined blue diamond"``; the
+    relation along the axis of the larger offset), the same with the shapes swapped and the relation
+    inverted, and a listing of all shapes (``"a ..., a ... and a ..."``); a third shape is appended to the
+    first two (``", and a ..."``). Distractors: the first caption with one thing changed (one shape's
+    colour, type, size or fill, or the relation inverted), never equal to a true caption; they describe
+    no image of the set, and the retrieval evaluation adds them to the texts an image is ranked against.
+    """
+    from PIL import Image, ImageDraw
+
+    img = Image.new("RGB", (img_size, img_size), BACKGROUND)
+    draw = ImageDraw.Draw(img)
+    n = rng.choice((2, 3))
+    shapes: list[dict] = []
+    while len(shapes) < n:
+        size = rng.choice(list(HARD_SIZES))
+        r = HARD_SIZES[size] * img_size
+        for _ in range(200):  # rejection sampling of a place that overlaps no earlier shape
+            cx, cy = rng.uniform(r, img_size - 1 - r), rng.uniform(r, img_size - 1 - r)
+            if all(max(abs(cx - o["cx"]), abs(cy - o["cy"])) > r + o["r"] + 1 for o in shapes):
+                break
+        else:
+            shapes = []  # no room left: start the image again
+            continue
+        shapes.append({"shape": rng.choice(HARD_SHAPES), "color": rng.choice(list(COLORS)), "size": size,
+                       "fill": rng.choice(("solid", "outlined")), "cx": cx, "cy": cy, "r": r})
+    for s in shapes:
+        _draw_hard(draw, s)
+    rel = _relation(shapes[0], shapes[1])
+    captions = _hard_captions(shapes, rel)
+    distractors: list[str] = []
+    options = {"color": list(COLORS), "shape": list(HARD_SHAPES), "size": list(HARD_SIZES),
+               "fill": ["solid", "outlined"]}
+    while len(distractors) < 2:
+        what = rng.choice([*options, "relation"])
+        changed, new_rel = [dict(s) for s in shapes], rel
+        if what == "relation":
+            new_rel = INVERSE[rel]
+        else:
+            i = rng.randrange(n)
+            changed[i][what] = rng.choice([v for v in options[what] if v != shapes[i][what]])
+        text = _hard_captions(changed, new_rel)[0]
+        if text not in captions and text not in distractors:
+            distractors.append(text)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG", optimize=False)
+    meta = {"shapes": [{k: (round(v, 3) if isinstance(v, float) else v) for k, v in s.items()} for s in shapes]}
+    return buf.getvalue(), captions, distractors, meta
+
+
 def write_shapes(out_dir: str | os.PathLike, *, num_samples: int = 2000, img_size: int = 32, seed: int = 0,
-                 val_fraction: float = 0.2, **write_shards_kwargs):
-    """Generate ``num_samples`` image-caption pairs (`shapes_sample`) and write them as shards with
-    `mmoe.data.write_pairs` (hash-based ``val_fraction`` split); the same arguments give byte-identical
-    shards. Returns the `Manifest`."""
+                 val_fraction: float = 0.2, hard: bool = False, **write_shards_kwargs):
+    """Generate ``num_samples`` images with captions and write them as shards with `mmoe.data.write_pairs`
+    (hash-based ``val_fraction`` split); the same arguments give byte-identical shards. Returns the
+    `Manifest`.
+
+    ``hard=False``: `shapes_sample`, one caption per image. ``hard=True``: `hard_shapes_sample`, three
+    captions per image (``txt`` holds them one per line, `mmoe.data.captions_of`) and two distractor
+    captions in the sample's ``json["extra"]["distractors"]``."""
     from mmoe.data import write_pairs
 
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
-    if img_size < 8:
-        raise ValueError(f"img_size must be >= 8, got {img_size}")
+    if img_size < (24 if hard else 8):
+        raise ValueError(f"img_size must be >= {24 if hard else 8}, got {img_size}")
     rng = random.Random(seed)
     with tempfile.TemporaryDirectory(prefix="mmoe-shapes-") as tmp:
         lines = []
         for i in range(num_samples):
-            png, caption, meta = shapes_sample(rng, img_size)
             name = f"{i:07d}.png"
+            if hard:
+                png, captions, distractors, meta = hard_shapes_sample(rng, img_size)
+                row = {"image": name, "caption": captions, "distractors": distractors, **meta}
+            else:
+                png, caption, meta = shapes_sample(rng, img_size)
+                row = {"image": name, "caption": caption, **meta}
             Path(tmp, name).write_bytes(png)
-            lines.append(json.dumps({"image": name, "caption": caption, **meta}, sort_keys=True))
+            lines.append(json.dumps(row, sort_keys=True))
         listing = Path(tmp, "pairs.jsonl")
         listing.write_text("\n".join(lines) + "\n")
         return write_pairs(listing, out_dir, val_fraction=val_fraction, **write_shards_kwargs)

@@ -144,11 +144,16 @@ class MaskedMultimodalTask(Task):
         image = load_image(sample[ext], cfg.img_size, key=key)
         if image.shape[0] != cfg.in_chans:
             raise ValueError(f"sample {key}: image has {image.shape[0]} channels, model.in_chans is {cfg.in_chans}")
-        caption = sample["txt"].decode("utf-8") if isinstance(sample["txt"], bytes) else str(sample["txt"])
-        ids = self.tokenizer.encode(caption)
+        from mmoe.data import captions_of
+
+        captions = captions_of(sample["txt"])
+        if not captions:
+            raise ValueError(f"sample {key}: empty caption")
         seed = sample.get("__seed__")
         if seed is None:
             seed = _batch_seed([key])
+        # an image with several captions (one per line): one of them, drawn from the sample's seed
+        ids = self.tokenizer.encode(captions[_batch_seed([seed]) % len(captions)])
         return {"image": image, "ids": ids, "seed": int(seed)}
 
     def collate(self, examples: list[dict]) -> dict[str, Tensor]:

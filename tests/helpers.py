@@ -35,7 +35,24 @@ def _free_port() -> int:
 
 
 def run_mmoe(args, world: int = 1, check: bool = True, timeout: int = 240) -> subprocess.CompletedProcess:
-    p = subprocess.run(mmoe_cmd(args, world), env=_env(), capture_output=True, text=True, timeout=timeout)
+    """Run ``mmoe ARGS`` (``world`` ranks) in its own session; past ``timeout`` seconds the whole process group
+    (the launcher and every rank) is killed and the test fails with the output so far, so that a hung run
+    never leaves ranks behind to slow down the tests after it."""
+    cmd = mmoe_cmd(args, world)
+    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        raise AssertionError(f"mmoe {' '.join(args)} (world {world}) ran past {timeout} s and was killed:\n"
+                             f"{(out or '')[-3000:]}\n{(err or '')[-5000:]}") from None
+    finally:
+        if proc.poll() is None:  # interrupted (Ctrl-C): take the ranks down too
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    p = subprocess.CompletedProcess(cmd, proc.returncode, out, err)
     if check and p.returncode != 0:
         raise AssertionError(f"mmoe {' '.join(args)} (world {world}) failed:\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}")
     return p

@@ -68,7 +68,8 @@ DEMO = Command(lazy("vision.demo", "add_args"), lazy("vision.demo", "run"),
                "train a ViT-MoE (MH-MoE + Default MoE) and a dense ViT of equal active compute on "
                "scikit-learn's digits; accuracies, throughput, expert-load heatmap, loss curves")
 PREDICT = Command(lazy("vision.predict", "add_args"), lazy("vision.predict", "run"),
-                  "classify image files with a trained checkpoint (top-k classes with scores)")
+                  "predictions of a trained checkpoint on image files: top-k classes, drawn detections or label "
+                  "maps, or (retrieval runs, --captions) the captions ranked per image and the images per caption")
 DIGITS_SHARDS = Command(_add_digits_args, _write_digits,
                         "the 8x8 handwritten digits that scikit-learn ships (no download): PNGs with 'cls' "
                         "labels, split into train-* and val-* by key hash (--val-fraction, default 0.2)")

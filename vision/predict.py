@@ -4,7 +4,9 @@ An image classifier prints the top-k classes with their scores. A detection run 
 draws the boxes, class names, scores and masks on each image, and a semantic-segmentation run
 (``task: semantic_segmentation``) writes the colour-coded label map: PNGs in ``--out`` (default
 ``predictions``), one line (or, with ``--json``, one JSON object) per image on stdout. Any task with a
-``predict(model, paths, out_dir)`` method is served the same way.
+``predict(model, paths, out_dir)`` method is served the same way. A retrieval run (``task: retrieval``) ranks
+the captions given with ``--captions`` (or ``--captions-file``, one per line) for each image, and the
+images for each caption (the task's ``rank(model, paths, captions, topk)``).
 
 ``CHECKPOINT`` is a checkpoint folder (``RUN/checkpoints/step_NNNNNNN``), a run's ``checkpoints`` folder or
 the run folder itself (then its latest complete checkpoint). The model is rebuilt from the run's
@@ -27,6 +29,10 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--topk", type=int, default=5, help="classes to show per image (default 5)")
     parser.add_argument("--no-ema", action="store_true", help="use the raw weights even if an EMA was kept")
     parser.add_argument("--json", action="store_true", help="print one JSON object per image")
+    parser.add_argument("--captions", nargs="+", default=None, metavar="TEXT",
+                        help="retrieval runs: the captions to rank for each image (and to rank the images for)")
+    parser.add_argument("--captions-file", default=None, metavar="FILE",
+                        help="retrieval runs: a text file of captions, one per line")
     parser.add_argument("--out", default="predictions",
                         help="folder for the drawn PNGs of detection / segmentation runs (default: predictions)")
 
@@ -72,14 +78,16 @@ class Predictor:
         except ConfigError as err:
             raise CLIError(str(err)) from None
         model_cfg = from_dict(task_cls.ModelConfig, cfg.model, source=str(cfg_path), path="model")
-        if isinstance(getattr(model_cfg, "upcycle", None), bool) and getattr(model_cfg, "init", None):
+        if getattr(model_cfg, "init", None):
             import dataclasses
 
-            # the checkpoint holds every weight: the backbone's start (model.init) is not needed to rebuild it
-            model_cfg = dataclasses.replace(model_cfg, init=None, upcycle=False)
+            # the checkpoint holds every weight: the model's start (model.init) is not needed to rebuild it
+            off = {"init": None, **({"upcycle": False} if isinstance(getattr(model_cfg, "upcycle", None), bool) else {})}
+            model_cfg = dataclasses.replace(model_cfg, **off)
         self.task = task_cls(model_cfg, options)
         self.task_name = cfg.task
-        self.dense = cfg.task != "image_classification"  # a task that writes its predictions (task.predict)
+        self.retrieval = callable(getattr(self.task, "rank", None))  # ranks captions and images
+        self.dense = cfg.task != "image_classification" and not self.retrieval  # writes its predictions
         if self.dense and not callable(getattr(self.task, "predict", None)):
             raise CLIError(f"{cfg_path}: task {cfg.task!r} has no image predictions (not an image classifier, "
                            "detector or segmenter)")
@@ -101,8 +109,22 @@ class Predictor:
                     self.task.ema.swap_in(model)
                     self.used_ema = True
         self.model = model.eval()
-        n = self.task.model_cfg.num_classes
+        n = getattr(self.task.model_cfg, "num_classes", 0)
         self.classes = getattr(self.task, "classes", None) or [str(i) for i in range(n)]
+
+    def rank(self, images, captions: list[str], topk: int = 5) -> dict[str, list]:
+        """A retrieval run: the captions ranked for each image and the images for each caption."""
+        from mmoe.errors import CLIError
+
+        for img in images:
+            if not Path(img).is_file():
+                raise CLIError(f"{img}: no such image file")
+        if not captions:
+            raise CLIError("a retrieval run ranks captions: give them with --captions TEXT ... or --captions-file")
+        try:
+            return self.task.rank(self.model, [str(i) for i in images], list(captions), topk)
+        except ValueError as err:  # an image that does not decode, an empty caption
+            raise CLIError(str(err)) from None
 
     def predict_files(self, images, out_dir: str | Path) -> list[dict]:
         """A detection / segmentation run's predictions: PNGs written into ``out_dir`` by ``task.predict``."""
@@ -147,6 +169,24 @@ class Predictor:
 
 def run(args: argparse.Namespace) -> int:
     pred = Predictor(args.checkpoint, args.config, use_ema=not args.no_ema)
+    if pred.retrieval:
+        captions = list(args.captions or [])
+        if args.captions_file:
+            from mmoe.errors import CLIError
+
+            try:
+                captions += [line.strip() for line in Path(args.captions_file).read_text().splitlines() if line.strip()]
+            except OSError as err:
+                raise CLIError(f"{args.captions_file}: cannot read the captions ({err.strerror})") from None
+        ranked = pred.rank(args.images, captions, args.topk)
+        for kind, rows in (("image", ranked["images"]), ("caption", ranked["captions"])):
+            for r in rows:
+                if args.json:
+                    print(json.dumps({kind: r[kind], "top": r["top"]}))
+                else:
+                    other = "caption" if kind == "image" else "image"
+                    print(f"{kind} {r[kind]!r}: " + "; ".join(f"{t[other]!r} {t['score']:.3f}" for t in r["top"]))
+        return 0
     if pred.dense:
         for r in pred.predict_files(args.images, args.out):
             if args.json:

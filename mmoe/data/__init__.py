@@ -1,8 +1,8 @@
 """WebDataset shards: writers, manifest, reader with exact resume, weighted mixing of sources.
 
 Writing (`mmoe.data.writers`): `write_shards` for any iterable of WebDataset-style sample dicts, and
-`write_imagefolder`, `write_coco`, `write_text`, `write_pairs`, `write_segfolder`, `write_coco_semantic` for
-the common layouts (also as ``mmoe shards ...`` on the command line). Each output directory gets a
+`write_imagefolder`, `write_coco`, `write_text`, `write_pairs` (`captions_of` reads its captions back),
+`write_segfolder`, `write_coco_semantic` for the common layouts (also as ``mmoe shards ...`` on the command line). Each output directory gets a
 ``manifest.json`` (`Manifest`, layout in `mmoe.data.manifest`); `verify_shards` re-checks it.
 
 Reading (`mmoe.data.reader`): `ShardLoader`, batches with seeded shuffling, rank/worker splitting,
@@ -28,7 +28,8 @@ from .errors import DataError, DataWarning
 _EXPORTS = {
     "Manifest": "manifest", "ShardInfo": "manifest", "SplitInfo": "manifest", "verify_shards": "manifest",
     "write_shards": "writers", "write_imagefolder": "writers", "write_coco": "writers", "write_text": "writers",
-    "write_pairs": "writers", "ShardSource": "writers", "ImageFolderSource": "writers", "CocoSource": "writers",
+    "write_pairs": "writers", "captions_of": "writers", "ShardSource": "writers",
+    "ImageFolderSource": "writers", "CocoSource": "writers",
     "TextSource": "writers", "PairsSource": "writers", "make_key": "writers", "parse_size": "writers",
     "split_for_key": "writers", "SegmentationFolderSource": "writers", "CocoSemanticSource": "writers",
     "write_segfolder": "writers", "write_coco_semantic": "writers", "read_label_map": "writers",

@@ -112,12 +112,14 @@ def add_args(parser: argparse.ArgumentParser) -> None:
 
     p = sub.add_parser("pairs", help="image-text pairs from a .jsonl or .tsv list",
                        description="Shard image-text pairs listed in LIST (.jsonl objects with an image "
-                       "path and a caption, or .tsv lines path<TAB>caption); image paths are relative to "
-                       "LIST's folder. Each sample holds the image bytes, 'txt' (caption) and 'json'.")
+                       "path and a caption or a list of the image's captions, or .tsv lines path<TAB>caption); "
+                       "image paths are relative to LIST's folder. Each sample holds the image bytes, 'txt' "
+                       "(the captions, one per line) and 'json'.")
     p.add_argument("list", metavar="LIST", help=".jsonl or .tsv list file")
     p.add_argument("out", metavar="OUT", help="output directory (shards + manifest.json)")
     p.add_argument("--image-field", default="image", help="jsonl field with the image path (default image)")
-    p.add_argument("--caption-field", default="caption", help="jsonl field with the caption (default caption)")
+    p.add_argument("--caption-field", default="caption",
+                   help="jsonl field with the caption or the list of captions (default caption)")
     _add_common(p)
 
     p = sub.add_parser("segfolder", help="images + label-map PNGs in two folders (semantic segmentation)",

@@ -900,11 +900,14 @@ class PairsSource(ShardSource):
     """Image-text pairs from a list file; image paths are relative to the list file's folder.
 
     ``.jsonl``: one JSON object per line with the fields ``image_field`` and ``caption_field`` (other
-    fields are kept under ``json["extra"]``). ``.tsv``: ``path<TAB>caption`` per line (a first line
-    ``image<TAB>caption`` is taken as a header). Blank lines are ignored. Sample: the image bytes
-    under their format's extension, ``txt`` = caption, ``json`` = ``{"image": path as listed, "line":
-    n}``; the key is the line number. A bad line, missing or unreadable image is an error naming the
-    list file and line (or skipped). Manifest ``info``: ``list_format``, ``pairs``, ``images``.
+    fields are kept under ``json["extra"]``); the caption may be a list of captions of the image (COCO and
+    Flickr30k have five): list an image once with all of them, so that a hash split never puts one image
+    in both splits. ``.tsv``: ``path<TAB>caption`` per line (a first line ``image<TAB>caption`` is taken as
+    a header). Blank lines are ignored. Sample: the image bytes under their format's extension, ``txt`` =
+    the caption (several: one per line, `captions_of`), ``json`` = ``{"image": path as listed, "line": n}``;
+    the key is the line number. A bad line (a caption with a line break, an empty caption list), missing
+    or unreadable image is an error naming the list file and line (or skipped). Manifest ``info``:
+    ``list_format``, ``pairs`` (image-caption pairs), ``images``.
     """
 
     type = "pairs"
@@ -945,11 +948,19 @@ class PairsSource(ShardSource):
             raise ValueError(f"invalid JSON ({err.msg} at column {err.colno})") from None
         if not isinstance(row, dict):
             raise ValueError(f"expected a JSON object, got {type(row).__name__}")
-        for name in (self.image_field, self.caption_field):
-            if not isinstance(row.get(name), str):
-                raise ValueError(f"missing or non-string field {name!r}")
+        if not isinstance(row.get(self.image_field), str):
+            raise ValueError(f"missing or non-string field {self.image_field!r}")
+        caption = row.get(self.caption_field)
+        if isinstance(caption, list):
+            if not caption or not all(isinstance(c, str) and c.strip() for c in caption):
+                raise ValueError(f"field {self.caption_field!r}: a list of captions must hold non-empty strings")
+            if any("\n" in c or "\r" in c for c in caption):
+                raise ValueError(f"field {self.caption_field!r}: a caption holds a line break")
+            caption = "\n".join(c.strip() for c in caption)
+        elif not isinstance(caption, str):
+            raise ValueError(f"missing field {self.caption_field!r} (a string or a list of strings)")
         extra = {k: v for k, v in row.items() if k not in (self.image_field, self.caption_field)}
-        return row[self.image_field].strip(), row[self.caption_field].strip(), extra
+        return row[self.image_field].strip(), caption.strip(), extra
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         base = self.list_file.parent
@@ -982,7 +993,7 @@ class PairsSource(ShardSource):
             except Exception as err:
                 self._problem(where, f"image {file} is not a readable image ({_describe(err)})")
                 continue
-            self.pairs += 1
+            self.pairs += len(captions_of(caption))
             self._images.add(path)
             meta: dict[str, Any] = {"image": path, "line": number}
             if extra:
@@ -1028,6 +1039,14 @@ def write_text(src, out_dir, *, unit: str = "line", lang: str | None = None, on_
                **kwargs) -> Manifest:
     """`write_shards` of a `TextSource`; ``kwargs`` go to `write_shards`."""
     return write_shards(TextSource(src, unit=unit, lang=lang, on_error=on_error), out_dir, **kwargs)
+
+
+def captions_of(txt: str | bytes) -> list[str]:
+    """The captions of a pair sample's ``txt`` field: one per non-empty line (`PairsSource` writes an image's
+    several captions one per line)."""
+    if isinstance(txt, bytes):
+        txt = txt.decode("utf-8")
+    return [line.strip() for line in str(txt).splitlines() if line.strip()]
 
 
 def write_pairs(list_file, out_dir, *, image_field: str = "image", caption_field: str = "caption",
