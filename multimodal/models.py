@@ -13,23 +13,43 @@ LayerNorm and the attention's q/k/v/out projections exist twice, one copy for th
 joint. ``multiway_attention=False`` is the paper's layout: LayerNorms and attention shared, only the
 FFNs per modality. Dense blocks always have a V-FFN and an L-FFN (GELU MLPs).
 
+VL-FFN (the paper's vision-language expert, methods.md §6.1; not in torchscale's release): the top
+``vl_layers`` blocks (the last n; default 0 = none) also have a vision-language FFN branch that is used only
+when the forward gets an image-text *pair* (both ``image`` and ``text``): then ALL tokens of those blocks,
+vision and text, go through it. Image-only and text-only forwards use the V-/L-branches there as everywhere.
+A dense VL block has a third GELU MLP ``ffn.vl`` (the width and init of the V-/L-FFN). An MoE VL block keeps
+its one expert pool: with ``moe_routing="modality"`` its MoE gets a third router (``num_tasks = 3``: task 0
+vision, 1 text, 2 vl) and a pair's tokens are all routed by router 2; with ``moe_routing="shared"`` the one
+router routes them as before (the MoE call does not change: a shared-routing MoE block has no VL branch to
+switch to). Non-VL MoE blocks keep ``num_tasks = 2`` / 1.
+
 MoE blocks (methods.md §6.3, reading (i), recorded here as this package's choice): block ``i`` is an MoE
 block iff it is in ``moe_layers`` (`mmoe.moe_block_indices`; default ``"every_2"``: blocks 1, 3, ...,
 V-MoE / MH-MoE "every other layer"). Its FFN is ONE `mmoe.MoE` expert pool for all modalities:
 
 * ``moe_routing="shared"``: one router; all tokens of the batch are routed in one call, so routing (not the
   modality) decides which experts a token uses.
-* ``moe_routing="modality"``: ``MoEConfig.num_tasks = 2`` (vision tokens use router 0, text tokens router 1)
-  over the same experts; the layer is called once with the modality ids as its per-row task ids.
+* ``moe_routing="modality"``: ``MoEConfig.num_tasks = 2`` (vision tokens use router 0, text tokens router 1;
+  3 in VL blocks, above) over the same experts; the layer is called once with the modality ids as its
+  per-row task ids.
 
 Only non-padding tokens enter an MoE layer (valid rows are gathered, routed and scattered back; padded
 positions get a zero FFN output), so padding never changes routing, expert loads, capacity or aux losses.
 
-Either way each MoE layer runs once per model forward, so `mmoe.aux_loss` / `mmoe.routing_stats` need
-nothing from this module. With modality routing the layer's per-task rules apply (`mmoe.MoE`): capacity per
-modality, the balance loss per modality (summed), expert-group tables per modality, one Default-MoE EMA
+Either way each token-choice MoE layer runs once per model forward, so `mmoe.aux_loss` / `mmoe.routing_stats`
+need nothing from this module. With modality routing the layer's per-task rules apply (`mmoe.MoE`): capacity
+per modality, the balance loss per modality (summed), expert-group tables per modality, one Default-MoE EMA
 update from both modalities' tokens; ``routing_stats(model)[name].per_task`` holds each modality's statistics.
 `routing_by_modality` gives the routed slots per expert of each modality (for shared routing too).
+
+Soft MoE (``moe: {router: soft}``, dense-vision.md §6): the soft router mixes the tokens of one *sequence*
+into each expert's ``soft_slots`` slots, with one task id per call, so an MoE block calls the layer once per
+modality: the vision tokens of each sample as one sequence (router 0 under modality routing), the text tokens
+of each sample as another, padding masked out of the dispatch (router 1); for a pair in a VL block, the
+whole joint sequence of each sample (one image-caption pair = one sequence, router 2). Padded positions get a
+zero FFN output. Each call overwrites the layer's ``last_stats``; the block replaces it by the merge of the
+forward's calls (`_merge_soft_stats`), so ``routing_stats(model)`` covers the whole forward; Soft MoE has no
+aux loss (``mmoe.aux_loss`` is 0).
 
 Heads: `mlm_logits` (LayerNorm + linear tied to the token embedding, plus a bias), `mim_pred` (per-patch
 pixels), `itc_embeddings` + ``logit_scale`` (image-text contrastive retrieval).
@@ -37,9 +57,10 @@ pixels), `itc_embeddings` + ``logit_scale`` (image-text contrastive retrieval).
 Deviations from BEiT-3 (also listed in the class docstring):
 * masked image modelling regresses per-patch normalised pixels (MAE's ``norm_pix_loss``, `mim_targets`)
   instead of predicting BEiT v2 (VQ-KD) visual tokens: that tokenizer's weights are not available here;
-* plain pre-LN blocks (no Magneto sub-LN / its init, no layer scale, no VL-FFN in the top layers, as in
-  torchscale's release); learned absolute positions for both modalities; BEiT's init (truncated normal
-  0.02, output projections scaled by ``1/sqrt(2 * layer_id)``);
+* plain pre-LN blocks (no Magneto sub-LN / its init, no layer scale, as in torchscale's release); the VL-FFN
+  is optional (``vl_layers``, default 0 as in the release; the paper: the top 3 layers); learned absolute
+  positions for both modalities; BEiT's init (truncated normal 0.02, output projections scaled by
+  ``1/sqrt(2 * layer_id)``);
 * MoE placement and routing as above (the MH-MoE / X-MoE multimodal setup is unspecified, §6.3 [U]).
 """
 
@@ -54,6 +75,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mmoe import MoE, MoEConfig, moe_layers
+from mmoe.layer import LayerStats
 from mmoe.config import moe_block_indices, moe_config_from_section
 from mmoe.stats import group_expert_counts
 from mmoe.experts import MLP
@@ -81,7 +103,10 @@ class MultiwayConfig:
             defaults to the dense FFN width ``// heads``, ``activation`` to ``"gelu"``; ``num_tasks`` is set by
             ``moe_routing``).
         moe_routing: ``"shared"`` (one router for all tokens) or ``"modality"`` (router 0 for vision tokens,
-            router 1 for text tokens, one shared expert pool).
+            router 1 for text tokens, one shared expert pool; router 2 for a pair's tokens in VL MoE blocks).
+            With ``moe.router: soft`` the layer is called once per modality (module docstring).
+        vl_layers: number of top blocks (the last ``vl_layers``, ``0..depth``; 0 = none) with a VL-FFN branch,
+            used by all tokens of an image-text pair (module docstring).
         multiway_attention: per-modality LayerNorms and q/k/v/out projections (torchscale's release);
             False = shared (the paper).
         drop_path: stochastic depth rate of the last block (linearly increasing from 0).
@@ -104,6 +129,7 @@ class MultiwayConfig:
     moe: dict[str, Any] = field(default_factory=lambda: {"num_experts": 8, "top_k": 2})
     moe_routing: Literal["shared", "modality"] = "shared"
     multiway_attention: bool = True
+    vl_layers: int = 0
     drop_path: float = 0.0
     itc_dim: int = 64
     init_std: float = 0.02
@@ -132,14 +158,21 @@ class MultiwayConfig:
             raise bad("moe_routing", "must be 'shared' or 'modality'")
         if not isinstance(self.multiway_attention, bool):
             raise bad("multiway_attention", "must be a bool")
+        if not isinstance(self.vl_layers, int) or isinstance(self.vl_layers, bool) or \
+                not 0 <= self.vl_layers <= self.depth:
+            raise bad("vl_layers", f"must be an integer in [0, depth={self.depth}] (the number of top blocks with a "
+                                   "VL-FFN)")
         if not 0.0 <= self.drop_path < 1.0:
             raise bad("drop_path", "must be in [0, 1)")
         if self.init_std <= 0:
             raise bad("init_std", "must be > 0")
         if self.norm_eps <= 0:
             raise bad("norm_eps", "must be > 0")
-        if self.moe_layer_ids():
+        moe_ids = self.moe_layer_ids()
+        if moe_ids:
             self.moe_config()  # validates the MoE fields (errors keep the key: moe.top_k)
+            if set(moe_ids) & set(self.vl_layer_ids()):
+                self.moe_config(vl=True)
 
     @property
     def num_patches(self) -> int:
@@ -154,18 +187,16 @@ class MultiwayConfig:
         """0-based indices of the blocks whose FFN is an MoE layer."""
         return moe_block_indices(self.moe_layers, self.depth)
 
-    def moe_config(self) -> MoEConfig:
-        """The `mmoe.MoEConfig` of the MoE layers (defaults filled in as documented)."""
-        tasks = 2 if self.moe_routing == "modality" else 1
-        cfg = moe_config_from_section(self.moe, dim=self.dim, mlp_hidden=self.hidden,
-                                      defaults={"activation": "gelu"}, num_tasks=tasks)
-        if cfg.router == "soft":
-            from mmoe.errors import ConfigError
+    def vl_layer_ids(self) -> list[int]:
+        """0-based indices of the blocks with a VL-FFN branch (the last ``vl_layers``)."""
+        return list(range(self.depth - self.vl_layers, self.depth))
 
-            raise ConfigError("", "moe.router", "'soft' (Soft MoE) is not available in the multiway model yet (its "
-                                                "MoE routes the valid tokens of both modalities as flat rows); use a "
-                                                "token-choice router")
-        return cfg
+    def moe_config(self, vl: bool = False) -> MoEConfig:
+        """The `mmoe.MoEConfig` of the MoE layers (defaults filled in as documented); ``vl=True``: of the MoE
+        layers in VL blocks (``num_tasks = 3`` under modality routing: vision, text, vl)."""
+        tasks = (3 if vl else 2) if self.moe_routing == "modality" else 1
+        return moe_config_from_section(self.moe, dim=self.dim, mlp_hidden=self.hidden,
+                                       defaults={"activation": "gelu"}, num_tasks=tasks)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -210,6 +241,18 @@ class Multiway(nn.Module):
         if split <= 0:
             return self.text(x)
         return torch.cat([self.vision(x[:, :split]), self.text(x[:, split:])], dim=1)
+
+
+class VLMultiway(Multiway):
+    """`Multiway` plus a ``vl`` branch (the VL-FFN of BEiT-3's top blocks): ``forward(x, split, vl=True)``
+    applies ``vl`` to every token (an image-text pair), ``vl=False`` is `Multiway`."""
+
+    def __init__(self, vision: nn.Module, text: nn.Module, vl: nn.Module) -> None:
+        super().__init__(vision, text)
+        self.vl = vl
+
+    def forward(self, x: Tensor, split: int, vl: bool = False) -> Tensor:
+        return self.vl(x) if vl else super().forward(x, split)
 
 
 class Shared(nn.Module):
@@ -261,12 +304,16 @@ class DropPath(nn.Module):
 
 
 class MultiwayBlock(nn.Module):
-    """Pre-LN block: joint attention, then V-FFN / L-FFN (dense) or an `mmoe.MoE` on the valid tokens.
+    """Pre-LN block: joint attention, then V-FFN / L-FFN (dense) or an `mmoe.MoE` on the valid tokens; with
+    ``is_vl`` (one of the top ``vl_layers`` blocks) a pair forward (``pair=True``) sends every token through
+    the VL branch instead (dense ``ffn.vl``; MoE: task 2 under modality routing, see the module docstring).
 
     MoE blocks keep ``modality_counts`` (``{"vision": [E], "text": [E]}`` routed slots per expert of each
-    modality's tokens in the latest forward, see `routing_by_modality`), ``None`` before any forward."""
+    modality's tokens in the latest forward, see `routing_by_modality`), ``None`` before any forward. Soft MoE
+    blocks also keep ``soft_stats``: ``{"vision" | "text" | "vl": LayerStats}`` of each of the latest forward's
+    soft calls (the layer's ``last_stats`` is their merge, `_merge_soft_stats`)."""
 
-    def __init__(self, cfg: MultiwayConfig, is_moe: bool, drop_path: float) -> None:
+    def __init__(self, cfg: MultiwayConfig, is_moe: bool, drop_path: float, is_vl: bool = False) -> None:
         super().__init__()
         D = cfg.dim
         norm = lambda: nn.LayerNorm(D, eps=cfg.norm_eps)  # noqa: E731
@@ -274,22 +321,33 @@ class MultiwayBlock(nn.Module):
         self.attn = MultiwayAttention(cfg)
         self.norm2 = _maybe_multiway(norm, cfg.multiway_attention)
         self.is_moe = is_moe
+        self.is_vl = is_vl
         self.per_modality = cfg.moe_routing == "modality"
         self.modality_counts: dict[str, Tensor] | None = None
+        self.soft_stats: dict[str, LayerStats] | None = None
         if is_moe:
-            self.ffn: nn.Module = MoE(cfg.moe_config())
+            self.ffn: nn.Module = MoE(cfg.moe_config(vl=is_vl))
+        elif is_vl:
+            self.ffn = VLMultiway(*(MLP(D, cfg.hidden, "gelu") for _ in range(3)))
         else:
             self.ffn = Multiway(MLP(D, cfg.hidden, "gelu"), MLP(D, cfg.hidden, "gelu"))
         self.drop_path = DropPath(drop_path)
 
-    def forward(self, x: Tensor, split: int, attn_mask: Tensor | None, valid: Tensor) -> Tensor:
+    def forward(self, x: Tensor, split: int, attn_mask: Tensor | None, valid: Tensor, pair: bool = False) -> Tensor:
         x = x + self.drop_path(self.attn(self.norm1(x, split), split, attn_mask))
         h = self.norm2(x, split)
-        y = self._moe(h, split, valid) if self.is_moe else self.ffn(h, split)
+        vl = pair and self.is_vl
+        if not self.is_moe:
+            y = self.ffn(h, split, vl=True) if vl else self.ffn(h, split)
+        elif self.ffn.cfg.router == "soft":
+            y = self._soft_moe(h, split, valid, vl)
+        else:
+            y = self._moe(h, split, valid, vl)
         return x + self.drop_path(y)
 
-    def _moe(self, h: Tensor, split: int, valid: Tensor) -> Tensor:
-        """The MoE on the valid tokens only (gathered, routed in one call, scattered back; 0 elsewhere)."""
+    def _moe(self, h: Tensor, split: int, valid: Tensor, vl: bool = False) -> Tensor:
+        """The MoE on the valid tokens only (gathered, routed in one call, scattered back; 0 elsewhere). Task
+        ids under modality routing: each row's modality (0 vision, 1 text), or 2 for every row when ``vl``."""
         B, S, D = h.shape
         moe: MoE = self.ffn
         flat = h.reshape(B * S, D)
@@ -304,18 +362,67 @@ class MultiwayBlock(nn.Module):
         recorded = moe.record_routing
         moe.record_routing = True  # the routing of this call, to count slots per modality
         try:
-            # modality routers: one call, each row routed by its modality's router over the shared experts
-            out = moe(rows, task=row_modality) if self.per_modality else moe(rows)
+            # modality routers: one call, each row routed by its modality's router over the shared experts (a
+            # pair in a VL block: every row by the VL router); shared routing: the one router
+            if not self.per_modality:
+                out = moe(rows)
+            else:
+                out = moe(rows, task=2) if vl else moe(rows, task=row_modality)
             r = moe.last_routing
         finally:
             moe.record_routing = recorded
             if not recorded:
                 moe.last_routing = None
-        with torch.no_grad():
+        with torch.no_grad():  # counted by token position, also for the VL router's rows
             counts = group_expert_counts(r.indices, row_modality, len(MODALITIES), moe.cfg.num_experts,
                                          moe.cfg.heads)
             self.modality_counts = {m: counts[i] for i, m in enumerate(MODALITIES)}
         return y.index_copy(0, index, out.to(y.dtype)).reshape(B, S, D)
+
+    def _soft_moe(self, h: Tensor, split: int, valid: Tensor, vl: bool = False) -> Tensor:
+        """Soft MoE per sequence per modality (module docstring): the vision part ``h[:, :split]`` (task 0), the
+        text part ``h[:, split:]`` with its padding masked (task 1), or, when ``vl``, the joint sequence
+        ``h`` (task 2); task None under shared routing. Padded positions output 0."""
+        moe: MoE = self.ffn
+        E, p = moe.cfg.num_experts, moe.cfg.soft_slots
+        B, S, _ = h.shape
+        calls: list[tuple[str, int, Tensor, Tensor | None]] = []  # (part, task, input, mask)
+        if vl:
+            calls.append(("vl", 2, h, valid))
+        else:
+            if split > 0:
+                calls.append(("vision", 0, h[:, :split], None))
+            if split < S:
+                calls.append(("text", 1, h[:, split:], valid[:, split:]))
+        outs, stats = [], {}
+        for part, task, x, mask in calls:
+            before = moe.last_stats
+            outs.append(moe(x, task=task if self.per_modality else None, mask=mask))
+            if moe.last_stats is not before:  # not recorded in an activation-checkpointing recomputation
+                stats[part] = moe.last_stats
+        with torch.no_grad():
+            counts = {m: torch.zeros(E, dtype=torch.float32, device=h.device) for m in MODALITIES}
+            for part, task, x, mask in calls:
+                if part != "vl":  # each of the B sequences fills p slots of every expert
+                    counts[part] += B * p
+                    continue
+                # a joint sequence's slots: split between the modalities by their tokens' dispatch weights,
+                # from the router the call used (without its training noise: no random draw here)
+                router = moe.routers[task if self.per_modality else 0]
+                was_training = router.training
+                router.train(False)
+                try:
+                    dispatch, _ = router.weights(router.logits(x), mask)  # [B, S, E*p], sums to 1 over S
+                finally:
+                    router.train(was_training)
+                mass = dispatch.reshape(B, S, E, p).sum((0, 3))  # [S, E]
+                counts["vision"] += mass[:split].sum(0)
+                counts["text"] += mass[split:].sum(0)
+            self.modality_counts = counts
+        if stats:
+            self.soft_stats = stats
+            moe.last_stats = _merge_soft_stats(list(stats.values()))
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -332,11 +439,13 @@ class MultiwayMoETransformer(nn.Module):
       replaced by the learned mask token (BEiT), so nothing of its pixels enters the model.
     * ``text [B, L]`` token ids (``L <= max_text_len``); ``text_padding_mask [B, L]`` bool, True = padding:
       padded keys are masked out of the attention and padded tokens skip the MoE layers.
-    * both: an image-text pair, sequence ``[vision tokens ; text tokens]`` with joint attention.
+    * both: an image-text pair, sequence ``[vision tokens ; text tokens]`` with joint attention; in the top
+      ``vl_layers`` blocks all its tokens use the VL-FFN (module docstring).
 
     Deviations from BEiT-3: masked image modelling predicts per-patch normalised pixels (`mim_targets`,
     MAE's norm_pix_loss) instead of VQ-KD visual tokens (the tokenizer weights are not available); no
-    Magneto sub-LN, layer scale or VL-FFN; MoE placement/routing is methods.md §6.3 reading (i).
+    Magneto sub-LN or layer scale; the VL-FFN only with ``vl_layers > 0`` (default 0, torchscale's release; the
+    paper: 3); MoE placement/routing is methods.md §6.3 reading (i).
     """
 
     def __init__(self, cfg: MultiwayConfig) -> None:
@@ -352,9 +461,10 @@ class MultiwayMoETransformer(nn.Module):
         # text embedding
         self.token_embed = nn.Embedding(cfg.vocab_size, D)
         self.text_pos = nn.Parameter(torch.zeros(1, cfg.max_text_len, D))
-        moe_ids = set(cfg.moe_layer_ids())
+        moe_ids, vl_ids = set(cfg.moe_layer_ids()), set(cfg.vl_layer_ids())
         rates = torch.linspace(0, cfg.drop_path, cfg.depth).tolist() if cfg.depth > 1 else [cfg.drop_path]
-        self.blocks = nn.ModuleList([MultiwayBlock(cfg, i in moe_ids, rates[i]) for i in range(cfg.depth)])
+        self.blocks = nn.ModuleList([MultiwayBlock(cfg, i in moe_ids, rates[i], i in vl_ids)
+                                     for i in range(cfg.depth)])
         self.norm = _maybe_multiway(lambda: nn.LayerNorm(D, eps=cfg.norm_eps), cfg.multiway_attention)
         # heads
         self.mlm_norm = nn.LayerNorm(D, eps=cfg.norm_eps)
@@ -381,7 +491,7 @@ class MultiwayMoETransformer(nn.Module):
     def reset_parameters(self) -> None:
         """BEiT init: truncated normal (std ``init_std``, cut at 2 std) for linear / conv / embedding weights
         and the learned tokens and positions, zero biases, LayerNorm 1 / 0; the experts like the dense FFN;
-        with ``init_rescale`` every block's attention output and FFN / expert output weights are divided by
+        with ``init_rescale`` every block's attention output and FFN (V, L, VL) / expert output weights are divided by
         ``sqrt(2 * layer_id)`` (layer_id = block index + 1). Routers and MH-MoE projections keep mmoe's
         init; ``logit_scale`` = log(1/0.07)."""
         std = self.cfg.init_std
@@ -430,7 +540,7 @@ class MultiwayMoETransformer(nn.Module):
                         if block.ffn.shared is not None:
                             block.ffn.shared.fc2.weight.mul_(s)
                     else:
-                        for mlp in (block.ffn.vision, block.ffn.text):
+                        for mlp in _branches(block.ffn):
                             mlp.fc2.weight.mul_(s)
 
     # ------------------------------------------------------------------ embeddings
@@ -489,8 +599,9 @@ class MultiwayMoETransformer(nn.Module):
             keys = valid.clone()
             keys[~keys.any(1)] = True  # a row with no valid token at all: attend anywhere (avoids NaN)
             attn_mask = keys[:, None, None, :]  # [B, 1, 1, S], True = may attend
+        pair = image is not None and text is not None  # the VL blocks' VL branch
         for block in self.blocks:
-            x = block(x, split, attn_mask, valid)
+            x = block(x, split, attn_mask, valid, pair)
         x = self.norm(x, split)
         return {"vision": x[:, :split] if image is not None else None,
                 "text": x[:, split:] if text is not None else None}
@@ -516,6 +627,8 @@ class MultiwayMoETransformer(nn.Module):
 
 
 def _branches(m: nn.Module) -> list[nn.Module]:
+    if isinstance(m, VLMultiway):
+        return [m.vision, m.text, m.vl]
     return [m.vision, m.text] if isinstance(m, Multiway) else [m.module]
 
 
@@ -526,12 +639,57 @@ def build_multiway(cfg: MultiwayConfig | dict) -> MultiwayMoETransformer:
     return MultiwayMoETransformer(cfg)
 
 
-def routing_by_modality(model: nn.Module) -> dict[str, dict[str, list[int]]]:
+def routing_by_modality(model: nn.Module) -> dict[str, dict[str, list[float]]]:
     """Per MoE layer (by module name): ``{"vision": [E], "text": [E]}`` routed slots per expert of each
     modality's (valid) tokens in the latest forward (a token counts ``heads * top_k`` slots; slots later
-    dropped by a capacity limit are counted). Layers without a forward yet are left out."""
+    dropped by a capacity limit are counted). Counted by token position, so a pair's tokens in a VL block
+    (routed by the VL router under modality routing) count for their own modality. Layers without a forward
+    yet are left out.
+
+    Soft MoE layers (floats): the slots per expert each modality's sequences occupy: every vision (text)
+    sequence of the forward fills ``soft_slots`` slots of every expert, an all-padding text too (as in the
+    layer's ``tokens_per_expert``); a joint image-text sequence (a pair in a VL block) fills them as well,
+    each slot split between the modalities by the total dispatch weight of their tokens (computed without
+    the router's training noise). Per layer, vision + text = ``routing_stats(model)[name].tokens_per_expert``.
+    """
     out = {}
     for name, block in model.named_modules():
         if isinstance(block, MultiwayBlock) and block.is_moe and block.modality_counts is not None:
             out[f"{name}.ffn" if name else "ffn"] = {k: v.tolist() for k, v in block.modality_counts.items()}
+    return out
+
+
+def _merge_soft_stats(parts: list[LayerStats]) -> LayerStats:
+    """One `LayerStats` from a block's soft calls of one forward (`mmoe.MoE` keeps only its latest call's).
+
+    Slot counts (``tokens_per_expert`` = ``kept_per_expert``) and ``num_rows`` (the real tokens) are summed;
+    ``entropy`` and the ``combine_*`` extras are means over the real tokens of all calls, the ``dispatch_*``
+    extras means over all slots of all calls (each call's value weighted by its tokens / slots);
+    ``dropped_frac`` is 0 and ``activation`` 1 (soft routing drops nothing and uses every expert). ``task``
+    is the calls' task id when they share one (shared routing: 0), else -1; ``per_task`` maps each task id to
+    the merge of its calls (modality routing: 0 vision, 1 text, 2 vl). No aux terms (Soft MoE has none)."""
+
+    def merge(ps: list[LayerStats]) -> LayerStats:
+        rows = [s.num_rows for s in ps]
+        slots = [float(s.tokens_per_expert.sum()) for s in ps]
+
+        def mean(vals: list[float], w: list[float]) -> float:
+            return sum(v * x for v, x in zip(vals, w)) / max(sum(w), 1)
+
+        extra = {}
+        for key in ps[0].extra:
+            w = slots if key.startswith("dispatch") else rows
+            extra[key] = mean([s.extra.get(key, 0.0) for s in ps], w)
+        tasks = {s.task for s in ps}
+        counts = sum(s.tokens_per_expert for s in ps)
+        return LayerStats(tokens_per_expert=counts, kept_per_expert=sum(s.kept_per_expert for s in ps),
+                          dropped_frac=0.0, entropy=mean([s.entropy for s in ps], rows), activation=1.0,
+                          num_rows=sum(rows), task=tasks.pop() if len(tasks) == 1 else -1, extra=extra)
+
+    out = merge(parts)
+    by_task: dict[int, list[LayerStats]] = {}
+    for s in parts:
+        by_task.setdefault(s.task, []).append(s)
+    for t, ps in sorted(by_task.items()):
+        out.per_task[t] = merge(ps)
     return out

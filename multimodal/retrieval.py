@@ -204,22 +204,43 @@ def _none_drawn(total: int, good: int, k: int) -> float:
 
 
 # ------------------------------------------------------------------------------------------------ the loss
+class _AllGather(torch.autograd.Function):
+    """All-gather of equal-shaped tensors whose backward sums every rank's gradient of this rank's part (one
+    all-reduce), the rule of a row used by every rank's loss."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> tuple[Tensor, ...]:
+        import torch.distributed as dist
+
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x.contiguous())
+        return tuple(parts)
+
+    @staticmethod
+    def backward(ctx, *grads: Tensor) -> Tensor:
+        import torch.distributed as dist
+
+        g = torch.stack([gr.contiguous() for gr in grads])
+        dist.all_reduce(g)
+        return g[dist.get_rank()]
+
+
 def gather_with_grad(x: Tensor) -> tuple[Tensor, int]:
     """Every rank's rows of ``x`` (rank order) and the offset of this rank's rows; gradients flow back to the
-    rank that computed a row. Ranks may hold different numbers of rows. One process: ``(x, 0)``."""
+    rank that computed a row (summed over the ranks whose loss used it). Ranks may hold different numbers of
+    rows. One process: ``(x, 0)``. Written here (a small `torch.autograd.Function`) because
+    ``torch.distributed.nn.functional.all_gather`` is deprecated."""
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return x, 0
-    from torch.distributed.nn.functional import all_gather
-
     world, rank = dist.get_world_size(), dist.get_rank()
     sizes = [torch.zeros(1, dtype=torch.long, device=x.device) for _ in range(world)]
     dist.all_gather(sizes, torch.tensor([x.shape[0]], dtype=torch.long, device=x.device))
     sizes = [int(s) for s in sizes]
     top = max(sizes)
     padded = F.pad(x, (0, 0, 0, top - x.shape[0])) if x.shape[0] < top else x
-    parts = all_gather(padded)
+    parts = _AllGather.apply(padded)
     return torch.cat([p[:n] for p, n in zip(parts, sizes)]), sum(sizes[:rank])
 
 

@@ -72,3 +72,29 @@ def kill_after_checkpoint(cmd: list[str], checkpoint: Path, timeout: float = 180
     proc.wait()
     proc.stderr.close()
     return proc.returncode
+
+
+def soft_moe_reference(m, x, mask=None, task: int = 0):
+    """Soft MoE (`mmoe.MoE` with ``router="soft"``, router ``task``) one sequence of ``x [B, T, dim]`` at a time,
+    straight from the definition: X^ = X / ||X||, Phi^ = Phi / ||Phi|| (per slot), L = s X^ Phi^, D = softmax
+    over tokens (real tokens only, ``mask [B, T]`` True = real), C = softmax over slots, slots = D^T X, expert
+    e on its p slots, Y = C Y~ (0 at padding)."""
+    import torch
+
+    r = m.routers[task]
+    E, p = m.cfg.num_experts, m.cfg.soft_slots
+    out = []
+    for b in range(x.shape[0]):
+        keep = mask[b] if mask is not None else torch.ones(x.shape[1], dtype=torch.bool)
+        X = x[b][keep]  # [t, D] the real tokens
+        Xn = X / torch.sqrt((X ** 2).sum(-1, keepdim=True) + 1e-6)
+        Pn = r.phi / torch.sqrt((r.phi ** 2).sum(0, keepdim=True) + 1e-6)
+        L = r.scale * (Xn @ Pn)  # [t, E*p]
+        D = torch.softmax(L, dim=0)
+        C = torch.softmax(L, dim=1)
+        slots = D.T @ X  # [E*p, D]
+        ys = torch.cat([m.expert_forward(e, slots[e * p:(e + 1) * p]) for e in range(E)])
+        y = torch.zeros_like(x[b])
+        y[keep] = C @ ys
+        out.append(y)
+    return torch.stack(out)

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 import mmoe
 from mmoe.errors import ConfigError
+from tests.helpers import soft_moe_reference as reference
 
 
 def _layer(**kw) -> mmoe.MoE:
@@ -20,29 +21,6 @@ def _layer(**kw) -> mmoe.MoE:
         for r in m.routers:
             r.scale.fill_(1.7)  # not 1, so that the scale's place in the formula matters
     return m
-
-
-def reference(m: mmoe.MoE, x: torch.Tensor, mask: torch.Tensor | None = None, task: int = 0) -> torch.Tensor:
-    """One sequence at a time, straight from the definition: X^ = X / ||X||, Phi^ = Phi / ||Phi|| (per slot),
-    L = s X^ Phi^, D = softmax over tokens (real tokens only), C = softmax over slots, slots = D^T X, expert e
-    on its p slots, Y = C Y~."""
-    r = m.routers[task]
-    E, p = m.cfg.num_experts, m.cfg.soft_slots
-    out = []
-    for b in range(x.shape[0]):
-        keep = mask[b] if mask is not None else torch.ones(x.shape[1], dtype=torch.bool)
-        X = x[b][keep]  # [t, D] the real tokens
-        Xn = X / torch.sqrt((X ** 2).sum(-1, keepdim=True) + 1e-6)
-        Pn = r.phi / torch.sqrt((r.phi ** 2).sum(0, keepdim=True) + 1e-6)
-        L = r.scale * (Xn @ Pn)  # [t, E*p]
-        D = torch.softmax(L, dim=0)
-        C = torch.softmax(L, dim=1)
-        slots = D.T @ X  # [E*p, D]
-        ys = torch.cat([m.expert_forward(e, slots[e * p:(e + 1) * p]) for e in range(E)])
-        y = torch.zeros_like(x[b])
-        y[keep] = C @ ys
-        out.append(y)
-    return torch.stack(out)
 
 
 def test_outputs_and_gradients_match_the_per_sequence_definition():
@@ -151,13 +129,10 @@ def test_soft_moe_in_a_timm_vit_moe_on_the_last_half():
     assert st.tokens_per_expert.tolist() == [2, 2, 2, 2] and st.num_rows == 2 * 17  # 16 patches + class token
 
 
-def test_language_and_multiway_models_refuse_the_soft_router():
+def test_language_models_refuse_the_soft_router():
     from language.models import LMConfig
-    from multimodal.models import MultiwayConfig
 
     for kind, why in (("causal", "later tokens"), ("masked", "packed documents")):
         with pytest.raises(ConfigError, match=f"moe.router: 'soft'.*{why}"):
             LMConfig(vocab_size=50, dim=16, depth=2, num_heads=2, max_seq_len=16, kind=kind,
                      moe={"router": "soft", "num_experts": 4})
-    with pytest.raises(ConfigError, match="moe.router: 'soft'.*multiway"):
-        MultiwayConfig(vocab_size=50, moe={"router": "soft", "num_experts": 4})
