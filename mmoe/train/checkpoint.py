@@ -8,12 +8,18 @@ Layout of one checkpoint (``<run>/checkpoints/step_0000100/``)::
     optim-rank0.pt, optim-rank1.pt optimizer state of each rank (ZeRO partitions are per rank)
     rank0.pt, rank1.pt             RNG states, data position of each rank
     meta.json                      written last: step, world/EP sizes, ZeRO stage, scheduler, task state,
-                                   and the size of every file above
+                                   and the size and SHA-256 of every file above
 
 Atomicity: every rank writes into ``step_0000100.tmp``; after a barrier rank 0 writes ``meta.json``,
 fsyncs, renames the folder to ``step_0000100`` and then updates the ``latest`` pointer with an atomic
 ``os.replace``. A crash at any point leaves the previous checkpoint intact: a folder without a complete
 ``meta.json`` (or with a missing / short file) is never picked by `find_latest`.
+
+Integrity: loading a checkpoint (`full_state_dict`, hence `load_model_state`) first checks every file's
+SHA-256 against ``meta.json`` (`verify_checkpoint`); a mismatch is a `CheckpointError` naming the file.
+`find_latest` follows the ``latest`` pointer (a pointer to a folder that does not exist is an error, not a
+silent choice of another checkpoint); `checkpoint_candidates` lists the ones to try, newest first, for a
+resume that falls back past a damaged checkpoint (`mmoe.train.engine.Trainer.resume` says so).
 
 Expert parameters of expert-parallel rank ``p`` of ``P`` are rows ``[p*E/P, (p+1)*E/P)`` of the full
 ``[E, ...]`` tensor, so `load_model_state` concatenates the shards and re-slices them for any new
@@ -22,6 +28,7 @@ EP size (including 1: `full_state_dict` gives the unsharded model, e.g. for eval
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -64,6 +71,15 @@ def _write_atomic(path: Path, data: bytes) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def file_sha256(path: str | Path) -> str:
+    """Hex SHA-256 of a file's bytes (read in 4 MiB blocks)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def rng_state() -> dict:
@@ -119,45 +135,82 @@ def save_checkpoint(root: str | Path, step: int, *, model: nn.Module, optimizer=
     if barrier:
         barrier()
     if rank == 0:
-        files = {f.name: f.stat().st_size for f in sorted(tmp.iterdir())}
+        files = {f.name: {"bytes": f.stat().st_size, "sha256": file_sha256(f)} for f in sorted(tmp.iterdir())}
         info = {"step": step, "world_size": world_size, "ep_size": ep_size, "files": files,
                 "has_experts": bool(experts), **(meta or {})}
-        _write_atomic(tmp / "meta.json", json.dumps(info, indent=1, default=str).encode())
+        _write_atomic(tmp / "meta.json", _sealed_meta(info))
         _fsync_dir(tmp)
         if final.exists():
             shutil.rmtree(final)
         os.rename(tmp, final)
         _fsync_dir(root)
         _write_atomic(root / "latest", final.name.encode())
-        if keep_last:
-            for old in list_checkpoints(root)[:-keep_last]:
+        if keep_last:  # the newest keep_last, this one always among them
+            older = [c for c in list_checkpoints(root) if c != final]
+            for old in older[:max(0, len(older) - (keep_last - 1))]:
                 shutil.rmtree(old, ignore_errors=True)
     if barrier:
         barrier()
     return final
 
 
-def read_meta(ckpt: str | Path) -> dict:
-    """``meta.json`` of a checkpoint, checking that every file it lists is present and complete."""
+def _sealed_meta(info: dict) -> bytes:
+    """``meta.json``'s bytes: ``info`` as JSON plus ``meta_sha256``, the SHA-256 of the JSON without it."""
+    plain = json.loads(json.dumps(info, default=str))
+    body = json.dumps(plain, indent=1)
+    return json.dumps({**plain, "meta_sha256": hashlib.sha256(body.encode()).hexdigest()}, indent=1).encode()
+
+
+def _check_seal(meta: dict, raw: bytes, meta_path: Path) -> None:
+    """``meta.json`` must be exactly what `_sealed_meta` wrote (content hash and bytes): any change is caught."""
+    if not any(isinstance(e, dict) for e in meta.get("files", {}).values()) and "meta_sha256" not in meta:
+        return  # written before checksums (sizes only)
+    plain = {k: v for k, v in meta.items() if k != "meta_sha256"}
+    body = json.dumps(plain, indent=1)
+    if hashlib.sha256(body.encode()).hexdigest() != meta.get("meta_sha256") or _sealed_meta(plain) != raw:
+        raise CheckpointError(f"{meta_path}: damaged (its content does not match its meta_sha256)")
+
+
+def _file_entry(entry: Any) -> tuple[int, str | None]:
+    """``(bytes, sha256 or None)`` of a ``meta.json`` files entry (older checkpoints list the size only)."""
+    if isinstance(entry, dict):
+        return int(entry["bytes"]), entry.get("sha256")
+    return int(entry), None
+
+
+def read_meta(ckpt: str | Path, verify: bool = False) -> dict:
+    """``meta.json`` of a checkpoint, checking that every file it lists is present and complete; with
+    ``verify`` also that its content matches the SHA-256 in ``meta.json`` (`CheckpointError` naming the file)."""
     ckpt = Path(ckpt)
     meta_path = ckpt / "meta.json"
     if not meta_path.is_file():
         raise CheckpointError(f"{ckpt}: not a complete checkpoint (no meta.json; interrupted while saving?)")
     try:
-        meta = json.loads(meta_path.read_text())
-    except (OSError, ValueError) as err:
-        raise CheckpointError(f"{meta_path}: unreadable ({err})") from err
-    for name, size in meta.get("files", {}).items():
+        raw = meta_path.read_bytes()
+        meta = json.loads(raw.decode("utf-8"))
+        entries = {name: _file_entry(e) for name, e in meta.get("files", {}).items()}
+        int(meta["step"])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+        raise CheckpointError(f"{meta_path}: unreadable or damaged ({type(err).__name__}: {err})") from None
+    _check_seal(meta, raw, meta_path)
+    for name, (size, digest) in entries.items():
         f = ckpt / name
         if not f.is_file():
             raise CheckpointError(f"{ckpt}: file {name} listed in meta.json is missing")
         if f.stat().st_size != size:
-            raise CheckpointError(f"{ckpt}: file {name} has {f.stat().st_size} bytes, meta.json says {size}")
+            raise CheckpointError(f"{f}: {f.stat().st_size} bytes, meta.json says {size} (truncated or damaged)")
+        if verify and digest is not None and file_sha256(f) != digest:
+            raise CheckpointError(f"{f}: damaged (its SHA-256 does not match meta.json)")
     return meta
 
 
+def verify_checkpoint(ckpt: str | Path) -> dict:
+    """`read_meta` with every file's SHA-256 checked; the meta on success."""
+    return read_meta(ckpt, verify=True)
+
+
 def list_checkpoints(root: str | Path) -> list[Path]:
-    """Complete checkpoints under ``root``, oldest first."""
+    """Complete checkpoints under ``root`` (every listed file present with its size), oldest first."""
     root = Path(root)
     if not root.is_dir():
         return []
@@ -173,15 +226,43 @@ def list_checkpoints(root: str | Path) -> list[Path]:
     return [d for _, d in sorted(found)]
 
 
+def _pointer(root: Path) -> Path | None:
+    """The folder ``root/latest`` names; None without a pointer; `CheckpointError` when it names nothing."""
+    f = root / "latest"
+    if not f.is_file():
+        return None
+    name = f.read_text().strip()
+    target = root / name
+    if not STEP_RE.match(name) or not target.is_dir():
+        raise CheckpointError(f"{f}: points at {name!r}, which is not a checkpoint folder there (delete the "
+                              "pointer to use the newest complete checkpoint)")
+    return target
+
+
 def find_latest(root: str | Path) -> Path | None:
-    """The newest complete checkpoint under ``root`` (incomplete or damaged ones are passed over)."""
+    """The checkpoint ``root/latest`` points at (it must exist), else the newest complete one (incomplete or
+    damaged ones are passed over); None when there is none."""
+    root = Path(root)
+    target = _pointer(root)
+    if target is not None:
+        return target
     cps = list_checkpoints(root)
     return cps[-1] if cps else None
 
 
+def checkpoint_candidates(root: str | Path) -> list[Path]:
+    """Checkpoints to resume from, best first: the one ``latest`` points at, then every other checkpoint
+    folder, newest step first (complete or not: the caller verifies each and says why it passes one over)."""
+    root = Path(root)
+    first = _pointer(root)
+    rest = sorted((d for d in root.iterdir() if STEP_RE.match(d.name) and d.is_dir()),
+                  key=lambda d: -int(STEP_RE.match(d.name).group(1))) if root.is_dir() else []
+    return ([first] if first is not None else []) + [d for d in rest if d != first]
+
+
 def resolve_checkpoint(path: str | Path) -> Path:
     """A checkpoint folder from a checkpoint folder, a run's ``checkpoints`` folder or a run folder (then
-    its latest complete checkpoint); `CheckpointError` naming the path when there is none."""
+    its latest checkpoint, `find_latest`); `CheckpointError` naming the path when there is none."""
     p = Path(path)
     if (p / "meta.json").is_file():
         return p
@@ -199,8 +280,11 @@ def full_state_dict(ckpt: str | Path) -> dict[str, Tensor]:
     from safetensors.torch import load_file
 
     ckpt = Path(ckpt)
-    meta = read_meta(ckpt)
-    state = load_file(str(ckpt / "model.safetensors"))
+    meta = verify_checkpoint(ckpt)
+    try:
+        state = load_file(str(ckpt / "model.safetensors"))
+    except Exception as err:  # a file damaged before its checksum was taken (or an older checkpoint)
+        raise CheckpointError(f"{ckpt / 'model.safetensors'}: unreadable ({err})") from None
     if meta.get("has_experts"):
         P = int(meta["ep_size"])
         shards = []
@@ -208,7 +292,10 @@ def full_state_dict(ckpt: str | Path) -> dict[str, Tensor]:
             f = ckpt / f"experts-ep{p}-of{P}.safetensors"
             if not f.is_file():
                 raise CheckpointError(f"{ckpt}: expert shard {f.name} is missing")
-            shards.append(load_file(str(f)))
+            try:
+                shards.append(load_file(str(f)))
+            except Exception as err:
+                raise CheckpointError(f"{f}: unreadable ({err})") from None
         for k in shards[0]:
             state[k] = torch.cat([s[k] for s in shards], 0)
     return state

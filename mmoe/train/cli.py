@@ -21,6 +21,8 @@ def add_train_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
     parser.add_argument("--resume", nargs="?", const="latest", default=None, metavar="CHECKPOINT",
                         help="resume from the latest complete checkpoint of the run (or from CHECKPOINT)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="run.dir holds another run: move it aside (to RUN.old-<time>) and start afresh")
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # DeepSpeed launcher
 
 
@@ -52,6 +54,7 @@ def _load(args):
 
 def run_train(args) -> int:
     _setup_env()
+    from ..errors import CLIError
     from .deepspeed import finish
     from .engine import Trainer
 
@@ -61,7 +64,9 @@ def run_train(args) -> int:
         args.resume = "latest"
     cfg = _load(args)
     # config, data, checkpoint and training errors are `mmoe.errors.MMoEError`s: `mmoe.cli.main` prints them
-    trainer = Trainer(cfg, config_source=args.config,
+    if args.resume and args.overwrite:
+        raise CLIError("--resume and --overwrite exclude each other")
+    trainer = Trainer(cfg, config_source=args.config, overwrite=args.overwrite,
                       resume=(True if args.resume == "latest" else args.resume) if args.resume else False)
     if args.resume and getattr(trainer, "_resumed_from", None) is None and trainer.rank == 0:
         print(f"mmoe: no checkpoint under {trainer.ckpt_dir} yet; starting from step 0", file=sys.stderr)
@@ -76,18 +81,12 @@ def run_eval(args) -> int:
     _setup_env()
     from pathlib import Path
 
-    from ..errors import CLIError
     from . import checkpoint as ckpt_lib
     from .deepspeed import finish
     from .engine import Trainer
 
     cfg = _load(args)
-    path = Path(args.checkpoint)
-    if not (path / "meta.json").is_file():
-        latest = ckpt_lib.find_latest(path)
-        if latest is None:
-            raise CLIError(f"{path}: no complete checkpoint there")
-        path = latest
+    path = ckpt_lib.resolve_checkpoint(args.checkpoint)  # damaged files are named when the weights load
     trainer = Trainer(cfg, config_source=args.config, train=False)
     trainer.load_for_eval(path)
     metrics = trainer.evaluate(split=args.split)

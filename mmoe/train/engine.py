@@ -15,12 +15,18 @@ Non-finite losses: the decision is global (all ranks agree, so expert-parallel c
 step). A micro-batch whose loss is NaN/inf is dropped before backward — DeepSpeed never sees it, so the
 optimizer step waits for a good micro-batch and nothing it did leaks into the weights; buffers its
 forward updated (the Default-MoE EMA, balance-bias loads) are restored; it is logged as an event, and ``train.max_bad_steps`` consecutive bad micro-batches stop the run with a clear message.
+
+Run folders: a fresh run (no ``resume``) refuses a ``run.dir`` that holds another run's checkpoints or logs
+(``overwrite=True``, the CLI's ``--overwrite``, moves that run aside to ``<dir>.old-<time>``). A resume
+takes the checkpoint ``latest`` points at; a damaged one (SHA-256 mismatch, missing or short file) is passed
+over for the previous good one, on the console and as a ``checkpoint_fallback`` event in ``events.jsonl``.
 """
 
 from __future__ import annotations
 
 import os
 import random
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -145,7 +151,7 @@ def _mixed_loader(cfg: TrainConfig, task: Task, rank: int, world: int):
 # ---------------------------------------------------------------------------------------- trainer
 class Trainer:
     def __init__(self, cfg: TrainConfig, *, config_source: str = "<config>", resume: bool | str = False,
-                 train: bool = True) -> None:
+                 train: bool = True, overwrite: bool = False) -> None:
         from .configfile import from_dict, save_config
 
         self.cfg = cfg
@@ -212,13 +218,44 @@ class Trainer:
         self.source: int | None = None  # index in data.sources of the latest training micro-batch
         self.train_loader = self._make_loader(train=True) if train else None
         self.logger = None
+        self._pending_events: list[tuple[int, str, str]] = []  # (step, kind, message) before the logger exists
         if train:
+            if not resume:
+                self._claim_run_dir(overwrite)
             if self.rank == 0:
                 self.run_dir.mkdir(parents=True, exist_ok=True)
                 save_config(cfg, self.run_dir / "config.yaml")
             if resume:
                 where = resume if isinstance(resume, str) else None
                 self.resume(where)
+
+    def _claim_run_dir(self, overwrite: bool) -> None:
+        """A fresh run needs a run folder without another run's logs or checkpoints: refused with a one-line
+        error, or (``overwrite``) the old run is moved aside to ``<dir>.old-<time>`` (rank 0; all ranks wait)."""
+        d = self.run_dir
+        held = [n for n in ("metrics.jsonl", "events.jsonl") if (d / n).is_file() and (d / n).stat().st_size]
+        if self.ckpt_dir.is_dir() and any(self.ckpt_dir.iterdir()):
+            held.insert(0, "checkpoints")
+        if held:
+            if not overwrite:
+                raise TrainingError(f"{d}: holds another run ({', '.join(held)}); continue it with --resume, "
+                                    "give a new run.dir=..., or pass --overwrite to move it aside")
+            if self.rank == 0:
+                aside = d.with_name(f"{d.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
+                n = 1
+                while aside.exists():
+                    aside = d.with_name(f"{d.name}.old-{time.strftime('%Y%m%d-%H%M%S')}-{n}")
+                    n += 1
+                d.rename(aside)
+                print(f"mmoe: moved the earlier run in {d} to {aside}", file=sys.stderr)
+                self._pending_events.append((0, "overwrite", f"the earlier run in {d} was moved to {aside}"))
+        self._barrier()
+
+    def _note(self, kind: str, message: str, step: int = 0) -> None:
+        """A warning that matters: printed now (rank 0), and written to events.jsonl once the run logs."""
+        if self.rank == 0:
+            print(f"mmoe: warning: {message}", file=sys.stderr)
+        self._pending_events.append((step, kind, message))
 
     # ------------------------------------------------------------------ data
     def _make_loader(self, train: bool, split: str | None = None):
@@ -290,10 +327,24 @@ class Trainer:
         return meta
 
     def resume(self, path: str | Path | None = None) -> bool:
-        """Restore the latest complete checkpoint (or ``path``); False when there is none."""
-        path = Path(path) if path else ckpt_lib.find_latest(self.ckpt_dir)
-        if path is None:
-            return False
+        """Restore ``path``, or the latest checkpoint (the ``latest`` pointer's); a damaged or incomplete one is
+        passed over for the previous good one, said on the console and in ``events.jsonl``. False when there is
+        none. An explicit ``path`` that is damaged is an error naming the file."""
+        if path:
+            path = Path(path)
+            ckpt_lib.verify_checkpoint(path)
+        else:
+            path = None
+            for cand in ckpt_lib.checkpoint_candidates(self.ckpt_dir):
+                try:
+                    ckpt_lib.verify_checkpoint(cand)
+                except ckpt_lib.CheckpointError as err:
+                    self._note("checkpoint_fallback", f"{err}; passed over for an older checkpoint")
+                    continue
+                path = cand
+                break
+            if path is None:
+                return False
         meta = self.load_weights(path)
         same_topology = (meta.get("world_size") == self.world and meta.get("ep_size") == self.cfg.dist.ep_size
                          and meta.get("zero_stage") == self.cfg.dist.zero_stage)
@@ -310,10 +361,12 @@ class Trainer:
         else:
             import warnings
 
-            warnings.warn(f"{path}: saved with world_size={meta.get('world_size')}, ep_size={meta.get('ep_size')}, "
-                          f"zero_stage={meta.get('zero_stage')}; running with {self.world}/{self.cfg.dist.ep_size}/"
-                          f"{self.cfg.dist.zero_stage}: weights, schedule and step are restored, the optimizer "
-                          "state, RNG and data position start fresh")
+            msg = (f"{path}: saved with world_size={meta.get('world_size')}, ep_size={meta.get('ep_size')}, "
+                   f"zero_stage={meta.get('zero_stage')}; running with {self.world}/{self.cfg.dist.ep_size}/"
+                   f"{self.cfg.dist.zero_stage}: weights, schedule and step are restored, the optimizer "
+                   "state, RNG and data position start fresh")
+            warnings.warn(msg)
+            self._pending_events.append((int(meta["step"]), "resume_topology", msg))
         self.scheduler.load_state_dict(meta["scheduler"])
         self.task.load_state_dict(meta.get("task_state", {}))
         self.step = int(meta["step"])
@@ -374,6 +427,9 @@ class Trainer:
                                 enabled=self.rank == 0, tensorboard=cfg.run.tensorboard,
                                 progress=tl.progress, unit=self.task.unit, desc=f"train {cfg.task}")
         self.task.logger = self.logger  # for tasks that log their own events and metrics (e.g. after_step)
+        for step, kind, message in self._pending_events:  # already printed
+            self.logger.event(step, kind, message, echo=False)
+        self._pending_events.clear()
         engine = self.engine
         it = iter(self.train_loader)
         bad_in_a_row = 0

@@ -362,9 +362,10 @@ class RunLogger:
         title = f"expert load{' (' + tag + ')' if tag else ''}, step {int(step)}"
         return plot_expert_load(dict(stats), path, title=title)
 
-    def event(self, step: int, kind: str, message: str, **fields: Any) -> None:
+    def event(self, step: int, kind: str, message: str, echo: bool = True, **fields: Any) -> None:
         """Record a notable event (``kind`` e.g. ``"nonfinite_step"``, ``"skipped_data"``,
-        ``"checkpoint"``) in ``events.jsonl`` and print it above the progress bar."""
+        ``"checkpoint"``) in ``events.jsonl`` and print it above the progress bar (not with ``echo=False``:
+        for an event already printed before the logger existed)."""
         if not self._active():
             return
         for reserved in (*_RESERVED, "kind", "message"):
@@ -373,9 +374,10 @@ class RunLogger:
         self._append(
             "events.jsonl", {"step": int(step), "time": time.time(), "kind": kind, "message": message, **fields}
         )
-        from tqdm.auto import tqdm
+        if echo:
+            from tqdm.auto import tqdm
 
-        tqdm.write(f"[{self.desc} step {int(step)}] {kind}: {message}")
+            tqdm.write(f"[{self.desc} step {int(step)}] {kind}: {message}")
 
     def close(self) -> None:
         """Flush and close everything (idempotent)."""

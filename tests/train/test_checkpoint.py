@@ -103,8 +103,13 @@ def test_damaged_checkpoints_are_passed_over(tmp_path):
     (tmp_path / "step_0000003" / "meta.json").unlink()  # interrupted before meta.json
     f = tmp_path / "step_0000002" / "model.safetensors"
     f.write_bytes(f.read_bytes()[:-10])  # truncated file
+    assert [c.name for c in C.list_checkpoints(tmp_path)] == ["step_0000001"]
+    # the pointer is followed (loading it then names what is wrong); a resume tries the candidates in order
+    assert C.find_latest(tmp_path).name == "step_0000003"
+    assert [c.name for c in C.checkpoint_candidates(tmp_path)] == ["step_0000003", "step_0000002", "step_0000001"]
+    (tmp_path / "latest").unlink()  # without a pointer: the newest complete one
     assert C.find_latest(tmp_path).name == "step_0000001"
-    with pytest.raises(C.CheckpointError, match="model.safetensors has"):
+    with pytest.raises(C.CheckpointError, match="model.safetensors: .* bytes, meta.json says"):
         C.read_meta(tmp_path / "step_0000002")
     with pytest.raises(C.CheckpointError, match="no meta.json"):
         C.read_meta(tmp_path / "step_0000003")
