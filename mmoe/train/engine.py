@@ -335,7 +335,14 @@ class Trainer:
             ckpt_lib.verify_checkpoint(path)
         else:
             path = None
-            for cand in ckpt_lib.checkpoint_candidates(self.ckpt_dir):
+            import warnings
+
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                candidates = ckpt_lib.checkpoint_candidates(self.ckpt_dir)
+            for w in caught:  # a stale latest pointer
+                self._note("checkpoint_fallback", str(w.message))
+            for cand in candidates:
                 try:
                     ckpt_lib.verify_checkpoint(cand)
                 except ckpt_lib.CheckpointError as err:

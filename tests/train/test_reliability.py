@@ -5,6 +5,7 @@ integrity (every file's SHA-256 and a sealed meta.json, checked on load; a fault
 from __future__ import annotations
 
 import json
+import shutil
 import random
 from pathlib import Path
 
@@ -100,10 +101,12 @@ def test_keep_last_never_deletes_the_new_checkpoint_and_latest_is_followed(tmp_p
     (tmp_path / "latest").write_text("step_0000010")
     assert ckpt_lib.find_latest(tmp_path) == new  # the pointer, not the highest step
     (tmp_path / "latest").write_text("step_0000050")
-    with pytest.raises(CheckpointError, match="latest: points at 'step_0000050'"):
-        ckpt_lib.find_latest(tmp_path)
-    with pytest.raises(CheckpointError, match="step_0000050"):
-        ckpt_lib.resolve_checkpoint(tmp_path)
+    with pytest.warns(UserWarning, match="latest: points at 'step_0000050'.*newest complete"):
+        assert ckpt_lib.find_latest(tmp_path).name == "step_0000090"  # a stale pointer: the newest complete one
+    shutil.rmtree(tmp_path / "step_0000090")
+    (tmp_path / "latest").write_text("step_0000090")  # the newest deleted to roll back
+    with pytest.warns(UserWarning, match="step_0000090"):
+        assert ckpt_lib.resolve_checkpoint(tmp_path) == new
 
 
 BASE = """\
@@ -165,3 +168,12 @@ def test_resume_falls_back_past_a_damaged_checkpoint_and_eval_names_it(tmp_path)
     steps = [r["step"] for r in read_jsonl(run / "metrics.jsonl") if "loss" in r]
     assert steps == list(range(1, 10))  # steps 4.. retrained from step 3's checkpoint
     assert ckpt_lib.find_latest(run / "checkpoints").name == "step_0000009"
+    # the newest checkpoint deleted by hand (a roll-back): the stale pointer is said once, step 6 resumes
+    shutil.rmtree(run / "checkpoints" / "step_0000009")
+    p = run_mmoe(["train", str(cfg), "train.max_steps=10", "--resume"])
+    said = [ln for ln in p.stderr.splitlines() if "points at 'step_0000009'" in ln]
+    assert len(said) == 1 and said[0].startswith("mmoe: warning: "), p.stderr[-2000:]
+    fallback = [e for e in read_jsonl(run / "events.jsonl") if e["kind"] == "checkpoint_fallback"]
+    assert len(fallback) == 2 and "step_0000009" in fallback[1]["message"]
+    steps = [r["step"] for r in read_jsonl(run / "metrics.jsonl") if "loss" in r]
+    assert steps[-4:] == [7, 8, 9, 10]
