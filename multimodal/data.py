@@ -301,8 +301,10 @@ def load_image(data: bytes, img_size: int, key: str = "?") -> Tensor:
     from PIL import Image, UnidentifiedImageError
     from torchvision.transforms.functional import pil_to_tensor, resize
 
+    from mmoe.data.decode import to_rgb
+
     try:
-        img = Image.open(io.BytesIO(data)).convert("RGB")
+        img = to_rgb(Image.open(io.BytesIO(data)))
     except (UnidentifiedImageError, OSError, ValueError) as err:
         raise ValueError(f"sample {key}: the image does not decode ({err})") from None
     t = pil_to_tensor(img)

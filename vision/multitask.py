@@ -553,6 +553,8 @@ class MultiTaskVisionTask(Task):
         ``[{"label", "score"}, ...]``, best first)."""
         from PIL import Image
 
+        from mmoe.data.decode import to_rgb
+
         module = _unwrap(model)
         module.eval()
         results = self.det_task.predict(_DetectionView(module), paths, out_dir)
@@ -560,7 +562,7 @@ class MultiTaskVisionTask(Task):
         tf = self._cls_transform(train=False)
         for rec in results:
             with Image.open(rec["image"]) as im:
-                x = tf(im.convert("RGB"))[None]
+                x = tf(to_rgb(im))[None]
             probs = module("cls", x).float().softmax(-1)[0]
             top = probs.topk(min(5, len(names)))
             rec["classes"] = [{"label": names[int(i)], "score": round(float(p), 4)} for p, i in zip(*top)]

@@ -8,6 +8,10 @@ draws the boxes, class names, scores and masks on each image, and a semantic-seg
 the captions given with ``--captions`` (or ``--captions-file``, one per line) for each image, and the
 images for each caption (the task's ``rank(model, paths, captions, topk)``).
 
+A file that is missing or not a readable image gets one line on stderr
+(``mmoe predict: PATH: not a readable image (REASON)``); the other images are still predicted, and the
+command then exits with status 2.
+
 ``CHECKPOINT`` is a checkpoint folder (``RUN/checkpoints/step_NNNNNNN``), a run's ``checkpoints`` folder or
 the run folder itself (then its latest complete checkpoint). The model is rebuilt from the run's
 ``config.yaml`` (or ``--config``); images go through the task's evaluation transform; class names come
@@ -45,6 +49,29 @@ def resolve_checkpoint(path: str | Path) -> Path:
         return ckpt_lib.resolve_checkpoint(path)
     except ckpt_lib.CheckpointError as err:
         raise CLIError(str(err)) from None
+
+
+def image_problem(path: str | Path) -> str | None:
+    """Why ``path`` cannot be predicted on (``"no such image file"``, ``"not a readable image (REASON)"``), or
+    None when it is a file that PIL opens and decodes."""
+    from PIL import Image
+
+    p = Path(path)
+    if not p.is_file():
+        return "no such image file"
+    try:
+        with Image.open(p) as image:
+            image.load()
+    except Exception as err:  # PIL raises many types for bad files (OSError, SyntaxError, ValueError, ...)
+        return f"not a readable image ({_reason(err)})"
+    return None
+
+
+def _reason(err: BaseException) -> str:
+    if type(err).__name__ == "UnidentifiedImageError":
+        return "not an image format PIL can identify"
+    msg = str(err).splitlines()[0] if str(err) else ""
+    return f"{type(err).__name__}: {msg}" if msg else type(err).__name__
 
 
 class Predictor:
@@ -155,8 +182,8 @@ class Predictor:
             ext = ext if ext in IMAGE_EXTENSIONS else "png"  # PIL reads the content whatever the name
             try:
                 x, _ = self.task.decode_eval({"__key__": p.stem, "__url__": str(p), ext: p.read_bytes(), "cls": 0})
-            except DataError as err:
-                raise CLIError(f"{p}: cannot read the image ({err})") from None
+            except (DataError, OSError, SyntaxError, ValueError) as err:  # PIL's UnidentifiedImageError: OSError
+                raise CLIError(f"{p}: not a readable image ({_reason(err)})") from None
             xs.append(x)
         with torch.no_grad():
             probs = self.model(torch.stack(xs)).float().softmax(-1)
@@ -168,7 +195,19 @@ class Predictor:
 
 
 def run(args: argparse.Namespace) -> int:
+    import sys
+
     pred = Predictor(args.checkpoint, args.config, use_ema=not args.no_ema)
+    images = []
+    for img in args.images:  # a bad file is reported on its own line; the others are still predicted
+        problem = image_problem(img)
+        if problem is None:
+            images.append(img)
+        else:
+            print(f"mmoe predict: {img}: {problem}", file=sys.stderr)
+    status = 0 if len(images) == len(args.images) else 2
+    if not images:
+        return status
     if pred.retrieval:
         captions = list(args.captions or [])
         if args.captions_file:
@@ -178,7 +217,7 @@ def run(args: argparse.Namespace) -> int:
                 captions += [line.strip() for line in Path(args.captions_file).read_text().splitlines() if line.strip()]
             except OSError as err:
                 raise CLIError(f"{args.captions_file}: cannot read the captions ({err.strerror})") from None
-        ranked = pred.rank(args.images, captions, args.topk)
+        ranked = pred.rank(images, captions, args.topk)
         for kind, rows in (("image", ranked["images"]), ("caption", ranked["captions"])):
             for r in rows:
                 if args.json:
@@ -186,19 +225,19 @@ def run(args: argparse.Namespace) -> int:
                 else:
                     other = "caption" if kind == "image" else "image"
                     print(f"{kind} {r[kind]!r}: " + "; ".join(f"{t[other]!r} {t['score']:.3f}" for t in r["top"]))
-        return 0
+        return status
     if pred.dense:
-        for r in pred.predict_files(args.images, args.out):
+        for r in pred.predict_files(images, args.out):
             if args.json:
                 print(json.dumps(r))
             else:
                 found = r.get("detections", r.get("classes_present"))
                 print(f"{r['image']}: {r['output']} ({len(found)} {'detections' if 'detections' in r else 'classes'})")
-        return 0
-    results = pred.predict(args.images, args.topk)
+        return status
+    results = pred.predict(images, args.topk)
     for r in results:
         if args.json:
             print(json.dumps(r))
         else:
             print(f"{r['image']}: " + ", ".join(f"{t['class']} {t['score']:.3f}" for t in r["top"]))
-    return 0
+    return status

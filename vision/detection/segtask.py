@@ -332,6 +332,8 @@ class SemanticSegmentationTask(Task):
         anywhere, by index). The model runs in eval mode on its own device (its mode is restored after)."""
         from PIL import Image
 
+        from mmoe.data.decode import to_rgb
+
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         names = self.class_names
@@ -347,7 +349,7 @@ class SemanticSegmentationTask(Task):
                     raise FileNotFoundError(f"{path}: no such image file")
                 try:
                     with Image.open(path) as im:
-                        img = im.convert("RGB")
+                        img = to_rgb(im)
                 except Exception as err:  # PIL raises many types for bad files
                     raise ValueError(f"{path}: not a readable image ({type(err).__name__}: {err})") from None
                 x = self._eval_image(img)[None].to(device)

@@ -181,6 +181,8 @@ class DetectionTask(Task):
         from torchvision.transforms.functional import pil_to_tensor
         from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 
+        from mmoe.data.decode import to_rgb
+
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         model.eval()
@@ -188,7 +190,7 @@ class DetectionTask(Task):
         results = []
         for path in paths:
             with Image.open(path) as im:
-                rgb = pil_to_tensor(im.convert("RGB"))
+                rgb = pil_to_tensor(to_rgb(im))
             det = model([rgb.float() / 255])[0]
             keep = det["scores"] >= self.options.score_threshold
             boxes, labels, scores = det["boxes"][keep], det["labels"][keep], det["scores"][keep]
