@@ -30,17 +30,31 @@ Bad data
 --------
 A shard that cannot be opened, a tar that is corrupt or truncated (samples before the damage are
 kept), a shard with fewer samples than its manifest lists, and any exception raised by ``decode`` are
-*data errors*. With ``on_error="fail"`` they raise `DataError` naming the shard, the sample key and the
-cause; with ``"skip"`` they are skipped, counted in `ShardLoader.errors` by kind (``missing_shard``,
+*data errors*. A tar that ends early is one too, with or without a manifest: cut inside a member, cut
+at a member boundary, a member header damaged or overwritten with zeros (Python's tar reader takes the
+last three for the end of the archive), anything but zero bytes after the end-of-archive block. With
+``on_error="fail"`` they raise `DataError` naming the shard, the sample key and the cause; with
+``"skip"`` they are skipped, counted in `ShardLoader.errors` by kind (``missing_shard``,
 ``corrupt_shard``, ``short_shard``, ``decode``) and reported with a `DataWarning` in the main process
-when the next batch is delivered. Skipping is deterministic, so resume stays exact.
+when the next batch is delivered. The counts are samples lost: one per decode error, and for a damaged,
+missing or short shard with a known sample count, that count minus the samples read; a damaged or
+missing shard without a count adds 1 (its message says the loss is unknown). Skipping is deterministic,
+so resume stays exact.
+
+A shard's sample count is known when a manifest lists it: the shards of a directory or manifest path,
+and a local shard of a brace pattern, glob or list whose own directory holds a ``manifest.json`` that
+lists its file name (see `resolve_urls`).
 """
 
 from __future__ import annotations
 
+import glob
 import hashlib
+import json
 import os
 import random
+import re
+import tarfile
 import warnings
 from collections import Counter, deque
 from pathlib import Path
@@ -51,7 +65,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torch.utils.data import default_collate as _default_collate
 
 from .errors import DataError, DataWarning
-from .manifest import Manifest
+from .manifest import FORMAT as MANIFEST_FORMAT
+from .manifest import MANIFEST_NAME, Manifest
 
 STATE_VERSION = 1
 ERROR_KINDS = ("missing_shard", "corrupt_shard", "short_shard", "decode")
@@ -62,32 +77,80 @@ _MAX_EMPTY_EPOCHS = 3
 
 def resolve_urls(urls: str | os.PathLike | Sequence[str], split: str | None = None
                  ) -> tuple[list[str], dict[str, int] | None]:
-    """Shard URLs and, when they came from a manifest, the expected sample count per shard.
+    """Shard URLs and the expected sample count of each shard that a manifest lists.
 
-    ``urls``: a brace pattern (``"dir/train-{000000..000009}.tar"``, see WebDataset's ``expand_urls``),
-    a list of paths/URLs, a directory holding a ``manifest.json``, or a manifest path. ``split`` picks a
-    split of a manifest (needed when it has several).
+    ``urls``: a brace pattern (``"dir/train-{000000..000009}.tar"``, see WebDataset's ``expand_urls``), a
+    glob of local files (``"dir/train-*.tar"``, expanded with `glob.glob`, sorted; a glob that matches
+    nothing is a `ValueError` naming it), a list of paths/URLs, a directory holding a ``manifest.json``,
+    or a manifest path. ``split`` picks a split of a manifest (needed when it has several).
+
+    The counts come from the manifest for a directory or manifest path; for the other forms, from a
+    ``manifest.json`` in a local shard's own directory that lists a shard of that file name (shards it
+    does not list, remote URLs and directories without a manifest get no count). A shard with a count
+    that reads fewer samples is reported as short (see the module docstring, "Bad data").
     """
     from webdataset.shardlists import expand_urls
 
-    counts = None
     if isinstance(urls, (str, os.PathLike)):
         path = Path(urls)
         if path.is_dir() or (path.suffix == ".json" and path.is_file()):
             manifest = Manifest.load(path)
             result = manifest.urls(split)
-            counts = manifest.sample_counts()
             if not result:
                 raise ValueError(f"{manifest.path}: split {split or next(iter(manifest.splits))!r} has no shards")
-            return result, counts
+            return result, manifest.sample_counts()
         if split is not None:
             raise ValueError(f"split={split!r} needs a shard directory or manifest, got {str(urls)!r}")
-        result = expand_urls(str(urls))
+        result = []
+        for url in expand_urls(str(urls)):
+            if _is_local(url) and glob.has_magic(url) and not os.path.exists(url):
+                matches = sorted(glob.glob(url))
+                if not matches:
+                    raise ValueError(f"no shard files match the glob {url!r}")
+                result.extend(matches)
+            else:
+                result.append(url)
     else:
         result = [str(u) for u in urls]
     if not result:
         raise ValueError("no shard URLs given")
-    return result, counts
+    return result, _counts_from_manifests(result)
+
+
+def _is_local(url: str) -> bool:
+    """A plain file path (not ``scheme://...``, ``pipe:...`` or ``-``)."""
+    return "://" not in url and not url.startswith("pipe:") and url != "-"
+
+
+def _counts_from_manifests(urls: list[str]) -> dict[str, int] | None:
+    """``{url: samples}`` for the local shards listed (by file name) in a ``manifest.json`` of their own
+    directory; ``None`` when there are none. A ``manifest.json`` of another format is left alone."""
+    counts: dict[str, int] = {}
+    listed: dict[Path, dict[str, int]] = {}
+    for url in urls:
+        if not _is_local(url):
+            continue
+        shard = Path(url)
+        directory = shard.parent
+        if directory not in listed:
+            listed[directory] = _manifest_counts(directory / MANIFEST_NAME)
+        if shard.name in listed[directory]:
+            counts[url] = listed[directory][shard.name]
+    return counts or None
+
+
+def _manifest_counts(path: Path) -> dict[str, int]:
+    """``{shard file name: samples}`` of the mmoe manifest at ``path``; empty when there is none there."""
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise DataError(f"{path}: cannot read the shard manifest next to the shards ({err})") from None
+    if not isinstance(data, dict) or data.get("format") != MANIFEST_FORMAT:
+        return {}  # some other tool's manifest.json
+    manifest = Manifest.from_dict(data, path=path)
+    return {s.name: s.samples for split in manifest.splits.values() for s in split.shards}
 
 
 def _identity(x):
@@ -109,12 +172,13 @@ def _shuffle(items: Iterator[dict], size: int, rng: random.Random) -> Iterator[d
 
 
 class _Events:
-    """Skipped-data events of one worker, waiting to travel with its next batch (or its end marker)."""
+    """Skipped-data events ``(kind, message, samples lost or None if unknown)`` of one worker, waiting to
+    travel with its next batch (or its end marker)."""
 
     def __init__(self) -> None:
-        self.pending: list[tuple[str, str]] = []
+        self.pending: list[tuple[str, str, int | None]] = []
 
-    def take(self) -> list[tuple[str, str]]:
+    def take(self) -> list[tuple[str, str, int | None]]:
         out, self.pending = self.pending, []
         return out
 
@@ -172,11 +236,11 @@ class _Stream:
     def _epoch(self, worker: int, epoch: int, skip: int, events: _Events) -> Iterator[dict]:
         pulled = 0  # samples taken from the shuffled stream in this epoch
 
-        def report(kind: str, message: str, url: str | None, key: str | None) -> None:
+        def report(kind: str, message: str, url: str | None, key: str | None, lost: int | None = None) -> None:
             if self.on_error == "fail":
                 raise DataError(message, url=url, key=key)
             if pulled >= skip:  # events before the resume point were already counted by the original run
-                events.pending.append((kind, message))
+                events.pending.append((kind, message, lost))
 
         samples = self._raw_samples(self.shards(epoch, worker), report)
         if self.shuffle_buffer > 0:
@@ -195,7 +259,7 @@ class _Stream:
                 message = f"sample {key!r} of shard {url}: decode failed: {type(err).__name__}: {err}"
                 if self.on_error == "fail":
                     raise DataError(message, url=url, key=key) from err
-                events.pending.append(("decode", message))
+                events.pending.append(("decode", message, 1))
                 continue
             batch.append(decoded)
             if len(batch) == self.batch_size:
@@ -217,22 +281,26 @@ class _Stream:
         """Samples of one shard (WebDataset grouping); damage is reported once and ends the shard."""
         from webdataset.gopen import gopen
         from webdataset.handlers import reraise_exception
-        from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_iterator
+        from webdataset.tariterators import base_plus_ext, group_by_keys
+
+        expected = self.expected.get(url)
+
+        def lost(count: int) -> tuple[int | None, str]:
+            if expected is None:
+                return None, "how many is unknown (no manifest lists this shard)"
+            return max(expected - count, 0), f"{max(expected - count, 0)} of its {expected} samples (manifest)"
 
         try:
-            stream = _TailReader(gopen(url, "rb"))
+            raw = gopen(url, "rb")
         except Exception as err:
-            report("missing_shard", f"shard {url}: cannot open it: {type(err).__name__}: {err}", url, None)
+            n, what = lost(0)
+            report("missing_shard", f"shard {url}: cannot open it: {type(err).__name__}: {err}; lost: {what}",
+                   url, None, n)
             return
-        where: dict[str, str | None] = {"reading": None, "done": None}
-
-        def select(name: str) -> bool:  # called by the tar iterator before it reads a member's data
-            where["reading"] = name
-            return True
+        where: dict[str, str | None] = {"reading": None, "done": None, "end": None}
 
         def files() -> Iterator[dict]:
-            for entry in tar_file_iterator(stream, handler=reraise_exception, select_files=select):
-                where["done"] = entry["fname"]
+            for entry in _tar_members(raw, where):
                 entry["__url__"] = url
                 yield entry
 
@@ -242,53 +310,89 @@ class _Stream:
                 for sample in group_by_keys(files(), handler=reraise_exception):
                     count, last_key = count + 1, sample["__key__"]
                     yield sample
-                # Plain tars: a header cut short reads as the end of the archive, so check the end.
-                complete = not url.endswith(".tar") or stream.complete()
             except Exception as err:
                 member = where["reading"] or where["done"]
                 key = base_plus_ext(member)[0] if member else None
                 position = f"at sample {key!r} (tar member {member!r})" if member else "at its start"
-                cause = str(err).split(" @ ")[0]  # the tar iterator appends the file object's repr
+                n, what = lost(count)
                 report("corrupt_shard", f"shard {url}: corrupt or truncated tar {position}: "
-                       f"{type(err).__name__}: {cause}; the samples from there to the end of the shard are "
-                       f"unreadable", url, key)
+                       f"{type(err).__name__}: {err}; the samples from there to the end of the shard are "
+                       f"unreadable: {what}", url, key, n)
                 return
         finally:
-            stream.close()
-        if not complete:
-            report("corrupt_shard", f"shard {url}: truncated tar: it ends without the end-of-archive blocks, "
-                   f"after sample {last_key!r}; the samples after that one are lost", url, last_key)
+            raw.close()
+        if where["end"] is not None:  # the tar stopped early; the samples read up to there were delivered
+            n, what = lost(count)
+            report("corrupt_shard", f"shard {url}: {where['end']}, after sample {last_key!r} ({count} samples "
+                   f"read); the samples after it are lost: {what}", url, last_key, n)
             return
-        expected = self.expected.get(url)
         if expected is not None and count != expected:
             report("short_shard", f"shard {url}: {count} samples, its manifest lists {expected} (truncated? "
-                   f"last sample key {last_key!r})", url, last_key)
+                   f"last sample key {last_key!r}); lost: {max(expected - count, 0)} samples", url, last_key,
+                   max(expected - count, 0))
 
 
-class _TailReader:
-    """Read-through wrapper that remembers the byte count and the last 512 bytes of a stream.
+def _tar_members(fileobj, where: dict) -> Iterator[dict]:
+    """``{"fname", "data"}`` of the regular members of a tar stream (as WebDataset's ``tar_file_iterator``,
+    metadata ``__*__`` members left out), then a check that the stream ended properly.
 
-    Python's tar reader takes a header cut short, or a missing header, for the end of the archive, so a
-    tar truncated at (or inside) a header would silently lose its remaining samples. A complete plain
-    tar ends with zero blocks and has a size that is a multiple of 512; `complete` checks that.
+    Python's tar reader takes a header cut short, a missing header, a damaged header or a zero block in
+    the middle of the archive for its end, so a shard truncated or overwritten at a member boundary would
+    silently lose its remaining samples. `_StopTarInfo` notes which header ended the members; anything
+    but end-of-archive zero blocks up to the end of the stream is put into ``where["end"]`` (a message),
+    after the last member (so that the sample grouping still delivers the last sample read). ``where
+    ["reading"]`` / ``where["done"]``: the member being read / the last one read (for error messages).
     """
+    tar = tarfile.open(fileobj=fileobj, mode="r|*", tarinfo=_StopTarInfo)
+    for info in tar:
+        name = info.name
+        if not info.isreg() or name is None or _META.match(name) or (
+                "/" not in name and name.startswith("__") and name.endswith("__")):
+            continue
+        where["reading"] = name
+        data = tar.extractfile(info).read()
+        where["done"], where["reading"] = name, None
+        yield {"fname": name, "data": data}
+        tar.members = []
+    stop, offset = getattr(tar, "_mmoe_stop", None), tar.offset
+    if stop == "eof":  # a zero block: the end-of-archive marker, if only zero bytes follow
+        while chunk := tar.fileobj.read(1 << 16):
+            if chunk.strip(b"\0"):
+                where["end"] = (f"tar has a zero block (end-of-archive marker) at byte {offset} followed by "
+                                f"more data (a member header overwritten with zeros?)")
+                break
+    elif stop == "empty":
+        where["end"] = f"truncated tar: it ends at byte {offset} without the end-of-archive blocks"
+    elif stop == "truncated":
+        where["end"] = f"truncated tar: it ends at byte {offset} inside a member header"
+    elif stop is not None:
+        where["end"] = f"corrupt tar: invalid member header at byte {offset} ({stop})"
 
-    def __init__(self, raw) -> None:
-        self.raw, self.total, self.tail = raw, 0, b""
 
-    def read(self, n: int = -1) -> bytes:
-        data = self.raw.read(n)
-        self.total += len(data)
-        self.tail = (self.tail + data)[-512:] if len(data) < 512 else data[-512:]
-        return data
+_META = re.compile(r"__[^/]*__($|/)")
 
-    def complete(self) -> bool:
-        while self.read(1 << 16):
-            pass
-        return self.total % 512 == 0 and self.total >= 1024 and self.tail == bytes(512)
 
-    def close(self) -> None:
-        self.raw.close()
+class _StopTarInfo(tarfile.TarInfo):
+    """`tarfile.TarInfo` that notes on the tar file (``_mmoe_stop``) why a header could not be read:
+    ``"eof"`` (a zero block), ``"empty"`` (end of the stream), ``"truncated"`` or the invalid header's
+    reason. The tar reader itself treats all of these after the first member as the end of the archive."""
+
+    @classmethod
+    def fromtarfile(cls, tar):
+        try:
+            return super().fromtarfile(tar)
+        except tarfile.EOFHeaderError:
+            tar._mmoe_stop = "eof"
+            raise
+        except tarfile.EmptyHeaderError:
+            tar._mmoe_stop = "empty"
+            raise
+        except tarfile.TruncatedHeaderError:
+            tar._mmoe_stop = "truncated"
+            raise
+        except tarfile.HeaderError as err:
+            tar._mmoe_stop = f"{type(err).__name__}: {err}"
+            raise
 
 
 class _WorkerDataset(IterableDataset):
@@ -308,8 +412,9 @@ class ShardLoader:
     """Iterate batches from WebDataset shards, with exact resume (see the module docstring).
 
     Args:
-        urls: brace pattern, list of shard paths/URLs, a shard directory with ``manifest.json``, or a
-            manifest path (then short shards are noticed against the manifest's counts).
+        urls: brace pattern, glob of local files, list of shard paths/URLs, a shard directory with
+            ``manifest.json``, or a manifest path (see `resolve_urls`). Short shards are noticed against
+            the counts of the manifest, or of a ``manifest.json`` beside the shards that lists them.
         batch_size: samples per batch.
         decode: raw sample (bytes fields, ``__key__``, ``__url__``, ``__seed__``) -> decoded sample;
             exceptions inside are data errors. ``None`` keeps the raw sample.
@@ -324,7 +429,7 @@ class ShardLoader:
         epochs: number of epochs; ``None`` = endless (training), 1 = one pass (evaluation). A finished
             pass resets the loader, so iterating again starts a new pass.
         drop_last: leave out the incomplete last batch of each worker epoch.
-        on_error: ``"fail"`` raises `DataError` at bad data; ``"skip"`` skips, counts and warns.
+        on_error: ``"fail"`` raises `DataError` at bad data; ``"skip"`` skips, counts (`errors`) and warns.
         split: which split of a manifest with several (``"train"``, ``"val"``).
         pin_memory, prefetch_factor: passed to the DataLoader (workers > 0).
 
@@ -396,7 +501,9 @@ class ShardLoader:
     @property
     def errors(self) -> dict[str, int]:
         """Skipped bad data so far, by kind (``missing_shard``, ``corrupt_shard``, ``short_shard``,
-        ``decode``); only kinds that occurred appear."""
+        ``decode``), counted in samples lost: a decode error is one sample, a damaged, missing or short
+        shard with a manifest count is its count minus the samples read from it; a damaged or missing shard
+        without a count adds 1. Only kinds that occurred appear."""
         return dict(self._errors)
 
     @property
@@ -488,7 +595,7 @@ class ShardLoader:
             del items
         self._reset_position()  # a finished pass: the next iteration starts a new one
 
-    def _record_events(self, events: list[tuple[str, str]]) -> None:
-        for kind, message in events:
-            self._errors[kind] += 1
+    def _record_events(self, events: list[tuple[str, str, int | None]]) -> None:
+        for kind, message, lost in events:
+            self._errors[kind] += lost or 1  # samples lost where known; a loss of unknown size counts 1
             warnings.warn(f"skipped bad data ({kind}): {message}", DataWarning, stacklevel=3)
