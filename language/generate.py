@@ -20,6 +20,7 @@ tokenizer whose SHA-256 differs from the recorded one is refused.
 from __future__ import annotations
 
 import argparse
+import sys
 import warnings
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -235,6 +236,11 @@ def run(args: argparse.Namespace) -> int:
         raise CLIError(f"{lm.checkpoint}: the run has no tokenizer (synthetic data); nothing to decode text with")
     if lm.task.kind != "causal":
         raise CLIError(f"{lm.checkpoint}: a masked LM cannot generate text; train a causal_lm")
+    n = len(lm.tokenizer.encode(args.prompt)) + (1 if lm.task.model_cfg.add_bos else 0)
+    window = lm.model.cfg.max_seq_len
+    if n > window:
+        print(f"mmoe generate: warning: the prompt has {n} tokens and the model's context {window}: only its last "
+              f"{window} tokens condition the continuation", file=sys.stderr)
     text = generate(lm.model, lm.tokenizer, args.prompt, args.max_new_tokens, temperature=args.temperature,
                     top_k=args.top_k, top_p=args.top_p, seed=args.seed, add_bos=lm.task.model_cfg.add_bos,
                     use_cache=not getattr(args, "no_cache", False))

@@ -47,6 +47,8 @@ def _load(args):
     from ..errors import CLIError
     from .config import load_train_config
 
+    if os.path.isdir(args.config):
+        raise CLIError(f"{args.config}: is a directory, not a YAML config file (a run's config is RUN/config.yaml)")
     if not os.path.isfile(args.config):
         raise CLIError(f"config file not found: {args.config}")
     return load_train_config(args.config, args.overrides)  # a ConfigError names file:line and key

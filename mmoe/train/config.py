@@ -192,6 +192,20 @@ def check_train_config(cfg: TrainConfig, source: str) -> None:
                         ("data.batch_size", cfg.data.batch_size), ("dist.ep_size", cfg.dist.ep_size)):
         if value < 1:
             raise ConfigError(source, name, f"must be >= 1, got {value}")
+    o = cfg.optim
+    for name, value, ok, rule in (
+            ("optim.lr", o.lr, o.lr > 0, "must be > 0"),
+            ("optim.eps", o.eps, o.eps > 0, "must be > 0"),
+            ("optim.weight_decay", o.weight_decay, o.weight_decay >= 0, "must be >= 0"),
+            ("optim.warmup_steps", o.warmup_steps, o.warmup_steps >= 0, "must be >= 0"),
+            ("optim.router_lr_scale", o.router_lr_scale, o.router_lr_scale >= 0, "must be >= 0"),
+            ("optim.min_lr_ratio", o.min_lr_ratio, 0 <= o.min_lr_ratio <= 1, "must be in [0, 1]"),
+            ("optim.betas", list(o.betas), len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas),
+             "must be two numbers in [0, 1)"),
+            ("train.grad_clip", cfg.train.grad_clip, cfg.train.grad_clip >= 0, "must be >= 0 (0 = off)"),
+            ("train.keep_last", cfg.train.keep_last, cfg.train.keep_last >= 0, "must be >= 0 (0 = keep all)")):
+        if not ok:
+            raise ConfigError(source, name, f"{rule}, got {value}")
     if cfg.data.sources and cfg.data.train:
         raise ConfigError(source, "data.sources", f"give data.train or data.sources, not both (data.train is "
                                                   f"{cfg.data.train!r})")
@@ -245,6 +259,13 @@ def _check_sources(cfg: TrainConfig, source: str) -> None:
 def load_train_config(path, overrides=()) -> TrainConfig:
     from .configfile import load_config
 
+    from .configfile import ConfigError, _Ctx
+
     cfg = load_config(TrainConfig, path, overrides)
-    check_train_config(cfg, str(path))
+    try:
+        check_train_config(cfg, str(path))
+    except ConfigError as e:  # name the file:line (or the override) that set the key
+        if e.origin != str(path) or not e.key:
+            raise
+        raise ConfigError(_Ctx(str(path), getattr(cfg, "_origins", None)).origin(e.key), e.key, e.problem) from None
     return cfg

@@ -518,9 +518,13 @@ def _walk_lines(node: yaml.Node, path: str, where: str, origins: dict[str, str])
 def _read_one(path: Path, where: str) -> tuple[dict, dict[str, str]]:
     """One YAML file (no inheritance) as ``(data, origins)``."""
     try:
+        if path.is_dir():
+            raise ConfigError(where, "", "is a directory, not a YAML config file")
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ConfigError(where, "", "file not found") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(where, "", f"not a YAML text file (byte {e.start} is not UTF-8)") from None
     except OSError as e:
         raise ConfigError(where, "", f"cannot read: {e}") from None
     loader = _Loader(text)

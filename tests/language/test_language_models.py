@@ -409,7 +409,13 @@ def test_generation_from_checkpoint_is_reproducible(trained_run, capsys):
     args = argparse.Namespace(checkpoint=str(trained_run), prompt="The morning", max_new_tokens=20, temperature=0.0,
                               top_k=0, top_p=1.0, seed=0, config=None, tokenizer=None, no_cache=False)
     assert generate_run(args) == 0
-    assert capsys.readouterr().out == "The morning" + greedy + "\n"
+    captured = capsys.readouterr()
+    assert captured.out == "The morning" + greedy + "\n" and "warning" not in captured.err
+    # a prompt longer than the context is said to be cut, in one line
+    args.prompt, args.max_new_tokens = "The morning " * 200, 2
+    assert generate_run(args) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "tokens and the model's context" in err[0] and "only its last" in err[0]
 
 
 def test_lm_tiny_config_is_valid():

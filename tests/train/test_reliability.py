@@ -5,8 +5,8 @@ integrity (every file's SHA-256 and a sealed meta.json, checked on load; a fault
 from __future__ import annotations
 
 import json
-import shutil
 import random
+import shutil
 from pathlib import Path
 
 import pytest
@@ -177,3 +177,37 @@ def test_resume_falls_back_past_a_damaged_checkpoint_and_eval_names_it(tmp_path)
     assert len(fallback) == 2 and "step_0000009" in fallback[1]["message"]
     steps = [r["step"] for r in read_jsonl(run / "metrics.jsonl") if "loss" in r]
     assert steps[-4:] == [7, 8, 9, 10]
+
+
+@pytest.mark.parametrize("yaml_text,line,problem", [
+    ("optim:\n  lr: -1\n", 3, "optim.lr: must be > 0, got -1.0"),
+    ("optim:\n  betas: [0.9, 1.5]\n", 3, "optim.betas: must be two numbers in [0, 1), got [0.9, 1.5]"),
+    ("optim:\n  min_lr_ratio: 2\n", 3, "optim.min_lr_ratio: must be in [0, 1], got 2.0"),
+    ("train:\n  grad_clip: -0.5\n", 3, "train.grad_clip: must be >= 0 (0 = off), got -0.5"),
+    ("optim:\n  weight_decay: -0.1\n", 3, "optim.weight_decay: must be >= 0, got -0.1"),
+])
+def test_bad_optimizer_values_name_the_file_line(tmp_path, yaml_text, line, problem):
+    from mmoe.train.config import load_train_config
+    from mmoe.train.configfile import ConfigError
+
+    f = tmp_path / "bad.yaml"
+    f.write_text("task: digits_mlp\n" + yaml_text)
+    with pytest.raises(ConfigError) as err:
+        load_train_config(f)
+    assert str(err.value) == f"{f}:{line}: {problem}"
+
+
+def test_bad_config_inputs_are_one_line_errors(tmp_path):
+    cfg, _ = _cfg(tmp_path)
+    binary = tmp_path / "weights.yaml"
+    binary.write_bytes(b"task: x\n\xff\xfe\x00garbage")
+    cases = [
+        ([str(cfg), "optim.lr=-1"], "command line: override 'optim.lr=-1': optim.lr: must be > 0, got -1.0"),
+        ([str(tmp_path)], f"{tmp_path}: is a directory, not a YAML config file"),
+        ([str(binary)], f"{binary}: not a YAML text file (byte 8 is not UTF-8)"),
+    ]
+    for args, message in cases:
+        p = run_mmoe(["train", *args], check=False)
+        lines = p.stderr.strip().splitlines()
+        assert p.returncode == 2 and len(lines) == 1 and "Traceback" not in p.stderr, p.stderr[-2000:]
+        assert message in lines[0]
