@@ -34,7 +34,6 @@ import os
 import random
 import re
 import shutil
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -228,23 +227,21 @@ def list_checkpoints(root: str | Path) -> list[Path]:
 
 
 def _pointer(root: Path) -> Path | None:
-    """The folder ``root/latest`` names; None without a pointer or when it names no checkpoint folder (say, the
-    newest checkpoint was deleted to roll back): then a one-line warning, and the newest complete one is used."""
+    """The folder ``root/latest`` names; None without a pointer; `CheckpointError` when it names nothing."""
     f = root / "latest"
     if not f.is_file():
         return None
     name = f.read_text().strip()
     target = root / name
     if not STEP_RE.match(name) or not target.is_dir():
-        warnings.warn(f"{f}: points at {name!r}, which is not a checkpoint folder there; using the newest "
-                      "complete checkpoint instead", stacklevel=3)
-        return None
+        raise CheckpointError(f"{f}: points at {name!r}, which is not a checkpoint folder there (delete the "
+                              "pointer to use the newest complete checkpoint)")
     return target
 
 
 def find_latest(root: str | Path) -> Path | None:
-    """The checkpoint ``root/latest`` points at, else (no pointer, or a stale one: a warning) the newest
-    complete one (incomplete or damaged ones are passed over); None when there is none."""
+    """The checkpoint ``root/latest`` points at (it must exist), else the newest complete one (incomplete or
+    damaged ones are passed over); None when there is none."""
     root = Path(root)
     target = _pointer(root)
     if target is not None:

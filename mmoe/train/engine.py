@@ -335,14 +335,7 @@ class Trainer:
             ckpt_lib.verify_checkpoint(path)
         else:
             path = None
-            import warnings
-
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                candidates = ckpt_lib.checkpoint_candidates(self.ckpt_dir)
-            for w in caught:  # a stale latest pointer
-                self._note("checkpoint_fallback", str(w.message))
-            for cand in candidates:
+            for cand in ckpt_lib.checkpoint_candidates(self.ckpt_dir):
                 try:
                     ckpt_lib.verify_checkpoint(cand)
                 except ckpt_lib.CheckpointError as err:

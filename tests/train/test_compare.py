@@ -269,7 +269,8 @@ def test_interrupted_run_resumes_and_plot_only(compared, tmp_path, capsys):
     out = tmp_path / "out"
     shutil.copytree(out0, out)
     victim = out / "mh" / "seed1"
-    shutil.rmtree(victim / "checkpoints" / "step_0000004")  # killed after the checkpoint of step 2
+    shutil.rmtree(victim / "checkpoints" / "step_0000004")  # killed after the checkpoint of step 2: its
+    (victim / "checkpoints" / "latest").write_text("step_0000002")  # pointer was the last thing written
     for name in ("metrics.jsonl", "routing.jsonl", "events.jsonl"):
         truncate_after(victim / name, 2)
     before = _snapshot(out)

@@ -101,12 +101,10 @@ def test_keep_last_never_deletes_the_new_checkpoint_and_latest_is_followed(tmp_p
     (tmp_path / "latest").write_text("step_0000010")
     assert ckpt_lib.find_latest(tmp_path) == new  # the pointer, not the highest step
     (tmp_path / "latest").write_text("step_0000050")
-    with pytest.warns(UserWarning, match="latest: points at 'step_0000050'.*newest complete"):
-        assert ckpt_lib.find_latest(tmp_path).name == "step_0000090"  # a stale pointer: the newest complete one
-    shutil.rmtree(tmp_path / "step_0000090")
-    (tmp_path / "latest").write_text("step_0000090")  # the newest deleted to roll back
-    with pytest.warns(UserWarning, match="step_0000090"):
-        assert ckpt_lib.resolve_checkpoint(tmp_path) == new
+    with pytest.raises(CheckpointError, match="latest: points at 'step_0000050'"):
+        ckpt_lib.find_latest(tmp_path)  # a pointer naming nothing is an error, not a silent choice
+    with pytest.raises(CheckpointError, match="step_0000050"):
+        ckpt_lib.resolve_checkpoint(tmp_path)
 
 
 BASE = """\
@@ -168,13 +166,15 @@ def test_resume_falls_back_past_a_damaged_checkpoint_and_eval_names_it(tmp_path)
     steps = [r["step"] for r in read_jsonl(run / "metrics.jsonl") if "loss" in r]
     assert steps == list(range(1, 10))  # steps 4.. retrained from step 3's checkpoint
     assert ckpt_lib.find_latest(run / "checkpoints").name == "step_0000009"
-    # the newest checkpoint deleted by hand (a roll-back): the stale pointer is said once, step 6 resumes
+    # the newest checkpoint deleted by hand: resume refuses in one line naming the pointer; once the
+    # pointer is deleted as the message says, step 6 resumes
     shutil.rmtree(run / "checkpoints" / "step_0000009")
-    p = run_mmoe(["train", str(cfg), "train.max_steps=10", "--resume"])
-    said = [ln for ln in p.stderr.splitlines() if "points at 'step_0000009'" in ln]
-    assert len(said) == 1 and said[0].startswith("mmoe: warning: "), p.stderr[-2000:]
-    fallback = [e for e in read_jsonl(run / "events.jsonl") if e["kind"] == "checkpoint_fallback"]
-    assert len(fallback) == 2 and "step_0000009" in fallback[1]["message"]
+    p = run_mmoe(["train", str(cfg), "train.max_steps=10", "--resume"], check=False)
+    lines = p.stderr.strip().splitlines()
+    assert p.returncode == 2 and len(lines) == 1 and "Traceback" not in p.stderr, p.stderr[-2000:]
+    assert "latest: points at 'step_0000009'" in lines[0] and "delete the pointer" in lines[0]
+    (run / "checkpoints" / "latest").unlink()
+    run_mmoe(["train", str(cfg), "train.max_steps=10", "--resume"])
     steps = [r["step"] for r in read_jsonl(run / "metrics.jsonl") if "loss" in r]
     assert steps[-4:] == [7, 8, 9, 10]
 
