@@ -101,8 +101,11 @@ def resolve_urls(urls: str | os.PathLike | Sequence[str], split: str | None = No
             return result, manifest.sample_counts()
         if split is not None:
             raise ValueError(f"split={split!r} needs a shard directory or manifest, got {str(urls)!r}")
+        text = str(urls)
+        if _is_local(text) and not glob.has_magic(text) and "{" not in text and not os.path.exists(text):
+            raise ValueError(f"no such shard file or directory: {text}")
         result = []
-        for url in expand_urls(str(urls)):
+        for url in expand_urls(text):
             if _is_local(url) and glob.has_magic(url) and not os.path.exists(url):
                 matches = sorted(glob.glob(url))
                 if not matches:

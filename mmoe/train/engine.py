@@ -217,6 +217,8 @@ class Trainer:
         self.step = 0
         self.source: int | None = None  # index in data.sources of the latest training micro-batch
         self.train_loader = self._make_loader(train=True) if train else None
+        if train:
+            self._check_val_data()
         self.logger = None
         self._pending_events: list[tuple[int, str, str]] = []  # (step, kind, message) before the logger exists
         if train:
@@ -273,6 +275,22 @@ class Trainer:
                              split=d.train_split if train else d.val_split, train=train, seed=self.cfg.run.seed,
                              decode=self.task.decode if train else self.task.decode_eval,
                              what="data.train" if train else ("--split" if split else "data.val"))
+
+    def _check_val_data(self) -> None:
+        """Resolve the validation shards before training starts, so that a wrong ``data.val`` or
+        ``data.val_split`` is said now rather than after the first ``eval_every`` steps."""
+        from ..data import resolve_urls
+
+        d = self.cfg.data
+        checks = [(f"data.val_sources[{i}]", s.path, s.split) for i, s in enumerate(d.val_sources)]
+        if not checks and d.val and d.val != "synthetic":
+            checks = [("data.val", d.val, d.val_split)]
+        for what, urls, split in checks:
+            where = Path(str(urls))
+            try:
+                resolve_urls(urls, split if (where.is_dir() or where.suffix == ".json") else None)
+            except ValueError as err:
+                raise TrainingError(f"{what} ({urls}): {err}") from None
 
     def _next_batch(self, it) -> Any:
         """The next training micro-batch on this device. From ``data.sources``: records the source in
@@ -568,6 +586,11 @@ class Trainer:
                 last = SourcedBatch(last, source, label)
             ev.process(last, ev.run(engine, last))
             i += 1
+        errors = getattr(loader, "errors", None)  # data.on_error=skip: logged like training skips
+        if errors and self.logger is not None:
+            what = f"data.val_sources[{source}]" if source is not None else "validation"
+            self.logger.event(self.step, "val_data_skipped", f"{what}: skipped on rank {self.rank}: {dict(errors)} "
+                              "(the metrics leave these samples out)", echo=False, **errors)
 
 
 def _safe_float(x) -> float:

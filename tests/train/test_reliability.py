@@ -211,3 +211,37 @@ def test_bad_config_inputs_are_one_line_errors(tmp_path):
         lines = p.stderr.strip().splitlines()
         assert p.returncode == 2 and len(lines) == 1 and "Traceback" not in p.stderr, p.stderr[-2000:]
         assert message in lines[0]
+
+
+SHARD_RUN = """\
+task: digits_mlp
+model: {dim: 16, depth: 2, moe: {num_experts: 4, top_k: 2, expert_hidden: 16}}
+data: {train: DATA, train_split: train, val: DATA, val_split: val, batch_size: 32, shuffle_buffer: 0,
+       num_workers: 0, on_error: skip}
+optim: {lr: 3.0e-3, warmup_steps: 1}
+train: {max_steps: 4, log_every: 1, stats_every: 0, save_every: 2, eval_every: 2, progress: false}
+run: {dir: RUN, tensorboard: false}
+"""
+
+
+def test_data_mistakes_are_said_before_training_and_validation_skips_are_logged(tmp_path):
+    from vision.digits import write_digits_shards
+
+    data = tmp_path / "data"
+    write_digits_shards(data, samples_per_shard=100)
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(SHARD_RUN.replace("DATA", str(data)).replace("RUN", str(tmp_path / "run")))
+    for override, message in (("data.val_split=vall", f"data.val ({data}): {data / 'manifest.json'} has no split 'vall'"),
+                              (f"data.train={tmp_path / 'nothere'}",
+                               f"no such shard file or directory: {tmp_path / 'nothere'}")):
+        p = run_mmoe(["train", str(cfg), override], check=False)
+        lines = p.stderr.strip().splitlines()
+        assert p.returncode == 2 and len(lines) == 1 and message in lines[0], p.stderr[-2000:]
+        assert not (tmp_path / "run" / "checkpoints").exists()  # said before the first step, nothing trained
+    victim = sorted(data.glob("val-*.tar"))[0]
+    blob = victim.read_bytes()
+    victim.write_bytes(blob[: len(blob) // 2])
+    run_mmoe(["train", str(cfg)])
+    skipped = [e for e in read_jsonl(tmp_path / "run" / "events.jsonl") if e["kind"] == "val_data_skipped"]
+    assert [e["step"] for e in skipped] == [2, 4]  # every validation pass that lost samples
+    assert "corrupt_shard" in skipped[0]["message"] and skipped[0]["corrupt_shard"] > 0
