@@ -140,10 +140,15 @@ def save_checkpoint(root: str | Path, step: int, *, model: nn.Module, optimizer=
                 "has_experts": bool(experts), **(meta or {})}
         _write_atomic(tmp / "meta.json", _sealed_meta(info))
         _fsync_dir(tmp)
-        if final.exists():
-            shutil.rmtree(final)
+        replaced = None
+        if final.exists():  # a step saved again (after a resume from an older checkpoint): swap by two renames,
+            replaced = final.with_name(f".replaced-{final.name}-{os.getpid()}")  # so a kill leaves no real gap
+            shutil.rmtree(replaced, ignore_errors=True)
+            os.rename(final, replaced)
         os.rename(tmp, final)
         _fsync_dir(root)
+        if replaced is not None:
+            shutil.rmtree(replaced, ignore_errors=True)
         _write_atomic(root / "latest", final.name.encode())
         if keep_last:  # the newest keep_last, this one always among them
             older = [c for c in list_checkpoints(root) if c != final]

@@ -165,6 +165,8 @@ def test_resume_falls_back_past_a_damaged_checkpoint_and_eval_names_it(tmp_path)
     assert len(fallback) == 1 and "experts-ep0-of1.safetensors: damaged" in fallback[0]["message"]
     steps = [r["step"] for r in read_jsonl(run / "metrics.jsonl") if "loss" in r]
     assert steps == list(range(1, 10))  # steps 4.. retrained from step 3's checkpoint
+    assert ckpt_lib.verify_checkpoint(run / "checkpoints" / "step_0000006")  # saved again, swapped in whole
+    assert not list((run / "checkpoints").glob(".replaced-*"))
     assert ckpt_lib.find_latest(run / "checkpoints").name == "step_0000009"
     # the newest checkpoint deleted by hand: resume refuses in one line naming the pointer; once the
     # pointer is deleted as the message says, step 6 resumes
