@@ -183,15 +183,18 @@ class TrainConfig:
 
 
 def check_train_config(cfg: TrainConfig, source: str) -> None:
-    """Checks across fields that the dataclass types cannot express; errors name ``source`` and the key."""
-    from .configfile import ConfigError
+    """Checks across fields that the dataclass types cannot express; errors name the key and the ``file:line``
+    (or override) that set it, from the origins `load_config` leaves on ``cfg``, else ``source``."""
+    from .configfile import _Ctx
+
+    err = _Ctx(source, getattr(cfg, "_origins", None)).error
 
     if not cfg.task:
-        raise ConfigError(source, "task", "required (one of the registered tasks)")
+        raise err("task", "required (one of the registered tasks)")
     for name, value in (("train.max_steps", cfg.train.max_steps), ("train.grad_accum", cfg.train.grad_accum),
                         ("data.batch_size", cfg.data.batch_size), ("dist.ep_size", cfg.dist.ep_size)):
         if value < 1:
-            raise ConfigError(source, name, f"must be >= 1, got {value}")
+            raise err(name, f"must be >= 1, got {value}")
     o = cfg.optim
     for name, value, ok, rule in (
             ("optim.lr", o.lr, o.lr > 0, "must be > 0"),
@@ -205,67 +208,58 @@ def check_train_config(cfg: TrainConfig, source: str) -> None:
             ("train.grad_clip", cfg.train.grad_clip, cfg.train.grad_clip >= 0, "must be >= 0 (0 = off)"),
             ("train.keep_last", cfg.train.keep_last, cfg.train.keep_last >= 0, "must be >= 0 (0 = keep all)")):
         if not ok:
-            raise ConfigError(source, name, f"{rule}, got {value}")
+            raise err(name, f"{rule}, got {value}")
     if cfg.data.sources and cfg.data.train:
-        raise ConfigError(source, "data.sources", f"give data.train or data.sources, not both (data.train is "
-                                                  f"{cfg.data.train!r})")
+        raise err("data.sources", f"give data.train or data.sources, not both (data.train is "
+                                  f"{cfg.data.train!r})")
     if cfg.data.sources and cfg.data.train_split is not None:
-        raise ConfigError(source, "data.train_split", "with data.sources each source sets its own split "
-                                                      "(data.sources[i].split)")
-    _check_sources(cfg, source)
+        raise err("data.train_split", "with data.sources each source sets its own split "
+                                      "(data.sources[i].split)")
+    _check_sources(cfg, err)
     if cfg.data.val == "synthetic" and cfg.train.eval_batches is None:
-        raise ConfigError(source, "train.eval_batches", "data.val: synthetic is endless: set train.eval_batches")
+        raise err("train.eval_batches", "data.val: synthetic is endless: set train.eval_batches")
 
 
-def _check_sources(cfg: TrainConfig, source: str) -> None:
-    from .configfile import ConfigError
-
+def _check_sources(cfg: TrainConfig, err) -> None:
     d = cfg.data
     if d.mix == "all":
         if not d.sources:
-            raise ConfigError(source, "data.mix", "'all' takes one batch of every data.sources entry: give "
-                                                  "data.sources (with a task label each)")
+            raise err("data.mix", "'all' takes one batch of every data.sources entry: give "
+                                  "data.sources (with a task label each)")
         for i, s in enumerate(d.sources):
             if s.task is None:
-                raise ConfigError(source, f"data.sources[{i}].task", "data.mix: all needs a task label on every "
-                                                                    "source (the key of its batch)")
+                raise err(f"data.sources[{i}].task", "data.mix: all needs a task label on every "
+                                                    "source (the key of its batch)")
             if s.weight != 1.0:
-                raise ConfigError(source, f"data.sources[{i}].weight", "unused with data.mix: all (every "
-                                                                      "micro-batch takes every source); remove it")
+                raise err(f"data.sources[{i}].weight", "unused with data.mix: all (every "
+                                                      "micro-batch takes every source); remove it")
     labels = [s.task for s in d.sources if s.task is not None]
     if d.mix == "all" and len(set(labels)) != len(labels):
-        raise ConfigError(source, "data.sources", f"task labels must be distinct with data.mix: all, got {labels}")
+        raise err("data.sources", f"task labels must be distinct with data.mix: all, got {labels}")
     if d.val_sources:
         if d.val:
-            raise ConfigError(source, "data.val_sources", f"give data.val or data.val_sources, not both "
-                                                          f"(data.val is {d.val!r})")
+            raise err("data.val_sources", f"give data.val or data.val_sources, not both "
+                                          f"(data.val is {d.val!r})")
         if d.val_split is not None:
-            raise ConfigError(source, "data.val_split", "with data.val_sources each source sets its own split")
+            raise err("data.val_split", "with data.val_sources each source sets its own split")
         seen: set[str] = set()
         for i, s in enumerate(d.val_sources):
             if s.task is None:
-                raise ConfigError(source, f"data.val_sources[{i}].task", "required: the task this validation "
-                                                                        "set belongs to")
+                raise err(f"data.val_sources[{i}].task", "required: the task this validation "
+                                                        "set belongs to")
             if s.task in seen:
-                raise ConfigError(source, f"data.val_sources[{i}].task", f"{s.task!r} given twice")
+                raise err(f"data.val_sources[{i}].task", f"{s.task!r} given twice")
             seen.add(s.task)
             if s.weight != 1.0:
-                raise ConfigError(source, f"data.val_sources[{i}].weight", "unused for validation; remove it")
+                raise err(f"data.val_sources[{i}].weight", "unused for validation; remove it")
             if s.path == "synthetic":
-                raise ConfigError(source, f"data.val_sources[{i}].path", "synthetic data is not supported as a "
-                                                                        "validation source (use data.val)")
+                raise err(f"data.val_sources[{i}].path", "synthetic data is not supported as a "
+                                                        "validation source (use data.val)")
 
 
 def load_train_config(path, overrides=()) -> TrainConfig:
     from .configfile import load_config
 
-    from .configfile import ConfigError, _Ctx
-
     cfg = load_config(TrainConfig, path, overrides)
-    try:
-        check_train_config(cfg, str(path))
-    except ConfigError as e:  # name the file:line (or the override) that set the key
-        if e.origin != str(path) or not e.key:
-            raise
-        raise ConfigError(_Ctx(str(path), getattr(cfg, "_origins", None)).origin(e.key), e.key, e.problem) from None
+    check_train_config(cfg, str(path))
     return cfg

@@ -78,6 +78,12 @@ class SyntheticLoader:
         self.step = int(state["step"])
 
 
+def _manifest_split(urls, split: str | None) -> str | None:
+    """``split`` where ``urls`` is a shard directory or manifest (the only inputs with splits), else None."""
+    where = Path(str(urls))
+    return split if where.is_dir() or where.suffix == ".json" else None
+
+
 def _shard_loader(cfg: TrainConfig, task: Task, rank: int, world: int, urls: str, *, split: str | None,
                   train: bool, seed: int, decode, batch_size: int | None = None, what: str = "data"):
     """A `ShardLoader` over ``urls`` (``split`` applies to a shard directory or manifest): endless and shuffled
@@ -86,12 +92,10 @@ def _shard_loader(cfg: TrainConfig, task: Task, rank: int, world: int, urls: str
     from ..data import ShardLoader
 
     d = cfg.data
-    where = Path(str(urls))
-    use_split = where.is_dir() or where.suffix == ".json"
     if batch_size is None:
         batch_size = d.batch_size if train else (d.eval_batch_size or d.batch_size)
     try:
-        return ShardLoader(urls, split=split if use_split else None, batch_size=batch_size,
+        return ShardLoader(urls, split=_manifest_split(urls, split), batch_size=batch_size,
                            decode=decode, collate=task.collate,
                            shuffle_buffer=d.shuffle_buffer if train else 0, seed=seed,
                            rank=rank, world_size=world, num_workers=d.num_workers,
@@ -286,9 +290,8 @@ class Trainer:
         if not checks and d.val and d.val != "synthetic":
             checks = [("data.val", d.val, d.val_split)]
         for what, urls, split in checks:
-            where = Path(str(urls))
             try:
-                resolve_urls(urls, split if (where.is_dir() or where.suffix == ".json") else None)
+                resolve_urls(urls, _manifest_split(urls, split))
             except ValueError as err:
                 raise TrainingError(f"{what} ({urls}): {err}") from None
 

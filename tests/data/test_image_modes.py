@@ -1,10 +1,9 @@
 """Every PIL image mode decodes to RGB with its range scaled, not clipped (`mmoe.data.decode.to_rgb`, used by
-`decode_image`), and ``mmoe predict`` on a file that is not an image: one error line, the others predicted."""
+`decode_image`); ``mmoe predict`` on such files is tested in tests/vision/test_vision.py."""
 
 from __future__ import annotations
 
 import io
-import json
 
 import numpy as np
 import pytest
@@ -12,8 +11,6 @@ from PIL import Image
 
 from mmoe.data import decode_image
 from mmoe.data.decode import to_rgb
-
-from tests.helpers import run_mmoe
 
 WHITE, RED, GREEN, BLUE = (255, 255, 255), (255, 0, 0), (0, 255, 0), (0, 0, 255)
 
@@ -219,49 +216,3 @@ def test_other_modes_still_decode_as_asked():
     assert decode_image({"png": encoded(rgba, "PNG")}, mode="RGBA").getpixel((0, 0)) == (1, 2, 3, 40)
     la = array_image(np.array([[[9, 0]]], np.uint8), "LA")
     assert decode_image({"png": encoded(la, "PNG")}, mode="L").getpixel((0, 0)) == 255  # on white
-
-
-# ------------------------------------------------------------------------------------------------ mmoe predict
-
-CONFIG = """\
-task: image_classification
-model:
-  arch: vit_moe_tiny_patch16_224
-  num_classes: 10
-  img_size: 16
-  in_chans: 1
-  kwargs: {{patch_size: 4, embed_dim: 16, depth: 1, num_heads: 2}}
-  moe: {{num_experts: 2, top_k: 1}}
-task_options: {{scale: [1.0, 1.0], hflip: 0.0, color_jitter: 0.0, crop_pct: 1.0}}
-data: {{train: {data}, train_split: train, batch_size: 8, shuffle_buffer: 0}}
-optim: {{lr: 1.0e-3, warmup_steps: 0}}
-train: {{max_steps: 2, log_every: 1, save_every: 0, stats_every: 0, progress: false}}
-run: {{dir: {run}}}
-"""
-
-
-def test_predict_reports_a_bad_file_and_predicts_the_others(tmp_path):
-    from vision.digits import digits_samples, write_digits_shards
-
-    write_digits_shards(tmp_path / "shards", samples_per_shard=2000, val_fraction=0.1)
-    cfg = tmp_path / "run.yaml"
-    cfg.write_text(CONFIG.format(data=tmp_path / "shards", run=tmp_path / "run"))
-    run_mmoe(["train", str(cfg)])
-    good = tmp_path / "good.png"
-    good.write_bytes(digits_samples()[0]["png"])
-    deep = tmp_path / "deep.png"  # a 16-bit PNG: read, not refused
-    array_image((ramp8() * 257).astype(np.uint16).repeat(16, 0)[:, :16], "I;16").save(deep)
-    bad = tmp_path / "notes.png"
-    bad.write_text("this is not an image\n")
-    missing = tmp_path / "missing.png"
-    p = run_mmoe(["predict", str(tmp_path / "run"), str(good), str(bad), str(missing), str(deep), "--topk", "2",
-                  "--json"], check=False)
-    assert p.returncode == 2, p.stderr[-3000:]
-    assert "Traceback" not in p.stderr
-    errors = [line for line in p.stderr.splitlines() if str(bad) in line]
-    assert len(errors) == 1 and errors[0].startswith(f"mmoe predict: {bad}: not a readable image ("), p.stderr
-    assert f"mmoe predict: {missing}: no such image file" in p.stderr.splitlines()
-    assert str(good) not in p.stderr and str(deep) not in p.stderr
-    out = [json.loads(line) for line in p.stdout.splitlines() if line.startswith("{")]
-    assert [r["image"] for r in out] == [str(good), str(deep)]  # the good images are still predicted
-    assert all(len(r["top"]) == 2 for r in out)

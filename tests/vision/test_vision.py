@@ -377,6 +377,33 @@ def test_predict_matches_the_model(trained, digits, tmp_path):
     Image.open(files[0])  # the files are real images
 
 
+def test_predict_reports_a_bad_file_and_predicts_the_others(trained, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from vision.digits import digits_samples
+
+    run, _ = trained
+    good = tmp_path / "good.png"
+    good.write_bytes(digits_samples()[0]["png"])
+    deep = tmp_path / "deep.png"  # a 16-bit PNG: read, not refused
+    Image.fromarray((np.arange(256).reshape(1, 256) * 257).astype(np.uint16).repeat(16, 0)[:, :16]).save(deep)
+    bad = tmp_path / "notes.png"
+    bad.write_text("this is not an image\n")
+    missing = tmp_path / "missing.png"
+    p = run_mmoe(["predict", str(run), str(good), str(bad), str(missing), str(deep), "--topk", "2",
+                  "--json"], check=False)
+    assert p.returncode == 2, p.stderr[-3000:]
+    assert "Traceback" not in p.stderr
+    errors = [line for line in p.stderr.splitlines() if str(bad) in line]
+    assert len(errors) == 1 and errors[0].startswith(f"mmoe predict: {bad}: not a readable image ("), p.stderr
+    assert f"mmoe predict: {missing}: no such image file" in p.stderr.splitlines()
+    assert str(good) not in p.stderr and str(deep) not in p.stderr
+    out = [json.loads(line) for line in p.stdout.splitlines() if line.startswith("{")]
+    assert [r["image"] for r in out] == [str(good), str(deep)]  # the good images are still predicted
+    assert all(len(r["top"]) == 2 for r in out)
+
+
 def test_resume_with_ema_and_augmentation_is_exact(digits, tmp_path):
     import shutil
 
