@@ -6,6 +6,9 @@ Layout of one checkpoint (``<run>/checkpoints/step_0000100/``)::
     experts-ep0-of2.safetensors    expert parameters held by expert-parallel rank 0 (dim 0 = its experts)
     experts-ep1-of2.safetensors    ... one file per expert-parallel rank
     optim-rank0.pt, optim-rank1.pt optimizer state of each rank (ZeRO partitions are per rank)
+    optim-dense.safetensors        the same state as whole tensors (AdamW moments and step per parameter name,
+    optim-experts-ep0-of2.safetensors  experts by expert-parallel rank): what a resume under another world size,
+                                   EP size or ZeRO stage reads (`load_portable_optimizer`)
     rank0.pt, rank1.pt             RNG states, data position of each rank
     meta.json                      written last: step, world/EP sizes, ZeRO stage, scheduler, task state,
                                    and the size and SHA-256 of every file above
@@ -100,11 +103,13 @@ def set_rng_state(state: dict) -> None:
 def save_checkpoint(root: str | Path, step: int, *, model: nn.Module, optimizer=None, rank: int = 0,
                     world_size: int = 1, ep_rank: int = 0, ep_size: int = 1, expert_writer: bool = True,
                     rank_state: dict | None = None, meta: dict | None = None, barrier=None,
-                    keep_last: int | None = None) -> Path:
+                    keep_last: int | None = None, portable_optimizer: bool = True) -> Path:
     """Write checkpoint ``step`` under ``root`` collectively (every rank calls it).
 
     ``expert_writer``: this rank writes its experts' file (one rank per expert-parallel position).
     ``barrier``: callable synchronising the ranks (None for one process).
+    ``portable_optimizer``: also write the optimizer state as whole tensors by parameter name
+    (`mmoe.train.deepspeed.full_optimizer_state`, a collective under ZeRO), for a resume on another layout.
     """
     from safetensors.torch import save_file
 
@@ -119,17 +124,38 @@ def save_checkpoint(root: str | Path, step: int, *, model: nn.Module, optimizer=
         barrier()
     experts = _expert_param_names(model)
     state = model.state_dict()
+    mine: list[Path] = []  # the files this rank writes (it syncs those alone: another rank's may be mid-write)
+
+    def save_tensors(tensors: dict, name: str, metadata: dict) -> None:
+        save_file(tensors, str(tmp / name), metadata=metadata)
+        mine.append(tmp / name)
+
+    def save_object(obj: Any, name: str) -> None:
+        torch.save(obj, tmp / name)
+        mine.append(tmp / name)
+
     if rank == 0:
         dense = {k: v.detach().cpu().contiguous() for k, v in state.items() if k not in experts}
-        save_file(dense, str(tmp / "model.safetensors"), metadata={"format": "mmoe"})
+        save_tensors(dense, "model.safetensors", {"format": "mmoe"})
+    shard_meta = {"ep_rank": str(ep_rank), "ep_size": str(ep_size)}
     if expert_writer and experts:
         ex = {k: state[k].detach().cpu().contiguous() for k in experts}
-        save_file(ex, str(tmp / f"experts-ep{ep_rank}-of{ep_size}.safetensors"),
-                  metadata={"ep_rank": str(ep_rank), "ep_size": str(ep_size)})
+        save_tensors(ex, f"experts-ep{ep_rank}-of{ep_size}.safetensors", shard_meta)
     if optimizer is not None:
-        torch.save(optimizer.state_dict(), tmp / f"optim-rank{rank}.pt")
-    torch.save({"rng": rng_state(), **(rank_state or {})}, tmp / f"rank{rank}.pt")
-    for f in tmp.iterdir():
+        save_object(optimizer.state_dict(), f"optim-rank{rank}.pt")
+        if portable_optimizer:
+            from .deepspeed import full_optimizer_state
+
+            whole = full_optimizer_state(optimizer, list(model.named_parameters()))
+            is_expert = {k: k.rsplit("/", 1)[0] in experts for k in whole}
+            if rank == 0:
+                save_tensors({k: v.contiguous() for k, v in whole.items() if not is_expert[k]},
+                             "optim-dense.safetensors", {"format": "mmoe"})
+            if expert_writer and experts:
+                save_tensors({k: v.contiguous() for k, v in whole.items() if is_expert[k]},
+                             f"optim-experts-ep{ep_rank}-of{ep_size}.safetensors", shard_meta)
+    save_object({"rng": rng_state(), **(rank_state or {})}, f"rank{rank}.pt")
+    for f in mine:
         with open(f, "rb") as fh:
             os.fsync(fh.fileno())
     if barrier:
@@ -330,6 +356,58 @@ def load_rank_state(ckpt: str | Path, rank: int) -> dict[str, Any]:
     if not f.is_file():
         raise CheckpointError(f"{ckpt}: no state for rank {rank} ({f.name}); saved with another world size?")
     return torch.load(f, weights_only=False)
+
+
+def has_portable_optimizer(ckpt: str | Path) -> bool:
+    """Whether the checkpoint carries the optimizer state by parameter name (written since portable resume)."""
+    return (Path(ckpt) / "optim-dense.safetensors").is_file()
+
+
+def portable_optimizer_state(ckpt: str | Path) -> dict[str, Tensor]:
+    """The whole optimizer state of a checkpoint by ``<parameter>/<key>`` (experts concatenated to
+    ``[E, ...]``; their ``/step`` is one value), from ``optim-dense`` and ``optim-experts-*`` files."""
+    from safetensors.torch import load_file
+
+    ckpt = Path(ckpt)
+    meta = read_meta(ckpt)
+
+    def load(f: Path) -> dict[str, Tensor]:
+        try:
+            return load_file(str(f))
+        except Exception as err:
+            raise CheckpointError(f"{f}: unreadable ({err})") from None
+
+    state = load(ckpt / "optim-dense.safetensors")
+    if meta.get("has_experts"):
+        P = int(meta["ep_size"])
+        files = [ckpt / f"optim-experts-ep{p}-of{P}.safetensors" for p in range(P)]
+        for f in files:
+            if not f.is_file():
+                raise CheckpointError(f"{ckpt}: expert optimizer shard {f.name} is missing")
+        shards = [load(f) for f in files]
+        for k in shards[0]:
+            state[k] = shards[0][k] if k.endswith("/step") else torch.cat([s[k] for s in shards], 0)
+    return state
+
+
+def load_portable_optimizer(optimizer, model: nn.Module, ckpt: str | Path, *, ep_rank: int = 0,
+                            ep_size: int = 1) -> list[str]:
+    """Restore the optimizer of ``model`` (experts sharded ``ep_rank`` of ``ep_size``, any ZeRO stage) from the
+    checkpoint's whole-tensor state, whatever world size, EP size and ZeRO stage wrote it; also sets ZeRO's
+    fp32 master weights from the model's (load the weights first). Returns the parameters without saved state."""
+    from .deepspeed import set_full_optimizer_state
+
+    state = portable_optimizer_state(ckpt)
+    experts = _expert_param_names(model)
+    for k in list(state):
+        name = k.rsplit("/", 1)[0]
+        if name in experts and not k.endswith("/step"):
+            full = state[k]
+            if full.shape[0] % ep_size:
+                raise CheckpointError(f"{ckpt}: {name} has {full.shape[0]} experts, not divisible by ep_size={ep_size}")
+            El = full.shape[0] // ep_size
+            state[k] = full[ep_rank * El:(ep_rank + 1) * El]
+    return set_full_optimizer_state(optimizer, list(model.named_parameters()), state)
 
 
 def load_optimizer_state(optimizer, ckpt: str | Path, rank: int) -> None:

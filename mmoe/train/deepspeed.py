@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 __all__ = ["init_distributed", "finish", "teach_deepspeed", "expert_groups", "deepspeed_config", "initialize",
-           "moe_layer_class"]
+           "moe_layer_class", "full_optimizer_state", "set_full_optimizer_state", "ADAM_STATE"]
 
 
 def _free_port() -> int:
@@ -110,6 +110,104 @@ def initialize(model, optimizer, scheduler, config: dict):
     engine, opt, _, sched = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                                  config=config, dist_init_required=False)
     return engine, opt, sched
+
+
+# ------------------------------------------------------------------ optimizer state, whole tensors
+ADAM_STATE = ("exp_avg", "exp_avg_sq")
+
+
+def _flat_state(optimizer, p):
+    """``(state dict of the flat fp32 partition holding p's fragment, p's fragment mapping)`` under ZeRO 1/2
+    or DeepSpeed's bf16 optimizer (parameters DeepSpeed gave an ``_hp_mapping``); the mapping is None on a
+    rank that holds no part of ``p``."""
+    m = p._hp_mapping
+    if m is None:
+        return None, None
+    base = optimizer.optimizer
+    flat = base.param_groups[m.param_group_index]["params"][0]
+    return base.state.setdefault(flat, {}), m
+
+
+@torch.no_grad()
+def full_optimizer_state(optimizer, named_params) -> dict[str, torch.Tensor]:
+    """AdamW's state of every parameter as whole tensors, independent of how ZeRO partitions it:
+    ``{name + "/exp_avg": fp32 tensor shaped like the parameter, name + "/exp_avg_sq": ..., name + "/step":
+    [1] tensor}``, plus ``name + "/fp32"`` (the fp32 master weights) for a parameter kept in lower precision.
+    Parameters without state yet are left out.
+
+    Under ZeRO 1/2 (and the bf16 optimizer) each rank holds a fragment of a flat partition (DeepSpeed's
+    ``_hp_mapping``); the fragments are summed over the parameter's data-parallel group (for experts the
+    expert-data-parallel group), so this is a collective: every rank calls it with its parameters in the
+    same order. Under ZeRO 0 it reads ``optimizer.state`` (a torch optimizer) and is local."""
+    out: dict[str, torch.Tensor] = {}
+    for name, p in named_params:
+        if not hasattr(p, "_hp_mapping"):
+            st = optimizer.state.get(p) or {}
+            if st:
+                for key in ADAM_STATE:
+                    out[f"{name}/{key}"] = st[key].detach().float().cpu()
+                out[f"{name}/step"] = torch.tensor([float(st["step"])])
+            continue
+        st, m = _flat_state(optimizer, p)
+        keys = [k for k in ADAM_STATE] + (["fp32"] if p.dtype != torch.float32 else [])
+        bufs = {k: torch.zeros(p.numel(), dtype=torch.float32, device=p.device) for k in keys}
+        step = torch.zeros(2, dtype=torch.float32, device=p.device)  # (step, has state) summed over the group
+        if m is not None:
+            lp, hp = m.lp_fragment_address, m.hp_fragment_address
+            for k in keys:
+                src = m.hp_fragment if k == "fp32" else st.get(k)
+                if src is None:
+                    continue
+                if k != "fp32":
+                    src = src.narrow(0, hp.start, hp.numel)
+                bufs[k].narrow(0, lp.start, lp.numel).copy_(src)
+            if st:
+                step += torch.tensor([float(st["step"]), 1.0], device=p.device)
+        for k in keys:
+            dist.all_reduce(bufs[k], group=p._dp_group)
+        dist.all_reduce(step, group=p._dp_group)
+        if step[1] == 0:
+            continue  # no optimizer step yet
+        for k in keys:
+            out[f"{name}/{k}"] = bufs[k].reshape(p.shape).cpu()
+        out[f"{name}/step"] = torch.tensor([float(step[0] / step[1])])
+    return out
+
+
+@torch.no_grad()
+def set_full_optimizer_state(optimizer, named_params, state: dict[str, torch.Tensor]) -> list[str]:
+    """Write `full_optimizer_state`'s whole tensors into ``optimizer`` (any ZeRO stage, any partitioning):
+    each rank takes its fragment. Under ZeRO 1/2 and bf16 the fp32 master weights are set too: from
+    ``name + "/fp32"`` when saved, else from the parameter itself (so weights loaded into the model after
+    DeepSpeed's set-up are what the next step updates). Returns the names that had no saved state (their
+    moments start at zero, as for a new parameter)."""
+    missing = []
+    for name, p in named_params:
+        has = f"{name}/exp_avg" in state
+        if not has:
+            missing.append(name)
+        if not hasattr(p, "_hp_mapping"):
+            if has:
+                optimizer.state[p] = {"step": torch.tensor(float(state[f"{name}/step"][0])),
+                                      **{k: state[f"{name}/{k}"].to(p.device, p.dtype).clone() for k in ADAM_STATE}}
+            continue
+        master = state.get(f"{name}/fp32")
+        set_fp32 = master if master is not None else p.detach().float()
+        st, m = _flat_state(optimizer, p)
+        if m is None:
+            continue
+        lp, hp = m.lp_fragment_address, m.hp_fragment_address
+        m.hp_fragment.copy_(set_fp32.to(m.hp_fragment.device).flatten().narrow(0, lp.start, lp.numel))
+        if not has:
+            continue
+        flat = optimizer.optimizer.param_groups[m.param_group_index]["params"][0]
+        if not st:
+            st.update({"step": torch.tensor(float(state[f"{name}/step"][0])),
+                       **{k: torch.zeros_like(flat) for k in ADAM_STATE}})
+        for k in ADAM_STATE:
+            st[k].narrow(0, hp.start, hp.numel).copy_(
+                state[f"{name}/{k}"].to(flat.device).flatten().narrow(0, lp.start, lp.numel))
+    return missing
 
 
 def moe_layer_class() -> tuple[type, str]:

@@ -20,6 +20,11 @@ Run folders: a fresh run (no ``resume``) refuses a ``run.dir`` that holds anothe
 (``overwrite=True``, the CLI's ``--overwrite``, moves that run aside to ``<dir>.old-<time>``). A resume
 takes the checkpoint ``latest`` points at; a damaged one (SHA-256 mismatch, missing or short file) is passed
 over for the previous good one, on the console and as a ``checkpoint_fallback`` event in ``events.jsonl``.
+
+Portable resume: under another world size, EP size or ZeRO stage the optimizer state is resharded from the
+checkpoint's whole tensors (`mmoe.train.checkpoint.load_portable_optimizer`) and the data position is kept
+whenever the global batch is unchanged (`mmoe.train.layout`); what starts fresh is said once (a
+``resume_topology`` event).
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ from ..errors import TrainingError
 from ..layer import aux_loss, clear_aux, moe_layers, update_balance_bias
 from . import checkpoint as ckpt_lib
 from . import deepspeed as ds
+from .layout import DataLayout, LayoutLoader, plan as layout_plan, stream_states
 from .optim import lr_lambda, param_groups
 from .sharding import shard_experts
 from .config import TrainConfig
@@ -61,15 +67,16 @@ class SyntheticLoader:
     W ranks with batch B sees exactly the samples of one rank with batch W*B.
     """
 
-    def __init__(self, task: Task, batch_size: int, rank: int, world: int) -> None:
+    def __init__(self, task: Task, batch_size: int, rank: int, world: int, collate=None) -> None:
         self.task, self.B, self.rank, self.world, self.step = task, batch_size, rank, world, 0
+        self.collate = collate or task.collate
         self.errors: dict[str, int] = {}
 
     def __iter__(self):
         while True:
             start = (self.step * self.world + self.rank) * self.B
             self.step += 1
-            yield self.task.collate([self.task.synthetic_example(start + i) for i in range(self.B)])
+            yield self.collate([self.task.synthetic_example(start + i) for i in range(self.B)])
 
     def state_dict(self) -> dict:
         return {"step": self.step}
@@ -85,10 +92,11 @@ def _manifest_split(urls, split: str | None) -> str | None:
 
 
 def _shard_loader(cfg: TrainConfig, task: Task, rank: int, world: int, urls: str, *, split: str | None,
-                  train: bool, seed: int, decode, batch_size: int | None = None, what: str = "data"):
+                  train: bool, seed: int, decode, batch_size: int | None = None, what: str = "data", collate=None):
     """A `ShardLoader` over ``urls`` (``split`` applies to a shard directory or manifest): endless and shuffled
     for training, one ordered pass for evaluation. ``batch_size``: a source's own (default: ``data``'s). A layout
-    the loader refuses (e.g. fewer shards than ranks) is a `TrainingError` naming ``what`` (the config key)."""
+    the loader refuses (e.g. fewer shards than ranks) is a `TrainingError` naming ``what`` (the config key).
+    ``collate``: instead of the task's (``list`` for the virtual streams of `mmoe.train.layout`)."""
     from ..data import ShardLoader
 
     d = cfg.data
@@ -96,7 +104,7 @@ def _shard_loader(cfg: TrainConfig, task: Task, rank: int, world: int, urls: str
         batch_size = d.batch_size if train else (d.eval_batch_size or d.batch_size)
     try:
         return ShardLoader(urls, split=_manifest_split(urls, split), batch_size=batch_size,
-                           decode=decode, collate=task.collate,
+                           decode=decode, collate=collate or task.collate,
                            shuffle_buffer=d.shuffle_buffer if train else 0, seed=seed,
                            rank=rank, world_size=world, num_workers=d.num_workers,
                            resampled=d.resampled if train else False, epochs=None if train else 1,
@@ -127,7 +135,8 @@ class LabelledDecode:
         return self.decode(sample)
 
 
-def _mixed_loader(cfg: TrainConfig, task: Task, rank: int, world: int):
+def _mixed_loader(cfg: TrainConfig, task: Task, rank: int, world: int, *, batch_size: int | None = None,
+                  collate=None):
     """``data.sources``: one endless loader per source (source ``i`` seeded ``run.seed + i``), mixed by weight
     with `mmoe.data.MixedLoader` (the choice seeded by ``run.seed``, the same on every rank), or, with
     ``data.mix: all``, zipped by `mmoe.data.AllLoader` (every micro-batch one batch of each)."""
@@ -137,16 +146,16 @@ def _mixed_loader(cfg: TrainConfig, task: Task, rank: int, world: int):
     labelled = cfg.data.labelled_sources
     loaders = []
     for i, src in enumerate(sources):
-        bs = src.batch_size or cfg.data.batch_size
+        bs = src.batch_size or batch_size or cfg.data.batch_size
         if src.path == "synthetic":
             if not hasattr(task, "synthetic_example"):
                 raise TrainingError(f"data.sources[{i}].path: task {cfg.task!r} has no synthetic data")
-            loaders.append(SyntheticLoader(task, bs, rank, world))
+            loaders.append(SyntheticLoader(task, bs, rank, world, collate=collate))
             continue
         decode = LabelledDecode(task.decode, src.task) if labelled else task.decode
         loaders.append(_shard_loader(cfg, task, rank, world, src.path, split=src.split, train=True,
                                      seed=cfg.run.seed + i, decode=decode, batch_size=bs,
-                                     what=f"data.sources[{i}]"))
+                                     what=f"data.sources[{i}]", collate=collate))
     if cfg.data.mix == "all":
         return AllLoader(loaders, [s.task for s in sources])
     return MixedLoader(loaders, [s.weight for s in sources], seed=cfg.run.seed, tasks=[s.task for s in sources])
@@ -221,6 +230,8 @@ class Trainer:
         self.step = 0
         self.source: int | None = None  # index in data.sources of the latest training micro-batch
         self.train_loader = self._make_loader(train=True) if train else None
+        # the data order this run's loaders follow (kept from the first run through resumes on other layouts)
+        self.data_layout = DataLayout(self.world, cfg.data.batch_size, cfg.train.grad_accum)
         if train:
             self._check_val_data()
         self.logger = None
@@ -264,21 +275,26 @@ class Trainer:
         self._pending_events.append((step, kind, message))
 
     # ------------------------------------------------------------------ data
-    def _make_loader(self, train: bool, split: str | None = None):
+    def _make_loader(self, train: bool, split: str | None = None, *, stream: tuple[int, int] | None = None,
+                     batch_size: int | None = None, collate=None):
+        """The training loader (``train``) or an evaluation loader of ``split`` (default ``data.val``).
+        ``stream``: ``(rank, world)`` of a virtual training stream of a saved layout (`mmoe.train.layout`),
+        with that layout's ``batch_size`` and ``collate=list``; default this rank's own."""
         d = self.cfg.data
+        rank, world = stream or (self.rank, self.world)
         if train and d.sources:
-            return _mixed_loader(self.cfg, self.task, self.rank, self.world)
+            return _mixed_loader(self.cfg, self.task, rank, world, batch_size=batch_size, collate=collate)
         urls = d.train if train else (split or d.val)
         if urls == "synthetic":
             if not hasattr(self.task, "synthetic_example"):
                 raise TrainingError(f"data: task {self.cfg.task!r} has no synthetic data")
-            return SyntheticLoader(self.task, d.batch_size, self.rank, self.world)
+            return SyntheticLoader(self.task, batch_size or d.batch_size, rank, world, collate=collate)
         if not urls:
             raise TrainingError("data.train: no training shards given" if train else "data.val: no validation shards given")
-        return _shard_loader(self.cfg, self.task, self.rank, self.world, urls,
+        return _shard_loader(self.cfg, self.task, rank, world, urls,
                              split=d.train_split if train else d.val_split, train=train, seed=self.cfg.run.seed,
-                             decode=self.task.decode if train else self.task.decode_eval,
-                             what="data.train" if train else ("--split" if split else "data.val"))
+                             decode=self.task.decode if train else self.task.decode_eval, batch_size=batch_size,
+                             what="data.train" if train else ("--split" if split else "data.val"), collate=collate)
 
     def _check_val_data(self) -> None:
         """Resolve the validation shards before training starts, so that a wrong ``data.val`` or
@@ -321,7 +337,8 @@ class Trainer:
     def save(self) -> Path:
         meta = {"zero_stage": self.cfg.dist.zero_stage, "scheduler": self.scheduler.state_dict(),
                 "task_state": self.task.state_dict(), "task": self.cfg.task,
-                "ds_global_steps": self.engine.global_steps, "ds_global_samples": self.engine.global_samples}
+                "ds_global_steps": self.engine.global_steps, "ds_global_samples": self.engine.global_samples,
+                "data_layout": self.data_layout.to_dict()}
         rank_state = {"loader": self.train_loader.state_dict() if self.train_loader is not None else None,
                       "task": self.task.rank_state_dict()}
         path = ckpt_lib.save_checkpoint(
@@ -367,34 +384,96 @@ class Trainer:
             if path is None:
                 return False
         meta = self.load_weights(path)
-        same_topology = (meta.get("world_size") == self.world and meta.get("ep_size") == self.cfg.dist.ep_size
+        saved = (f"world_size={meta.get('world_size')}, ep_size={meta.get('ep_size')}, "
+                 f"zero_stage={meta.get('zero_stage')}")
+        now = f"{self.world}/{self.cfg.dist.ep_size}/{self.cfg.dist.zero_stage}"
+        same_world = meta.get("world_size") == self.world
+        same_topology = (same_world and meta.get("ep_size") == self.cfg.dist.ep_size
                          and meta.get("zero_stage") == self.cfg.dist.zero_stage)
+        kept: list[str] = ["weights", "schedule and step"]  # what is restored and what starts fresh, said once
+        fresh: list[str] = []
         if same_topology:
             ckpt_lib.load_optimizer_state(self.optimizer, path, self.rank)
-            rs = ckpt_lib.load_rank_state(path, self.rank)
-            ckpt_lib.set_rng_state(rs["rng"])
-            if rs.get("loader") is not None and self.train_loader is not None:
-                try:
-                    self.train_loader.load_state_dict(rs["loader"])
-                except ValueError as err:  # e.g. data.sources added, removed or reweighted since the save
-                    raise ckpt_lib.CheckpointError(f"{path}: cannot resume the training data position: {err}") from None
-            self.task.load_rank_state_dict(rs.get("task") or {})
         else:
-            import warnings
-
-            msg = (f"{path}: saved with world_size={meta.get('world_size')}, ep_size={meta.get('ep_size')}, "
-                   f"zero_stage={meta.get('zero_stage')}; running with {self.world}/{self.cfg.dist.ep_size}/"
-                   f"{self.cfg.dist.zero_stage}: weights, schedule and step are restored, the optimizer "
-                   "state, RNG and data position start fresh")
-            warnings.warn(msg)
-            self._pending_events.append((int(meta["step"]), "resume_topology", msg))
+            self._load_portable_optimizer(path, kept, fresh)
+        rs = ckpt_lib.load_rank_state(path, self.rank) if same_world else None
+        if rs is not None:
+            ckpt_lib.set_rng_state(rs["rng"])
+        else:
+            fresh.append("the RNG streams (dropout and other per-rank randomness)")
+        if self.train_loader is not None:
+            self._resume_data(path, meta, rs, kept, fresh)
+        if same_world and meta.get("ep_size") == self.cfg.dist.ep_size:
+            self.task.load_rank_state_dict(rs.get("task") or {})
+        elif any(ckpt_lib.load_rank_state(path, 0).get("task") or {}):
+            fresh.append("the task's per-rank state (e.g. the weight EMA)")
+        if not same_topology:
+            msg = f"{path}: saved with {saved}; running with {now}: restored {', '.join(kept)}"
+            msg += ("; starting fresh: " + "; ".join(fresh)) if fresh else ""
+            self._note("resume_topology", msg, int(meta["step"]))
+        elif fresh:
+            self._note("resume_data", f"{path}: starting fresh: {', '.join(fresh)}", int(meta["step"]))
         self.scheduler.load_state_dict(meta["scheduler"])
+        if not same_topology:  # the native optimizer state restores the groups' lr; the portable one does not
+            for g, lr in zip(self.scheduler.optimizer.param_groups, self.scheduler.get_last_lr()):
+                g["lr"] = lr
         self.task.load_state_dict(meta.get("task_state", {}))
         self.step = int(meta["step"])
         self.engine.global_steps = int(meta.get("ds_global_steps", self.step))
         self.engine.global_samples = int(meta.get("ds_global_samples", 0))
         self._resumed_from = path
         return True
+
+    def _load_portable_optimizer(self, path: Path, kept: list[str], fresh: list[str]) -> None:
+        """The optimizer state from the checkpoint's whole tensors, resharded for this EP size and ZeRO stage
+        (`mmoe.train.checkpoint.load_portable_optimizer`); older checkpoints without them start it fresh."""
+        model = self.engine.module
+        if ckpt_lib.has_portable_optimizer(path):
+            missing = ckpt_lib.load_portable_optimizer(self.optimizer, model, path, ep_rank=self.ep_rank,
+                                                       ep_size=self.cfg.dist.ep_size)
+            trained = [n for n, p in model.named_parameters() if p.requires_grad]
+            if missing and len(missing) == len(trained):
+                fresh.append("the optimizer state (none saved)")
+                return
+            kept.append("the optimizer state (resharded)")
+            if missing:
+                fresh.append(f"the optimizer state of {len(missing)} parameter(s) new since the save")
+        else:
+            ds.set_full_optimizer_state(self.optimizer, list(model.named_parameters()), {})  # ZeRO's fp32 copy
+            fresh.append("the optimizer state (the checkpoint predates portable optimizer state)")
+
+    def _resume_data(self, path: Path, meta: dict, rs: dict | None, kept: list[str], fresh: list[str]) -> None:
+        """The training data position: kept whenever the global batch is unchanged (`mmoe.train.layout`),
+        through virtual streams of the saved layout when the world size changed; else started fresh."""
+        saved = DataLayout.from_dict(meta.get("data_layout"))
+        if saved is None and meta.get("world_size") == self.world:  # older checkpoints: the run's own layout
+            saved = self.data_layout
+        now = DataLayout(self.world, self.cfg.data.batch_size, self.cfg.train.grad_accum)
+        how = layout_plan(saved, now, self.rank) if saved is not None else "the checkpoint has no data layout"
+        if isinstance(how, str):
+            fresh.append(f"the data position ({how})")
+            return
+        if rs is not None and how.natural and not (isinstance(rs.get("loader"), dict)
+                                                   and rs["loader"].get("kind") == "layout"):
+            states = {self.rank: rs.get("loader")}
+        else:
+            states = stream_states([ckpt_lib.load_rank_state(path, r) for r in range(int(meta["world_size"]))])
+        if any(states.get(v) is None for v in how.streams):
+            fresh.append("the data position (not saved)")
+            return
+        try:
+            if how.natural:
+                self.train_loader.load_state_dict(states[self.rank])
+            else:
+                loaders = {v: self._make_loader(train=True, stream=(v, saved.world), batch_size=saved.batch_size,
+                                                collate=list) for v in how.streams}
+                self.train_loader = LayoutLoader(loaders, self.task.collate, how)
+                self.train_loader.load_state_dict({"streams": {str(v): states[v] for v in how.streams}})
+        except ValueError as err:  # e.g. data.sources added, removed or reweighted since the save
+            raise ckpt_lib.CheckpointError(f"{path}: cannot resume the training data position: {err}") from None
+        self.data_layout = saved
+        kept.append("the data position" + ("" if how.natural else f" (in the order of the {saved.world}-rank layout: "
+                                                                   "mmoe.train.layout)"))
 
     # ------------------------------------------------------------------ training
     def _all_finite(self, value: torch.Tensor) -> bool:

@@ -45,18 +45,40 @@ def losses(run: Path) -> list[float]:
 def one_rank(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("one_rank")
     cfg = write_cfg(tmp, "run")
-    run_mmoe(["train", str(cfg), "data.batch_size=32"])
+    run_mmoe(["train", str(cfg), "data.batch_size=32", "train.save_every=3"])
     return tmp / "run"
+
+
+def resumable_copy(run: Path, step: int, dest: Path) -> Path:
+    """A copy of ``run`` as a kill right after checkpoint ``step`` would have left it (later ones removed)."""
+    shutil.copytree(run, dest)
+    for c in (dest / "checkpoints").glob("step_*"):
+        if int(c.name.split("_")[1]) > step:
+            shutil.rmtree(c)
+    (dest / "checkpoints" / "latest").write_text(f"step_{step:07d}")
+    return dest
+
+
+def resume_event(run: Path) -> str:
+    return next(e["message"] for e in read_jsonl(run / "events.jsonl") if e["kind"] == "resume_topology")
 
 
 @pytest.mark.parametrize("zero", [0, 1, 2])
 def test_two_rank_expert_parallel_matches_one_rank(tmp_path, one_rank, zero):
     cfg = write_cfg(tmp_path, "ep2")
-    run_mmoe(["train", str(cfg), "dist.ep_size=2", f"dist.zero_stage={zero}"], world=2)
+    run_mmoe(["train", str(cfg), "dist.ep_size=2", f"dist.zero_stage={zero}", "train.save_every=3"], world=2)
     run = tmp_path / "ep2"
     want, got = losses(one_rank), losses(run)
     assert len(got) == len(want) == 6
     assert got == pytest.approx(want, rel=1e-5, abs=1e-6)
+    if zero == 2:  # portable resume: EP 2 under ZeRO 2 on 2 ranks -> one rank, ZeRO 0, the same global batch
+        moved = resumable_copy(run, 3, tmp_path / "to_one")
+        run_mmoe(["train", str(cfg), f"run.dir={moved}", "data.batch_size=32", "--resume"])
+        assert [r["step"] for r in read_jsonl(moved / "metrics.jsonl") if "loss" in r] == list(range(1, 7))
+        assert losses(moved) == pytest.approx(want, rel=1e-5, abs=1e-6)  # optimizer moments resharded
+        msg = resume_event(moved)
+        assert "saved with world_size=2, ep_size=2, zero_stage=2" in msg
+        assert "the optimizer state (resharded)" in msg and "the data position" in msg
     # the clip is active (grad norm > 0.05), so this also checks the global norm over sharded experts
     assert all(r["grad_norm"] > 0.05 for r in read_jsonl(run / "metrics.jsonl") if "grad_norm" in r)
     a = ckpt_lib.full_state_dict(ckpt_lib.find_latest(one_rank / "checkpoints"))
@@ -67,6 +89,19 @@ def test_two_rank_expert_parallel_matches_one_rank(tmp_path, one_rank, zero):
     # both expert-parallel ranks wrote their experts
     names = {f.name for f in ckpt_lib.find_latest(run / "checkpoints").iterdir()}
     assert {"experts-ep0-of2.safetensors", "experts-ep1-of2.safetensors"} <= names
+
+
+def test_one_rank_run_resumes_on_two_ranks_with_its_optimizer_and_data(tmp_path, one_rank):
+    # portable resume, 1 -> 2: one rank, ZeRO 0 -> expert parallel over 2 ranks under ZeRO 1, batch halved
+    moved = resumable_copy(one_rank, 3, tmp_path / "to_two")
+    cfg = write_cfg(tmp_path, "to_two")
+    run_mmoe(["train", str(cfg), "dist.ep_size=2", "dist.zero_stage=1", "--resume"], world=2)
+    assert [r["step"] for r in read_jsonl(moved / "metrics.jsonl") if "loss" in r] == list(range(1, 7))
+    assert losses(moved) == pytest.approx(losses(one_rank), rel=1e-5, abs=1e-6)
+    assert "the optimizer state (resharded)" in resume_event(moved)
+    # both expert-parallel ranks wrote their experts' optimizer state for the next resume
+    names = {f.name for f in ckpt_lib.find_latest(moved / "checkpoints").iterdir()}
+    assert {"optim-dense.safetensors", "optim-experts-ep0-of2.safetensors", "optim-experts-ep1-of2.safetensors"} <= names
 
 
 def test_run_dir_outputs(one_rank):
@@ -232,21 +267,44 @@ def _key(sample):
     return sample["__key__"]
 
 
+NO_NOISE = ["model.dropout=0", "model.moe.router_jitter=0"]  # no per-rank randomness: runs comparable across layouts
+
+
 def test_expert_parallel_checkpoint_reloads_under_another_ep_size(tmp_path, digits):
-    cfg = shard_cfg(tmp_path, "ep2", digits, steps=20, workers=0)
-    out = run_mmoe(["train", str(cfg), "dist.ep_size=2"], world=2)
+    cfg = shard_cfg(tmp_path, "ep2", digits, steps=22, workers=0)
+    out = run_mmoe(["train", str(cfg), "dist.ep_size=2", *NO_NOISE], world=2)
     final = json.loads(next(l for l in out.stdout.splitlines() if l.startswith('{"step"')))
     ckpt = ckpt_lib.find_latest(tmp_path / "ep2" / "checkpoints")
     # one process, every expert: the same validation metrics
-    one = run_mmoe(["eval", str(cfg), "--checkpoint", str(ckpt)])
+    one = run_mmoe(["eval", str(cfg), "--checkpoint", str(ckpt), *NO_NOISE])
     got = json.loads(one.stdout.strip().splitlines()[-1])
     assert got["count"] == final["val_count"] == 338
     assert got["acc"] == pytest.approx(final["val_acc"]) and got["loss"] == pytest.approx(final["val_loss"], rel=1e-5)
-    # and training continues from it on one rank (weights, step and schedule restored)
-    p = run_mmoe(["train", str(cfg), "train.max_steps=22", "--resume"])
-    assert "saved with world_size=2, ep_size=2" in p.stderr
-    rows = read_jsonl(tmp_path / "ep2" / "metrics.jsonl")
-    assert [r["step"] for r in rows if "loss" in r][-2:] == [21, 22]
+    # training continues from step 20 on one rank with the global batch of 2 x 32: weights, optimizer state and
+    # the shard order of both ranks (read as two streams) kept, so the loss curve continues as on 2 ranks
+    moved = resumable_copy(tmp_path / "ep2", 20, tmp_path / "one")
+    p = run_mmoe(["train", str(cfg), f"run.dir={moved}", "data.batch_size=64", *NO_NOISE, "--resume"])
+    assert "saved with world_size=2, ep_size=2" in p.stderr and p.stderr.count("mmoe: warning") == 1
+    assert [r["step"] for r in read_jsonl(moved / "metrics.jsonl") if "loss" in r][-2:] == [21, 22]
+    assert losses(moved) == pytest.approx(losses(tmp_path / "ep2"), rel=1e-5, abs=1e-6)
+    assert "the data position (in the order of the 2-rank layout" in resume_event(moved)
+    # another global batch cannot keep the data order: said, and training goes on from a fresh position
+    other = resumable_copy(tmp_path / "ep2", 20, tmp_path / "other")
+    p = run_mmoe(["train", str(cfg), f"run.dir={other}", "train.max_steps=21", *NO_NOISE, "--resume"])
+    fresh = p.stderr.split("starting fresh:")[1]
+    assert "the data position (the global batch changed (2 rank(s) x 32 x 1 accumulation = 64 samples" in fresh
+    assert [r["step"] for r in read_jsonl(other / "metrics.jsonl") if "loss" in r][-1] == 21
+
+
+def test_one_rank_shard_run_resumes_on_two_ranks_in_its_data_order(tmp_path, digits):
+    # portable resume, 1 -> 2 over shards: the two ranks each read the one saved stream and take their half
+    cfg = shard_cfg(tmp_path, "one", digits, steps=22, workers=0)
+    run_mmoe(["train", str(cfg), "data.batch_size=64", *NO_NOISE])
+    moved = resumable_copy(tmp_path / "one", 20, tmp_path / "two")
+    run_mmoe(["train", str(cfg), f"run.dir={moved}", "dist.ep_size=2", *NO_NOISE, "--resume"], world=2)
+    assert [r["step"] for r in read_jsonl(moved / "metrics.jsonl") if "loss" in r][-2:] == [21, 22]
+    assert losses(moved) == pytest.approx(losses(tmp_path / "one"), rel=1e-5, abs=1e-6)
+    assert "the data position (in the order of the 1-rank layout" in resume_event(moved)
 
 
 def test_corrupt_shard_fails_or_is_skipped_by_choice(tmp_path, digits):
