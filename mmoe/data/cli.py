@@ -5,7 +5,7 @@ segmentation folders / COCO masks, and verify a shard directory against its mani
 
     mmoe shards imagefolder SRC OUT
     mmoe shards coco ANNOTATIONS.json IMAGE_DIR OUT
-    mmoe shards text SRC OUT [--unit line|file] [--lang xx]
+    mmoe shards text SRC OUT [--unit line|file|paragraph|section] [--lang xx]
     mmoe shards pairs LIST.jsonl|LIST.tsv OUT [--image-field image] [--caption-field caption]
     mmoe shards segfolder IMAGES LABELS OUT [--label-suffix .png] [--classes a,b,c | --classes classes.txt]
     mmoe shards coco-semantic ANNOTATIONS.json IMAGE_DIR OUT [--keep-crowd]
@@ -99,14 +99,24 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     p.add_argument("out", metavar="OUT", help="output directory (shards + manifest.json)")
     _add_common(p)
 
-    p = sub.add_parser("text", help="a .txt file or a folder of them (one document per line or per file)",
-                       description="Shard text: one document per non-empty line (--unit line) or per file "
-                       "(--unit file), each with a language tag from --lang, the file stem (en.txt) or the "
-                       "parent folder (de/news.txt). Each sample holds 'txt' and 'json' {lang, source}.")
-    p.add_argument("src", metavar="SRC", help=".txt file or folder searched recursively for .txt files")
+    p = sub.add_parser("text", help="text, HTML or JSON-lines files (optionally .gz), or a folder of them",
+                       description="Shard text from .txt, .html/.htm/.xhtml and .jsonl files, each optionally "
+                       "gzipped: one document per non-empty line (--unit line), per file (--unit file), or "
+                       "paragraphs packed into documents of at most --max-chars (--unit paragraph; --unit "
+                       "section also starts one at every heading). The language comes from --lang, a dotted "
+                       "part of the file name (book.fr.txt.gz), the stem (en.txt) or a folder (de/news.txt). "
+                       "With --val-fraction, paragraph and section documents are split by chapter and file "
+                       "with the language left out, so no chapter (in any translation) is in both splits. "
+                       "Each sample holds 'txt' and 'json' {lang, source, ...}.")
+    p.add_argument("src", metavar="SRC", help="a file, or a folder searched recursively for text files")
     p.add_argument("out", metavar="OUT", help="output directory (shards + manifest.json)")
-    p.add_argument("--unit", choices=("line", "file"), default="line", help="one document per line (default) "
-                   "or per file")
+    p.add_argument("--unit", choices=("line", "file", "paragraph", "section"), default="line",
+                   help="documents: one per line (default), per file, packed paragraphs, or sections")
+    p.add_argument("--max-chars", type=int, default=2000, metavar="N",
+                   help="paragraph/section: at most N characters per document (a longer paragraph stays whole)")
+    p.add_argument("--min-chars", type=int, default=100, metavar="N",
+                   help="paragraph/section: shorter documents join the next one (dropped at a chapter's end)")
+    p.add_argument("--text-field", default="text", metavar="NAME", help=".jsonl: the field with the text")
     p.add_argument("--lang", metavar="XX", help="language tag of every document (default: from file names)")
     _add_common(p)
 
@@ -199,7 +209,8 @@ def _write(args: argparse.Namespace) -> int:
         manifest = writers.write_coco(args.annotations, args.image_dir, args.out, on_error=args.on_error, **options)
     elif args.source == "text":
         manifest = writers.write_text(args.src, args.out, unit=args.unit, lang=args.lang, on_error=args.on_error,
-                                      **options)
+                                      max_chars=args.max_chars, min_chars=args.min_chars,
+                                      text_field=args.text_field, **options)
     elif args.source == "pairs":
         manifest = writers.write_pairs(args.list, args.out, image_field=args.image_field,
                                        caption_field=args.caption_field, on_error=args.on_error, **options)

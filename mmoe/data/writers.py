@@ -276,7 +276,8 @@ def write_shards(
         max_shard_bytes: at most this many bytes per shard file (int or a string such as ``"64MB"``);
             a single larger sample gets a shard of its own.
         val_fraction: put this fraction of samples, chosen by a hash of their key (`split_for_key`),
-            into the ``val`` split and the rest into ``train``.
+            into the ``val`` split and the rest into ``train``. A sample with a ``"__group__"`` string is
+            placed by the hash of its group instead, so a group never straddles the two splits.
         source: for plain iterables, the source type (str) or ``{"type": ..., "options": {...}}``
             recorded in the manifest; default ``"custom"``.
         extra_manifest: merged into the manifest's ``info`` after all samples were read (so a dict that
@@ -326,7 +327,8 @@ def write_shards(
             if digest in seen:
                 raise DataError(f"duplicate sample key {key!r}", key=key)
             seen.add(digest)
-            name = split_for_key(key, val_fraction) if val_fraction > 0 else next(iter(writers))
+            group = sample.get("__group__") if isinstance(sample, Mapping) else None  # e.g. a chapter
+            name = split_for_key(group or key, val_fraction) if val_fraction > 0 else next(iter(writers))
             writers[name].write(key, fields)
     except BaseException:
         for writer in writers.values():
@@ -801,99 +803,179 @@ class CocoSemanticSource(CocoSource):
                 "crowd_annotations": self.crowd_annotations, "ignore_crowd": self.ignore_crowd}
 
 
-_LANG_RE = re.compile(r"^[a-z]{2}(?:[-_][A-Za-z0-9]{2,8})*$")
+_UNITS = ("line", "file", "paragraph", "section")
 
 
 class TextSource(ShardSource):
-    """A ``.txt`` file or a folder of them (recursive, sorted): one document per non-empty line
-    (``unit="line"``) or per file (``unit="file"``, whitespace-only files are left out and counted).
+    """Text files under a folder (recursive, sorted) or one file: ``.txt``, HTML (``.html``, ``.htm``,
+    ``.xhtml``) and JSON lines (``.jsonl``), each optionally gzipped (``.gz``); see `mmoe.data.text`.
 
-    Language per document: ``lang`` if given, else the file stem if it looks like a language tag
-    (``en.txt``, ``pt-BR.txt``: two lowercase letters plus optional subtags), else the parent folder
-    name if it does (``de/news.txt``); otherwise an error naming the file. Sample: ``txt`` (UTF-8) and
-    ``json`` = ``{"lang", "source": path relative to the source folder, "line": n}`` (``line`` only
-    per-line). Manifest ``info``: ``unit``, ``languages``, ``docs_per_language``, ``empty_files``.
+    Documents (``unit``):
+
+    * ``"line"``: one per non-empty line (HTML: one per paragraph);
+    * ``"file"``: one per file (whitespace-only files are left out and counted);
+    * ``"paragraph"``: paragraphs packed in order into documents of at most ``max_chars`` characters;
+    * ``"section"``: the same, with a new document at every heading.
+
+    A ``.jsonl`` line is one record (``text_field``, default ``"text"``; its ``lang`` or ``language`` field
+    if present); under ``paragraph`` / ``section`` a long record is cut like a file.
+
+    Language per document: ``lang`` if given, else from the path (`mmoe.data.text.language_of`: a dotted
+    part of the name ``book.fr.txt.gz``, the stem ``en.txt``, or the nearest folder ``de/news.txt``);
+    otherwise an error naming the file.
+
+    Splits: under ``paragraph`` / ``section`` every document carries a *group* (``__group__``, also in its
+    ``json``): the file's path without its language, plus the numbered section (``#2.3``), so one section in
+    every translation lands in one split (`write_shards` hashes the group, not the key). ``.jsonl`` records
+    are grouped by their ``id`` or ``url`` field when they have one.
+
+    Sample: ``txt`` (UTF-8) and ``json`` = ``{"lang", "source": path relative to the source folder, "line": n}``
+    (``line``: per-line units and jsonl), plus ``group``, ``part`` and ``title`` (the first heading) when cut.
+    Manifest ``info``: ``unit``, ``languages``, ``docs_per_language``, ``chars_per_language``, ``empty_files``,
+    ``short_dropped``.
     """
 
     type = "text"
 
     def __init__(self, src: str | os.PathLike, *, unit: str = "line", lang: str | None = None,
-                 on_error: str = "fail") -> None:
+                 on_error: str = "fail", max_chars: int = 2000, min_chars: int = 100,
+                 text_field: str = "text") -> None:
+        from .text import text_kind
+
         super().__init__(on_error)
-        if unit not in ("line", "file"):
-            raise ValueError(f"unit must be 'line' or 'file', got {unit!r}")
+        if unit not in _UNITS:
+            raise ValueError(f"unit must be one of {', '.join(_UNITS)}, got {unit!r}")
+        if max_chars < 1 or min_chars < 0:
+            raise ValueError(f"need max_chars >= 1 and min_chars >= 0, got {max_chars} and {min_chars}")
         self.src, self.unit, self.lang = Path(src), unit, lang
+        self.max_chars, self.min_chars, self.text_field = max_chars, min_chars, text_field
         if self.src.is_file():
             self._root, self._files = self.src.parent, [self.src]
         elif self.src.is_dir():
-            self._root, self._files = self.src, _files_under(self.src, "*.txt")
+            self._root = self.src
+            self._files = [f for f in _files_under(self.src) if text_kind(f)]
             if not self._files:
-                raise DataError(f"{self.src}: no .txt files found")
+                raise DataError(f"{self.src}: no text files found (.txt, .html, .htm, .xhtml, .jsonl, or gzipped)")
         else:
             raise DataError(f"{self.src}: no such file or directory")
         self.docs_per_language: dict[str, int] = {}
+        self.chars_per_language: dict[str, int] = {}
         self.empty_files = 0
+        self.short_dropped = 0
 
     def options(self) -> dict[str, Any]:
-        return {"src": str(self.src), "unit": self.unit, "lang": self.lang, **super().options()}
+        extra = {"max_chars": self.max_chars, "min_chars": self.min_chars} if self.unit in ("paragraph", "section") else {}
+        return {"src": str(self.src), "unit": self.unit, "lang": self.lang, **extra, **super().options()}
 
-    def _language(self, file: Path) -> str | None:
-        if self.lang:
-            return self.lang
-        if _LANG_RE.match(file.stem):
-            return file.stem
-        if _LANG_RE.match(file.parent.name):
-            return file.parent.name
-        return None
+    def _doc(self, keys: "KeyMaker", key: str, text: str, lang: str, meta: dict, group: str | None = None) -> dict:
+        self.docs_per_language[lang] = self.docs_per_language.get(lang, 0) + 1
+        self.chars_per_language[lang] = self.chars_per_language.get(lang, 0) + len(text)
+        sample = {"__key__": keys(key), "txt": text, "json": {"lang": lang, **meta}}
+        if group is not None:
+            sample["__group__"] = group
+            sample["json"]["group"] = group
+        return sample
+
+    def _cut(self, keys, stem_key: str, blocks, lang: str, meta: dict, group) -> Iterator[dict[str, Any]]:
+        """``paragraph`` / ``section`` documents of ``blocks``; ``group(chapter)`` names each one's split group."""
+        from .text import documents
+
+        docs, dropped = documents(blocks, unit=self.unit, max_chars=self.max_chars, min_chars=self.min_chars)
+        self.short_dropped += dropped
+        for i, (text, chapter, title) in enumerate(docs):
+            extra = {"part": i, **({"title": title} if title else {})}
+            yield self._doc(keys, f"{stem_key}/{i:06d}", text, lang, {**meta, **extra}, group(chapter))
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
+        from .text import group_of, html_blocks, language_of, read_text_file, text_blocks, text_kind
+
         keys = KeyMaker()
-        self.docs_per_language, self.empty_files = {}, 0
+        self.docs_per_language, self.chars_per_language = {}, {}
+        self.empty_files = self.short_dropped = 0
+        cut = self.unit in ("paragraph", "section")
         for file in self._files:
             rel = file.relative_to(self._root).as_posix()
-            lang = self._language(file)
-            if lang is None:
-                self._problem(str(file), "cannot tell its language: name the file like en.txt, put it in a "
-                              "folder like de/, or pass --lang")
+            kind = text_kind(file)
+            lang = language_of(rel, self.lang)
+            if lang is None and kind != "jsonl":
+                self._problem(str(file), "cannot tell its language: name the file like en.txt or book.en.txt.gz, "
+                              "put it in a folder like de/, or pass --lang")
                 continue
             try:
-                data = file.read_bytes()
-            except OSError as err:
+                text = read_text_file(file)
+            except UnicodeDecodeError as err:
+                self._problem(str(file), f"not valid UTF-8 (byte {err.start}{' after gunzip' if rel.endswith('.gz') else ''})")
+                continue
+            except (OSError, EOFError) as err:
                 self._problem(str(file), f"cannot read ({err})")
                 continue
-            if data.startswith(b"\xef\xbb\xbf"):
-                data = data[3:]  # UTF-8 byte order mark
-            stem_key = str(Path(rel).with_suffix(""))
+            stem_key = re.sub(r"\.(txt|html?|xhtml|jsonl)(\.gz)?$", "", rel, flags=re.I)
+            if kind == "jsonl":
+                yield from self._records(keys, file, rel, stem_key, text, lang, cut)
+                continue
             if self.unit == "file":
-                try:
-                    text = data.decode("utf-8")
-                except UnicodeDecodeError as err:
-                    self._problem(str(file), f"not valid UTF-8 (byte {err.start})")
-                    continue
                 if not text.strip():
                     self.empty_files += 1
                     continue
-                self.docs_per_language[lang] = self.docs_per_language.get(lang, 0) + 1
-                yield {"__key__": keys(stem_key), "txt": text, "json": {"lang": lang, "source": rel}}
+                yield self._doc(keys, stem_key, text if kind == "txt" else "\n\n".join(
+                    b.text for b in html_blocks(text)), lang, {"source": rel})
                 continue
-            for number, raw in enumerate(data.split(b"\n"), start=1):
-                try:
-                    text = raw.decode("utf-8").rstrip("\r")
-                except UnicodeDecodeError as err:
-                    self._problem(f"{file}:{number}", f"not valid UTF-8 (byte {err.start} of the line)")
-                    continue
-                if not text.strip():
-                    continue
-                self.docs_per_language[lang] = self.docs_per_language.get(lang, 0) + 1
-                yield {"__key__": keys(f"{stem_key}/{number:07d}"), "txt": text,
-                       "json": {"lang": lang, "source": rel, "line": number}}
+            if kind == "html":
+                blocks = html_blocks(text)
+                if cut:
+                    yield from self._cut(keys, stem_key, blocks, lang, {"source": rel},
+                                         lambda ch: group_of(rel, lang, ch))
+                else:
+                    for i, b in enumerate(blocks):
+                        yield self._doc(keys, f"{stem_key}/{i:07d}", b.text, lang, {"source": rel, "line": i + 1})
+                continue
+            if cut:
+                yield from self._cut(keys, stem_key, text_blocks(text), lang, {"source": rel},
+                                     lambda ch: group_of(rel, lang, ch))
+                continue
+            for number, line in enumerate(text.split("\n"), start=1):
+                line = line.rstrip("\r")
+                if line.strip():
+                    yield self._doc(keys, f"{stem_key}/{number:07d}", line, lang, {"source": rel, "line": number})
         if not self.docs_per_language:
             raise DataError(f"{self.src}: no non-empty documents found")
+
+    def _records(self, keys, file: Path, rel: str, stem_key: str, text: str, lang: str | None, cut: bool):
+        from .text import text_blocks
+
+        for number, line in enumerate(text.split("\n"), start=1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except ValueError as err:
+                self._problem(f"{file}:{number}", f"not a JSON object ({err})")
+                continue
+            body = rec.get(self.text_field) if isinstance(rec, dict) else None
+            if not isinstance(body, str):
+                self._problem(f"{file}:{number}", f"no string field {self.text_field!r}")
+                continue
+            rec_lang = self.lang or rec.get("lang") or rec.get("language") or lang
+            if not isinstance(rec_lang, str) or not rec_lang:
+                self._problem(f"{file}:{number}", "cannot tell its language: give the record a 'lang' field, "
+                              "name the file like en.jsonl, or pass --lang")
+                continue
+            if not body.strip():
+                continue
+            rid = rec.get("id", rec.get("url"))
+            group = f"{rel}#{rid}" if rid is not None else None
+            meta = {"source": rel, "line": number}
+            if cut and len(body) > self.max_chars:
+                yield from self._cut(keys, f"{stem_key}/{number:07d}", text_blocks(body), rec_lang, meta,
+                                     lambda ch, g=group, n=number: g or f"{rel}:{n}")
+            else:
+                yield self._doc(keys, f"{stem_key}/{number:07d}", body, rec_lang, meta, group)
 
     def info(self) -> dict[str, Any]:
         return {"unit": self.unit, "languages": sorted(self.docs_per_language),
                 "docs_per_language": dict(sorted(self.docs_per_language.items())),
-                "empty_files": self.empty_files}
+                "chars_per_language": dict(sorted(self.chars_per_language.items())),
+                "empty_files": self.empty_files, "short_dropped": self.short_dropped}
 
 
 class PairsSource(ShardSource):
@@ -1036,9 +1118,11 @@ def write_coco_semantic(annotations, image_dir, out_dir, *, ignore_crowd: bool =
 
 
 def write_text(src, out_dir, *, unit: str = "line", lang: str | None = None, on_error: str = "fail",
-               **kwargs) -> Manifest:
+               max_chars: int = 2000, min_chars: int = 100, text_field: str = "text", **kwargs) -> Manifest:
     """`write_shards` of a `TextSource`; ``kwargs`` go to `write_shards`."""
-    return write_shards(TextSource(src, unit=unit, lang=lang, on_error=on_error), out_dir, **kwargs)
+    source = TextSource(src, unit=unit, lang=lang, on_error=on_error, max_chars=max_chars, min_chars=min_chars,
+                        text_field=text_field)
+    return write_shards(source, out_dir, **kwargs)
 
 
 def captions_of(txt: str | bytes) -> list[str]:

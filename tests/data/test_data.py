@@ -491,4 +491,4 @@ def test_cli_imagefolder_writes_and_bad_path_is_one_line(tmp_path: Path, capsys)
     assert not (tmp_path / "out2").exists()
 
     code = mmoe_main(["shards", "text", str(tmp_path / "src"), str(tmp_path / "out3"), "--quiet"])
-    assert code == 2 and "no .txt files" in capsys.readouterr().err
+    assert code == 2 and "no text files found (.txt, .html" in capsys.readouterr().err
