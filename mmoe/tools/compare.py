@@ -77,6 +77,13 @@ from the last record of ``routing.jsonl`` (busiest expert's routed slots over th
 of variation of the slots per expert, both averaged over the MoE layers; 1 and 0 when balanced) and, when a variant uses
 MH-MoE (heads > 1), the expert activation (fraction of the experts a token's sub-tokens reach).
 
+Statistics (`add_statistics`, `mmoe.tools.stats`; JSON ``stats`` per variant, a second table in
+``results.md``): the final metric's mean and 95% Student-t interval over the finished seeds, the paired
+difference to the first variant over the seeds both finished (per seed, mean, interval) with a verdict
+(better / worse when the interval excludes 0, else inconclusive), and, for perplexity, the training tokens
+to reach ``--target-ppl`` (default: the first variant's mean final perplexity; interpolated between
+evaluations) with the per-seed ratio to the first variant's.
+
 ``OUT/val_loss.png`` (with ``report:``, ``OUT/val_<first metric>.png``, ``/`` written ``_``: e.g.
 ``val_bbox_AP.png``; the JSON's ``plot``): validation loss (or the first reported metric) against training
 tokens seen (counted exactly by replaying the training data stream of each seed without the model; the step
@@ -689,8 +696,55 @@ def _mean_std(xs: list[float]) -> dict:
     return {"mean": statistics.fmean(xs), "std": statistics.stdev(xs) if len(xs) > 1 else None, "n": len(xs)}
 
 
+def add_statistics(variants: dict[str, dict], tokens: dict[tuple[str, int], list[int] | None],
+                   report: Sequence[ReportMetric] = (), *, target_ppl: float | None = None) -> None:
+    """Each variant's ``stats`` (`mmoe.tools.stats`): the 95% interval of its final metric (validation
+    perplexity, or the first reported metric) over the finished seeds, the paired difference to the first
+    variant (same seeds) with its per-seed values and verdict, and, for perplexity, the training tokens to
+    reach the target (``target_ppl``, default the first variant's mean final perplexity) with the per-seed
+    ratio to the first variant's."""
+    from .stats import paired_difference, t_interval, tokens_to_target, verdict
+
+    key = f"final_{report[0].key}" if report else "final_val_ppl"
+    better = report[0].better if report else "lower"
+    names = list(variants)
+    if not names:
+        return
+
+    def finished(name: str) -> dict:
+        return {m["seed"]: m for m in variants[name]["runs"].values() if m["status"] == "finished"}
+
+    base = finished(names[0])
+    base_vals = {s: m.get(key) for s, m in base.items()}
+    target = target_ppl
+    if target is None and not report:
+        target = t_interval(list(base_vals.values()))["mean"]
+    reach: dict[str, dict] = {}
+    for name in names:
+        runs = finished(name)
+        reach[name] = {}
+        if target is not None and not report:
+            for seed, m in runs.items():
+                got = tokens_to_target(m.get("val_curve") or [], tokens.get((name, seed)), math.log(target))
+                reach[name][seed] = got
+    for name in names:
+        runs = finished(name)
+        vals = {s: m.get(key) for s, m in runs.items()}
+        diff = paired_difference(vals, base_vals)
+        st = {"metric": key, "better": better, "interval": t_interval(list(vals.values())), "vs": names[0],
+              "paired": diff, "verdict": "base" if name == names[0] else verdict(diff, better)}
+        if reach[name]:
+            ratio = {s: t / reach[names[0]][s] for s, t in reach[name].items()
+                     if t is not None and reach[names[0]].get(s)}
+            st["target_ppl"] = target
+            st["tokens_to_target"] = {**t_interval(list(reach[name].values())),
+                                      "per_seed": reach[name], "reached": sum(t is not None for t in reach[name].values())}
+            st["tokens_ratio"] = {**t_interval(list(ratio.values())), "per_seed": ratio}
+        variants[name]["stats"] = st
+
+
 def summarize(runs: Sequence[Run], sizes: dict[str, dict], tokens: dict[tuple[str, int], list[int] | None],
-              *, source: str, out: Path, report: Sequence[ReportMetric] = ()) -> dict:
+              *, source: str, out: Path, report: Sequence[ReportMetric] = (), target_ppl: float | None = None) -> dict:
     """``results.json``'s content: per variant the per-seed measurements and their mean ± std (with ``report``,
     ``final_val/<name>`` and ``best_val/<name>`` of each reported metric too)."""
     variants: dict[str, dict] = {}
@@ -711,6 +765,7 @@ def summarize(runs: Sequence[Run], sizes: dict[str, dict], tokens: dict[tuple[st
         v["summary"] = {k: _mean_std([m.get(k) for m in done]) for k in keys}
         v["finished_seeds"] = [m["seed"] for m in done]
     cfg0 = runs[0].cfg if runs else None
+    add_statistics(variants, tokens, report, target_ppl=target_ppl)
     return {
         "config": source, "out": str(out), "seeds": sorted({r.seed for r in runs}),
         "max_steps": cfg0.train.max_steps if cfg0 else None,
@@ -819,7 +874,55 @@ def markdown_table(results: dict) -> str:
               "balanced) and coefficient of variation of the slots per expert (0 = balanced). train s/run: wall "
               "time of the run in mmoe compare (setup, evaluations and checkpoints included)"
               + ("; expert activation: fraction of the experts a token's sub-tokens reach." if show_act else "."))
-    return "\n".join(lines) + "\n" + legend + "\n"
+    return "\n".join(lines) + "\n" + legend + "\n" + statistics_table(results)
+
+
+def _ci(st: dict | None, digits: int, scale: float = 1.0) -> str:
+    """``mean [low, high]`` of a `mmoe.tools.stats.t_interval` (just the mean with one value)."""
+    if not st or st.get("mean") is None:
+        return "–"
+    text = _fmt(st["mean"] * scale, digits)
+    if st.get("low") is not None:
+        text += f" [{_fmt(st['low'] * scale, digits)}, {_fmt(st['high'] * scale, digits)}]"
+    return text
+
+
+def statistics_table(results: dict) -> str:
+    """The seed statistics of `add_statistics` as a Markdown table with its legend ('' without statistics)."""
+    variants = results["variants"]
+    rows = [(n, v["stats"]) for n, v in variants.items() if v.get("stats")]
+    if not rows:
+        return ""
+    first = rows[0][1]
+    metric = first["metric"].removeprefix("final_").removeprefix("val_").removeprefix("val/")
+    reach = any("tokens_to_target" in st for _, st in rows)
+    head = ["variant", "n", f"final {metric} (95% CI)", f"Δ vs {first['vs']} (paired, 95% CI)", "Δ per seed",
+            "verdict"]
+    if reach:
+        head += [f"tokens to ppl {first.get('target_ppl') or 0:.2f} (95% CI)", f"tokens / {first['vs']}'s (95% CI)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, st in rows:
+        d = _decimals(st["interval"].get("mean"))
+        per = ", ".join(f"{x:+.{d}f}" for x in st["paired"]["per_seed"].values()) if name != first["vs"] else "–"
+        row = [name, str(st["interval"]["n"]), _ci(st["interval"], d),
+               "–" if name == first["vs"] else _ci(st["paired"], d), per, st["verdict"]]
+        if reach:
+            tt = st.get("tokens_to_target") or {}
+            n_reached = tt.get("reached", 0)
+            big = (tt.get("mean") or 0) >= 1e5
+            row.append((_ci(tt, 2, 1e-6 if big else 1e-3) + ("M" if big else "k") if tt.get("mean") is not None
+                        else "–") + f" ({n_reached}/{st['interval']['n']} reached)")
+            row.append(_ci(st.get("tokens_ratio"), 3))
+        lines.append("| " + " | ".join(row) + " |")
+    legend = ("\nStatistics over the finished seeds: mean and 95% Student-t interval; Δ = per-seed difference to "
+              f"{first['vs']} (same seed, same data order), its mean and interval; verdict: better / worse when "
+              "that interval excludes 0 (for " + ("lower" if first["better"] == "lower" else "higher")
+              + " is better), else inconclusive (n<2: no interval).")
+    if reach:
+        legend += (" Tokens to target: training tokens when the validation perplexity first reached the target "
+                   "(interpolated between evaluations), and their per-seed ratio to the first variant's "
+                   "(< 1: sooner).")
+    return "\n" + "\n".join(lines) + "\n" + legend + "\n"
 
 
 def plot_name(report: Sequence[ReportMetric] = ()) -> str:
@@ -888,9 +991,9 @@ def plot_val_loss(results: dict, tokens: dict[tuple[str, int], list[int] | None]
 
 
 def write_results(runs: Sequence[Run], sizes: dict, tokens: dict, *, source: str, out: Path,
-                  report: Sequence[ReportMetric] = ()) -> dict:
+                  report: Sequence[ReportMetric] = (), target_ppl: float | None = None) -> dict:
     """Write ``results.json``, ``results.md`` and the plot (`plot_name`) under ``out``; returns the results."""
-    results = summarize(runs, sizes, tokens, source=source, out=out, report=report)
+    results = summarize(runs, sizes, tokens, source=source, out=out, report=report, target_ppl=target_ppl)
     if not _is_main():
         return results
     out.mkdir(parents=True, exist_ok=True)
@@ -949,6 +1052,9 @@ def add_args(parser: argparse.ArgumentParser) -> None:
                         "(default runs/compare/<config name>)")
     parser.add_argument("--steps", type=_positive_int, default=None, metavar="N", help="train.max_steps of every run")
     parser.add_argument("--json", action="store_true", help="print the results as JSON instead of the Markdown table")
+    parser.add_argument("--target-ppl", type=float, default=None, metavar="PPL",
+                        help="validation perplexity whose crossing is reported as tokens to target (default: the "
+                        "first variant's mean final perplexity)")
     parser.add_argument("--plot-only", action="store_true",
                         help="train nothing: tabulate and plot the runs already under --out")
 
@@ -1000,10 +1106,11 @@ def run(args: argparse.Namespace) -> int:
                 raise CLIError(f"{r.variant.name} seed {r.seed} ({r.dir}): {err}") from None
             r.status, _ = run_status(r.dir, r.cfg)
             store_tokens(r, tokens.get((r.variant.name, r.seed)))
-            write_results(runs, sizes, tokens, source=source, out=out, report=cf.report)
+            write_results(runs, sizes, tokens, source=source, out=out, report=cf.report, target_ppl=args.target_ppl)
     elif not any((r.dir / "metrics.jsonl").is_file() for r in runs):
         raise CLIError(f"--plot-only: no runs of {source} under {out} yet")
-    results = write_results(runs, sizes, tokens, source=source, out=out, report=cf.report)
+    results = write_results(runs, sizes, tokens, source=source, out=out, report=cf.report,
+                            target_ppl=args.target_ppl)
     if not _is_main():
         return 0
     for hint in report_hints(results):

@@ -235,10 +235,24 @@ def test_compare_writes_results_table_and_plot(compared, capsys):
     assert p_topk["total"] > p_topk["active"] > 0
 
     md = (out / "results.md").read_text()
-    rows = [line for line in md.splitlines() if line.startswith("| ")]
+    rows = [line for line in md.split("\n\n")[0].splitlines() if line.startswith("| ")]  # the first table
     assert rows[0].startswith("| variant | seeds | final val ppl | best val ppl |") and "expert activation" in rows[0]
     assert [r.split("|")[1].strip() for r in rows[1:]] == ["topk", "mh"]
     assert all(r.split("|")[2].strip() == "2/2" and " ± " in r.split("|")[3] for r in rows[1:])
+    # the seed statistics: intervals and paired differences from the per-seed values, in JSON and a table
+    from mmoe.tools.stats import paired_difference, t_interval
+
+    base = {int(k): m["final_val_ppl"] for k, m in res["variants"]["topk"]["runs"].items()}
+    mh = {int(k): m["final_val_ppl"] for k, m in res["variants"]["mh"]["runs"].items()}
+    st = res["variants"]["mh"]["stats"]
+    assert st["interval"]["low"] == pytest.approx(t_interval(list(mh.values()))["low"])
+    assert st["paired"]["mean"] == pytest.approx(paired_difference(mh, base)["mean"])
+    assert st["verdict"] in ("better", "worse", "inconclusive") and res["variants"]["topk"]["stats"]["verdict"] == "base"
+    assert st["target_ppl"] == pytest.approx(sum(base.values()) / 2)
+    assert st["tokens_to_target"]["n"] == st["tokens_to_target"]["reached"] <= 2
+    stats_rows = [line for line in md.split("\n\n")[2].splitlines() if line.startswith("| ")]
+    assert stats_rows[0].startswith("| variant | n | final ppl (95% CI) | Δ vs topk (paired, 95% CI) |")
+    assert [r.split("|")[1].strip() for r in stats_rows[1:]] == ["topk", "mh"]
     png = (out / "val_loss.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
     for name in ("topk", "mh"):
@@ -365,7 +379,7 @@ def test_report_metrics_replace_perplexity(reported):
         assert s["n"] == 2 and s["mean"] == pytest.approx(sum(finals) / 2)
         assert v["summary"]["best_val/loss"]["n"] == 2
 
-    rows = [line for line in (out / "results.md").read_text().splitlines() if line.startswith("| ")]
+    rows = [line for line in (out / "results.md").read_text().split("\n\n")[0].splitlines() if line.startswith("| ")]
     assert rows[0].startswith("| variant | seeds | final acc | best acc | final loss | best loss | Δ acc vs top2 | "
                               "images/s | params total / active | MoE MACs/token |")
     assert "ppl" not in rows[0] and "tokens/s" not in rows[0]
