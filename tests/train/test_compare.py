@@ -435,3 +435,14 @@ def test_malformed_report_is_a_config_error(tmp_path, report, want):
     with pytest.raises(ConfigError, match=want) as err:
         compare.run(parse([str(path), "--out", str(tmp_path / "out")]))
     assert "\n" not in str(err.value) and not (tmp_path / "out").exists()
+
+
+COMPARE_CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "compare"
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in COMPARE_CONFIGS.glob("*.yaml")))
+def test_shipped_compare_configs_validate_every_variant(name, tmp_path):
+    path = COMPARE_CONFIGS / name
+    cf = compare.load_compare_file(path)
+    runs = compare.plan_runs(cf, compare.select_variants(cf, None), [0], tmp_path)
+    assert runs and len({r.variant.name for r in runs}) == len(cf.variants)
