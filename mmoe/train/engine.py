@@ -405,7 +405,7 @@ class Trainer:
             self._resume_data(path, meta, rs, kept, fresh)
         if same_world and meta.get("ep_size") == self.cfg.dist.ep_size:
             self.task.load_rank_state_dict(rs.get("task") or {})
-        elif any(ckpt_lib.load_rank_state(path, 0).get("task") or {}):
+        elif any(self.task.rank_state_dict()):  # the task keeps per-rank state (no need to read it back)
             fresh.append("the task's per-rank state (e.g. the weight EMA)")
         if not same_topology:
             msg = f"{path}: saved with {saved}; running with {now}: restored {', '.join(kept)}"
@@ -448,8 +448,7 @@ class Trainer:
         saved = DataLayout.from_dict(meta.get("data_layout"))
         if saved is None and meta.get("world_size") == self.world:  # older checkpoints: the run's own layout
             saved = self.data_layout
-        now = DataLayout(self.world, self.cfg.data.batch_size, self.cfg.train.grad_accum)
-        how = layout_plan(saved, now, self.rank) if saved is not None else "the checkpoint has no data layout"
+        how = layout_plan(saved, self.data_layout, self.rank) if saved is not None else "the checkpoint has no data layout"
         if isinstance(how, str):
             fresh.append(f"the data position ({how})")
             return
