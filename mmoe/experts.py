@@ -6,6 +6,20 @@ Three compute paths over rows already sorted by expert:
 - ``loop``: one GEMM per non-empty expert over contiguous row blocks, written in place by a custom
   autograd function (`_ExpertMLP`), forward and backward; the CPU default.
 `expert_forward(i, h)` is the plain per-expert reference used by tests and users.
+
+Weight gradients of the ``loop`` path on CPU are written into persistent buffers (`GradBuffers`) instead of
+a fresh tensor per backward: in a plain training loop (``zero_grad()`` sets ``.grad`` to None) a fresh
+expert gradient is a new large allocation that glibc maps fresh from the kernel, which zero-fills its pages
+on first touch, every step (the cost `mmoe.train.perf.tune_cpu_allocator` also removes, process-wide). The
+buffer is handed to autograd as a new tensor over the same storage, so ``p.grad`` is set as usual (hooks,
+DDP and DeepSpeed see an ordinary gradient), and a buffer is reused only when no tensor anywhere still uses
+its storage (``p.grad``, a pending gradient of a second call, a view or ``.data`` alias): otherwise a
+second buffer, or a fresh tensor, is used. So ``p.grad`` of the last backward stays valid until the next
+backward after it is released; clone it to keep it longer. The price is that the buffers stay allocated
+between steps (one copy of the expert weight gradients, which a training step holds at its peak anyway).
+``Experts.reuse_grad_buffers``: None (default) = on for CPU tensors, off on CUDA (whose caching allocator
+already reuses memory); True / False force it; `mmoe.set_grad_buffers(model, ...)` sets every layer's and
+frees the buffers.
 """
 
 from __future__ import annotations
@@ -76,6 +90,8 @@ class Experts(nn.Module):
         self.reset_parameters()
         for p in self.parameters():
             p.expert = True  # marks expert-parallel parameters (not all-reduced across the expert group)
+        self.reuse_grad_buffers: bool | None = None  # None: on CPU (module docstring)
+        self._grad_buffers = GradBuffers()
 
     def reset_parameters(self) -> None:
         # same distribution as nn.Linear (kaiming uniform, a=sqrt(5)) applied per expert
@@ -158,8 +174,51 @@ class Experts(nn.Module):
         return self._mlp(x, lin)
 
     def _loop(self, x: Tensor, counts_list: list[int], dt: torch.dtype) -> Tensor:
+        reuse = self.reuse_grad_buffers
+        bufs = self._grad_buffers if (x.device.type == "cpu" if reuse is None else reuse) else None
         return _ExpertMLP.apply(x.to(dt), counts_list, self.activation == "swiglu",
-                                self.w1, self.b1, self.w2, self.b2, self.w3, self.b3)
+                                self.w1, self.b1, self.w2, self.b2, self.w3, self.b3, bufs)
+
+
+def _storage_users(t: Tensor) -> int:
+    return torch._C._storage_Use_Count(t.untyped_storage()._cdata)
+
+
+class GradBuffers:
+    """Persistent weight-gradient storage of one `Experts` (module docstring): at most two buffers per weight,
+    a buffer reused only when nothing but this holder uses its storage."""
+
+    MAX_PER_WEIGHT = 2
+
+    def __init__(self) -> None:
+        self._bufs: dict[str, list[tuple[Tensor, int]]] = {}  # (buffer, storage users when idle)
+
+    def __deepcopy__(self, memo) -> "GradBuffers":
+        return GradBuffers()  # a copied module (e.g. a weight EMA) starts without buffers
+
+    def target(self, key: str, w: Tensor) -> Tensor | None:
+        """A buffer shaped like ``w`` that nothing else uses now, or None when both are in use."""
+        bufs = self._bufs.get(key)
+        if bufs and (bufs[0][0].shape != w.shape or bufs[0][0].dtype != w.dtype or bufs[0][0].device != w.device):
+            bufs = None
+        if bufs is None:
+            bufs = self._bufs[key] = []
+        for b, idle in bufs:
+            if _storage_users(b) == idle:
+                return b
+        if len(bufs) >= self.MAX_PER_WEIGHT:
+            return None
+        b = torch.empty(w.shape, dtype=w.dtype, device=w.device)
+        bufs.append((b, _storage_users(b)))
+        return b
+
+    @staticmethod
+    def hand_out(b: Tensor) -> Tensor:
+        """A new tensor over ``b``'s storage (not a view: autograd takes it as ``.grad`` without a copy)."""
+        return torch.empty(0, dtype=b.dtype, device=b.device).set_(b.untyped_storage(), 0, b.shape, b.stride())
+
+    def clear(self) -> None:
+        self._bufs.clear()
 
 
 class _ExpertMLP(torch.autograd.Function):
@@ -168,14 +227,18 @@ class _ExpertMLP(torch.autograd.Function):
 
     Compared with autograd over per-expert slices this does no padding, no concatenation of the outputs,
     no stacking of per-expert weight gradients (a full copy of every expert weight per backward) and no
-    gradient for experts that got no rows beyond zero-filling their slice. Math in the input's dtype
+    gradient for experts that got no rows beyond zero-filling their slice. Memory: only the inputs and the
+    pre-activations (``x`` and ``x W1``, plus ``x W3`` for SwiGLU) are kept for backward; the activation is
+    recomputed there, and the elementwise work of both passes (activation, its gradient, the hidden-size
+    gradients) runs over chunks of consecutive experts of at most `CHUNK_ELEMENTS` hidden values, so no
+    ``[rows, hidden]`` temporary besides the kept pre-activations is ever whole. Math in the input's dtype
     (the autocast dtype under autocast), weight gradients returned in the parameters' dtype, bias
     gradients summed in fp32. Not twice differentiable.
     """
 
     @staticmethod
     def forward(ctx, x: Tensor, counts: list[int], swiglu: bool, w1: Tensor, b1: Tensor | None, w2: Tensor,
-                b2: Tensor | None, w3: Tensor | None, b3: Tensor | None) -> Tensor:
+                b2: Tensor | None, w3: Tensor | None, b3: Tensor | None, bufs: "GradBuffers | None" = None) -> Tensor:
         dt = x.dtype
         blocks, start = [], 0
         for e, n in enumerate(counts):
@@ -187,75 +250,130 @@ class _ExpertMLP(torch.autograd.Function):
             W3 = w3.to(dt) if swiglu else None
             a1 = _per_expert_linear(x, W1, b1, blocks)
             a3 = _per_expert_linear(x, W3, b3, blocks) if swiglu else None
-            h = F.silu(a1) * a3 if swiglu else F.gelu(a1)
-            y = _per_expert_linear(h, W2, b2, blocks)
-        ctx.blocks, ctx.swiglu = blocks, swiglu
+            y = x.new_empty(x.shape[0], w2.shape[2])
+            for s0, t0, chunk in _chunks(blocks, w1.shape[2]):
+                h = _activation(a1[s0:t0], a3[s0:t0] if swiglu else None)
+                for e, s, t in chunk:
+                    if b2 is not None:
+                        torch.addmm(b2[e].to(dt), h[s - s0:t - s0], W2[e], out=y[s:t])
+                    else:
+                        torch.mm(h[s - s0:t - s0], W2[e], out=y[s:t])
+        ctx.blocks, ctx.swiglu, ctx.bufs = blocks, swiglu, bufs
         ctx.has_bias = (b1 is not None, b2 is not None, b3 is not None)
-        ctx.save_for_backward(x, a1, a3, h, w1, w2, w3)
+        ctx.save_for_backward(x, a1, a3, w1, w2, w3)
         return y
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, gy: Tensor):
-        x, a1, a3, h, w1, w2, w3 = ctx.saved_tensors
-        blocks, swiglu, need = ctx.blocks, ctx.swiglu, ctx.needs_input_grad
-        dt = x.dtype
+        x, a1, a3, w1, w2, w3 = ctx.saved_tensors
+        blocks, swiglu, need, bufs = ctx.blocks, ctx.swiglu, ctx.needs_input_grad, ctx.bufs
+        E, dt = w1.shape[0], x.dtype
         with torch.autocast(gy.device.type, enabled=False):
             gy = gy.to(dt).contiguous()
-            gh = _per_expert_linear(gy, w2.to(dt), None, blocks, transpose=True)
-            gw2 = _per_expert_wgrad(h, gy, w2, blocks) if need[5] else None
-            gb2 = _per_expert_sum(gy, blocks, w2.shape[0]) if ctx.has_bias[1] and need[6] else None
-            if swiglu:
-                ga3 = gh * F.silu(a1)
-                ga1 = torch.ops.aten.silu_backward(gh * a3, a1)
-            else:
-                ga1, ga3 = torch.ops.aten.gelu_backward(gh, a1), None
-            del gh
-            gw1 = _per_expert_wgrad(x, ga1, w1, blocks) if need[3] else None
-            gb1 = _per_expert_sum(ga1, blocks, w1.shape[0]) if ctx.has_bias[0] and need[4] else None
-            gw3 = _per_expert_wgrad(x, ga3, w3, blocks) if swiglu and need[7] else None
-            gb3 = _per_expert_sum(ga3, blocks, w1.shape[0]) if swiglu and ctx.has_bias[2] and need[8] else None
-            gx = None
-            if need[0]:
-                gx = _per_expert_linear(ga1, w1.to(dt), None, blocks, transpose=True)
+            W1, W2 = w1.to(dt), w2.to(dt)
+            W3 = w3.to(dt) if swiglu else None
+            gw1 = _wgrad_target(w1, dt, bufs and bufs.target("w1", w1)) if need[3] else None
+            gw2 = _wgrad_target(w2, dt, bufs and bufs.target("w2", w2)) if need[5] else None
+            gw3 = _wgrad_target(w3, dt, bufs and bufs.target("w3", w3)) if swiglu and need[7] else None
+            gb1 = _bias_target(w1, ctx.has_bias[0] and need[4])
+            gb2 = _bias_target(w2, ctx.has_bias[1] and need[6])
+            gb3 = _bias_target(w1, swiglu and ctx.has_bias[2] and need[8])
+            gx = x.new_empty(x.shape) if need[0] else None
+            for s0, t0, chunk in _chunks(blocks, w1.shape[2]):
+                a1c, a3c = a1[s0:t0], (a3[s0:t0] if swiglu else None)
+                gh = x.new_empty(t0 - s0, w2.shape[1])
+                for e, s, t in chunk:
+                    torch.mm(gy[s:t], W2[e].t(), out=gh[s - s0:t - s0])
+                if gw2 is not None:
+                    h = _activation(a1c, a3c)  # recomputed: not kept from the forward
+                    for e, s, t in chunk:
+                        torch.mm(h[s - s0:t - s0].t(), gy[s:t], out=gw2[0][e])
+                    del h
                 if swiglu:
-                    W3 = w3.to(dt)
-                    for e, s, t in blocks:
-                        gx[s:t].addmm_(ga3[s:t], W3[e].t())
-        return gx, None, None, gw1, gb1, gw2, gb2, gw3, gb3
+                    ga3 = gh * F.silu(a1c)
+                    ga1 = torch.ops.aten.silu_backward(gh * a3c, a1c)
+                else:
+                    ga1, ga3 = torch.ops.aten.gelu_backward(gh, a1c), None
+                del gh
+                for e, s, t in chunk:
+                    r = slice(s - s0, t - s0)
+                    if gw1 is not None:
+                        torch.mm(x[s:t].t(), ga1[r], out=gw1[0][e])
+                    if gw3 is not None:
+                        torch.mm(x[s:t].t(), ga3[r], out=gw3[0][e])
+                    if gb1 is not None:
+                        gb1[e] = ga1[r].sum(0, dtype=torch.float32)
+                    if gb2 is not None:
+                        gb2[e] = gy[s:t].sum(0, dtype=torch.float32)
+                    if gb3 is not None:
+                        gb3[e] = ga3[r].sum(0, dtype=torch.float32)
+                    if gx is not None:
+                        torch.mm(ga1[r], W1[e].t(), out=gx[s:t])
+                        if swiglu:
+                            gx[s:t].addmm_(ga3[r], W3[e].t())
+            grads = [_wgrad_result(g, w, blocks, E) for g, w in ((gw1, w1), (gw2, w2), (gw3, w3))]
+        return gx, None, None, grads[0], gb1, grads[1], gb2, grads[2], gb3, None
 
 
-def _per_expert_linear(x: Tensor, w: Tensor, b: Tensor | None, blocks: list[tuple[int, int, int]],
-                       transpose: bool = False) -> Tensor:
-    """``out[s:t] = x[s:t] @ w[e] (+ b[e])`` for every block (``w[e].T`` with ``transpose``)."""
-    out = x.new_empty(x.shape[0], w.shape[1] if transpose else w.shape[2])
+# elementwise work of `_ExpertMLP` runs over chunks of consecutive experts of at most this many hidden values
+# (16 MiB in fp32); a chunk always holds at least one whole expert
+CHUNK_ELEMENTS = 1 << 22
+
+
+def _chunks(blocks: list[tuple[int, int, int]], hidden: int):
+    """``(first row, end row, blocks)`` of consecutive expert blocks with at most `CHUNK_ELEMENTS` hidden
+    values each (a single larger expert makes a chunk of its own)."""
+    limit = max(CHUNK_ELEMENTS // max(hidden, 1), 1)
+    i = 0
+    while i < len(blocks):
+        j, s0 = i + 1, blocks[i][1]
+        while j < len(blocks) and blocks[j][2] - s0 <= limit:
+            j += 1
+        yield s0, blocks[j - 1][2], blocks[i:j]
+        i = j
+
+
+def _activation(a1: Tensor, a3: Tensor | None) -> Tensor:
+    return F.silu(a1) * a3 if a3 is not None else F.gelu(a1)
+
+
+def _per_expert_linear(x: Tensor, w: Tensor, b: Tensor | None, blocks: list[tuple[int, int, int]]) -> Tensor:
+    """``out[s:t] = x[s:t] @ w[e] (+ b[e])`` for every block."""
+    out = x.new_empty(x.shape[0], w.shape[2])
     for e, s, t in blocks:
-        we = w[e].t() if transpose else w[e]
         if b is not None:
-            torch.addmm(b[e].to(x.dtype), x[s:t], we, out=out[s:t])
+            torch.addmm(b[e].to(x.dtype), x[s:t], w[e], out=out[s:t])
         else:
-            torch.mm(x[s:t], we, out=out[s:t])
+            torch.mm(x[s:t], w[e], out=out[s:t])
     return out
 
 
-def _per_expert_wgrad(inp: Tensor, g: Tensor, w: Tensor, blocks: list[tuple[int, int, int]]) -> Tensor:
-    """``grad[e] = inp[s:t].T @ g[s:t]``; experts without rows get zeros."""
-    out = torch.empty(w.shape, dtype=inp.dtype, device=inp.device)
-    for e, s, t in blocks:
-        torch.mm(inp[s:t].t(), g[s:t], out=out[e])
-    if len(blocks) < w.shape[0]:
-        empty = torch.ones(w.shape[0], dtype=torch.bool)
+def _wgrad_target(w: Tensor, dt: torch.dtype, into: Tensor | None) -> tuple[Tensor, bool]:
+    """Where a weight gradient is written: the persistent buffer ``into`` (`GradBuffers`) when the math is in
+    the weight's dtype, else a fresh tensor in the math dtype; and whether it is the buffer."""
+    if into is not None and dt == w.dtype:
+        return into, True
+    return torch.empty(w.shape, dtype=dt, device=w.device), False
+
+
+def _wgrad_result(target: tuple[Tensor, bool] | None, w: Tensor | None, blocks: list[tuple[int, int, int]],
+                  num_experts: int) -> Tensor | None:
+    """The finished weight gradient: zeros for experts without rows; a buffer handed out as a new tensor
+    over its storage, a fresh one in the weight's dtype."""
+    if target is None or w is None:
+        return None
+    out, persistent = target
+    if len(blocks) < num_experts:
+        empty = torch.ones(num_experts, dtype=torch.bool)
         empty[[e for e, _, _ in blocks]] = False
         out[empty.to(out.device)] = 0
-    return out.to(w.dtype)
+    return GradBuffers.hand_out(out) if persistent else out.to(w.dtype)
 
 
-def _per_expert_sum(g: Tensor, blocks: list[tuple[int, int, int]], num_experts: int) -> Tensor:
-    """Per-expert row sums of ``g`` in fp32 (bias gradients)."""
-    out = torch.zeros(num_experts, g.shape[1], dtype=torch.float32, device=g.device)
-    for e, s, t in blocks:
-        out[e] = g[s:t].sum(0, dtype=torch.float32)
-    return out
+def _bias_target(w: Tensor, wanted: bool) -> Tensor | None:
+    """A bias gradient summed in fp32 (zeros for experts without rows), or None."""
+    return torch.zeros(w.shape[0], w.shape[2], dtype=torch.float32, device=w.device) if wanted else None
 
 
 class MLP(nn.Module):

@@ -610,6 +610,17 @@ def routing_stats(model: nn.Module) -> dict[str, LayerStats]:
     return {name: m.last_stats for name, m in moe_layers(model) if m.last_stats is not None}
 
 
+def set_grad_buffers(model: nn.Module, enabled: bool | None) -> int:
+    """Persistent expert weight-gradient buffers (`mmoe.experts`) of every MoE layer in ``model``: None = on
+    for CPU tensors (the default), True / False force it. The buffers held so far are freed either way (a
+    gradient still in ``.grad`` stays valid); returns the number of layers set."""
+    layers = moe_layers(model)
+    for _, m in layers:
+        m.experts.reuse_grad_buffers = enabled
+        m.experts._grad_buffers.clear()
+    return len(layers)
+
+
 @torch.no_grad()
 def update_balance_bias(model: nn.Module) -> None:
     """Aux-loss-free balancing step (DeepSeek-V3): call once after each optimizer step.

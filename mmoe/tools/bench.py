@@ -1,5 +1,5 @@
 """``mmoe bench``: the command's flags and dispatch (standard library only: ``mmoe bench --help`` loads no
-torch). The measurements live in `mmoe.tools.layer_bench`."""
+torch). The measurements live in `mmoe.tools.layer_bench` and `mmoe.tools.threads_bench`."""
 
 from __future__ import annotations
 
@@ -54,6 +54,26 @@ def add_args(parser: argparse.ArgumentParser) -> None:
                        help="MH-MoE heads of the FLOP-matched overhead row (default 2)")
     layer.add_argument("--seed", type=int, default=0, help="seed for weights and inputs (default 0)")
     layer.add_argument("--json", metavar="PATH", help="also write every raw number to this JSON file")
+    layer.add_argument("--loop", choices=("both", "tuned", "plain"), default="both",
+                       help="CPU only. tuned: this process with mmoe.train.perf.tune_cpu_allocator applied (as "
+                       "`mmoe train` runs); plain: glibc's defaults, the way a user's own training script runs; "
+                       "both (default): the plain cells in a child process first, then the tuned run, and a table "
+                       "of both side by side")
+    layer.add_argument("--skip-overhead", action="store_true", help=argparse.SUPPRESS)  # the plain child
+
+    threads = targets.add_parser(
+        "threads",
+        help="training throughput quiet and beside busy processes, default vs fixed intra-op threads",
+        description="Runs `mmoe train CONFIG` four times: quiet and beside --busy processes that each spin on "
+        "one CPU, with the default threads (they follow the CPUs other processes leave free) and with the "
+        "thread count fixed at the usable CPUs. Prints the median throughput of each and busy / quiet.",
+    )
+    threads.add_argument("config", help="training config (e.g. configs/tiny.yaml, configs/vit_moe_digits.yaml)")
+    threads.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
+    threads.add_argument("--steps", type=positive_int, default=60, help="training steps per run (default 60)")
+    threads.add_argument("--warmup", type=int, default=10, help="steps left out of the median (default 10)")
+    threads.add_argument("--busy", type=positive_int, default=1, help="busy processes beside the run (default 1)")
+    threads.add_argument("--json", metavar="PATH", help="also write every raw number to this JSON file")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -64,4 +84,8 @@ def run(args: argparse.Namespace) -> int:
 
         sizes = LAYER_QUICK if args.quick else LAYER_FULL
         return layer_bench.run_layer_bench(layer_bench.layer_settings_from_args(args, sizes))
+    if args.target == "threads":
+        from . import threads_bench
+
+        return threads_bench.run(args)
     raise CLIError(f"unknown bench target {args.target!r}")

@@ -19,6 +19,11 @@ loss; gradients are cleared (untimed) before each call. Variants of a group are 
 each repetition runs every variant once, rotating the order, and the reported time is the median over
 repetitions, so drift in machine load touches every variant alike and the ratios stay comparable.
 
+On CPU, ``--loop`` says under which allocator settings: ``tuned`` runs in this process after
+`mmoe.train.perf.tune_cpu_allocator` (as ``mmoe train`` does), ``plain`` with glibc's defaults, the way a
+user's own script runs, and ``both`` (the default) runs the plain cells in a child process first (a tuned
+process cannot go back), then the tuned ones, and prints both sets of ratios side by side.
+
 Peak memory is measured in a separate, untimed call per variant: on CUDA ``max_memory_allocated`` above
 what was allocated before the call; on CPU the growth of the resident set size, read from the kernel's
 high-water mark (``VmHWM``, reset through ``/proc/self/clear_refs``) or, where that reset is not allowed,
@@ -104,6 +109,8 @@ class LayerBenchSettings:
     threads: int | None = None  # torch intra-op threads; None keeps torch's default
     json_path: str | None = None
     heads: int = 2  # MH-MoE heads of the FLOP-matched overhead row (MH-MoE v2's smallest config)
+    loop: str = "both"  # CPU: "tuned" (allocator tuned), "plain" (glibc defaults) or "both" (module docstring)
+    overhead: bool = True  # the overhead group (left out by the plain child of --loop both)
 
 
 def layer_settings_from_args(args: argparse.Namespace, sizes: dict) -> LayerBenchSettings:
@@ -121,7 +128,11 @@ def layer_settings_from_args(args: argparse.Namespace, sizes: dict) -> LayerBenc
         threads=args.threads,
         json_path=args.json,
         heads=args.heads,
+        loop=args.loop,
+        overhead=not args.skip_overhead,
     )
+    if settings.device != "cpu":
+        settings.loop = "tuned"  # CUDA: no allocator tuning, one run
     if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
         raise CLIError(f"--json {args.json}: its folder does not exist")
     if max(settings.topk) > min(settings.experts):
@@ -386,6 +397,9 @@ class _Runner:
             self.x.grad = None
 
     def peak_bytes(self, v: Variant) -> int | None:
+        # persistent expert weight-gradient buffers are freed first, so the growth counts the gradients as it
+        # does for the layers without such buffers
+        mmoe.set_grad_buffers(v.module, None)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
@@ -569,11 +583,39 @@ def _ratio(a: float | None, b: float | None) -> float | None:
     return a / b if a is not None and b else None
 
 
+def _plain_loop_cells(settings: LayerBenchSettings) -> tuple[list[dict] | None, str | None]:
+    """``--loop both``: the cells measured by a child ``mmoe bench layer --loop plain`` (glibc's allocator
+    defaults cannot be restored in a process once tuned); (cells, None) or (None, why not)."""
+    import subprocess
+    import tempfile
+
+    s = settings
+    with tempfile.TemporaryDirectory(prefix="mmoe-bench-") as tmp:
+        out = os.path.join(tmp, "plain.json")
+        cmd = [sys.executable, "-m", "mmoe", "bench", "layer", "--loop", "plain", "--skip-overhead",
+               "--tokens", str(s.tokens), "--dim", str(s.dim), "--expert-hidden", str(s.expert_hidden),
+               "--experts", ",".join(map(str, s.experts)), "--topk", ",".join(map(str, s.topk)),
+               "--repeats", str(s.repeats), "--device", s.device, "--seed", str(s.seed), "--heads", str(s.heads),
+               "--json", out]
+        cmd += (["--bf16"] if s.bf16 else []) + ([] if s.deepspeed else ["--no-deepspeed"])
+        cmd += ["--threads", str(s.threads)] if s.threads is not None else []
+        env = dict(os.environ, MMOE_MALLOC_TUNING="0")
+        print("[bench] plain loop (glibc's allocator defaults) in a child process", file=sys.stderr, flush=True)
+        proc = subprocess.run(cmd, env=env, stdout=subprocess.DEVNULL, stderr=None)
+        if proc.returncode != 0 or not os.path.isfile(out):
+            return None, f"the plain-loop child exited with status {proc.returncode}"
+        with open(out) as f:
+            return json.load(f)["cells"], None
+
+
 def run_layer_bench(settings: LayerBenchSettings) -> int:
     """Run ``mmoe bench layer`` with resolved settings: print the tables, write JSON if asked; exit code."""
     if settings.threads is not None:
         torch.set_num_threads(settings.threads)
-    if settings.device == "cpu":
+    plain_cells, plain_error = None, None
+    if settings.device == "cpu" and settings.loop == "both":
+        plain_cells, plain_error = _plain_loop_cells(settings)
+    if settings.device == "cpu" and settings.loop != "plain":
         from ..train.perf import tune_cpu_allocator
 
         tune_cpu_allocator()  # applies to every variant alike (dense, mmoe, DeepSpeed)
@@ -591,18 +633,22 @@ def run_layer_bench(settings: LayerBenchSettings) -> int:
                 cells.append(_bench_cell(settings, ds, num_experts, top_k, seed))
                 seed += 1
                 gc.collect()
-        oh_e = 8 if 8 in settings.experts else settings.experts[0]
-        oh_k = 2 if 2 in settings.topk else settings.topk[0]
-        print(f"[bench] overhead at E={oh_e} k={oh_k}", file=sys.stderr, flush=True)
-        overhead = _bench_overhead(settings, oh_e, oh_k, seed)
+        overhead = None
+        if settings.overhead:
+            oh_e = 8 if 8 in settings.experts else settings.experts[0]
+            oh_k = 2 if 2 in settings.topk else settings.topk[0]
+            print(f"[bench] overhead at E={oh_e} k={oh_k}", file=sys.stderr, flush=True)
+            overhead = _bench_overhead(settings, oh_e, oh_k, seed)
     finally:
         if ds is not None:
             ds.close()
 
     _print_tables(settings, cells, overhead)
+    if settings.loop == "both" and settings.device == "cpu":
+        _print_loop_table(settings, cells, plain_cells, plain_error)
     if settings.json_path:
         report = {"settings": asdict(settings), "environment": _environment(settings, ds), "cells": cells,
-                  "overhead": overhead}
+                  "overhead": overhead, "plain_loop_cells": plain_cells, "plain_loop_error": plain_error}
         try:
             with open(settings.json_path, "w") as f:
                 json.dump(report, f, indent=2)
@@ -629,9 +675,13 @@ def _environment(settings: LayerBenchSettings, ds: _DeepSpeed | None) -> dict[st
 
 def _header(s: LayerBenchSettings) -> str:
     precision = "bf16 autocast" if s.bf16 else "fp32"
+    allocator = ""
+    if s.device == "cpu":
+        allocator = ", allocator: glibc defaults (plain loop)" if s.loop == "plain" else ", allocator tuned"
     return (f"mmoe bench layer: {s.tokens} tokens, dim {s.dim}, expert hidden {s.expert_hidden}, "
             f"E {','.join(map(str, s.experts))}, k {','.join(map(str, s.topk))}, median of {s.repeats} "
-            f"interleaved repeats, fwd+bwd, {precision}, {s.device}, torch threads {torch.get_num_threads()}")
+            f"interleaved repeats, fwd+bwd, {precision}, {s.device}, torch threads {torch.get_num_threads()}"
+            f"{allocator}")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -677,6 +727,8 @@ def _print_tables(settings: LayerBenchSettings, cells: list[dict], overhead: dic
         rows.append(row)
     _table("peak memory of one fwd+bwd (growth above the parameters)", headers, rows)
 
+    if overhead is None:
+        return
     rows = []
     for name, r in overhead["variants"].items():
         iqr = r.get("overhead_iqr_pct")
@@ -687,6 +739,30 @@ def _print_tables(settings: LayerBenchSettings, cells: list[dict], overhead: dic
            f"{overhead.get('rounds', '?')} per-round ratios to plain top-k, same interleaved run; the MH-MoE "
            f"compute floor against the top-k compute floor)",
            ["variant", "ms", "overhead", "middle half", "peak MiB"], rows)
+
+
+def _print_loop_table(settings: LayerBenchSettings, cells: list[dict], plain: list[dict] | None,
+                      error: str | None) -> None:
+    """``--loop both``: time ratios to the dense FFN with the allocator tuned (this process) and in a plain
+    loop (the child process), side by side."""
+    names = [DROPLESS] + ([DEEPSPEED] if settings.deepspeed else [])
+    if plain is None:
+        print(f"\nplain loop: n/a ({error})")
+        return
+    by_cell = {(c["experts"], c["top_k"]): c for c in plain}
+    headers = ["E", "k"] + [f"{LABELS[n]} x ({mode})" for mode in ("tuned", "plain loop") for n in names]
+    rows = []
+    for cell in cells:
+        other = by_cell.get((cell["experts"], cell["top_k"]))
+        row = [str(cell["experts"]), str(cell["top_k"])]
+        for source in (cell, other):
+            for n in names:
+                r = source["variants"].get(n, {}) if source else {}
+                row.append(_fmt(r.get("ratio_vs_dense"), ".2f", "x"))
+        rows.append(row)
+    _table("fwd+bwd time as ratio to the dense FFN, allocator tuned (as `mmoe train` and `mmoe bench` run) and "
+           "in a plain loop (glibc's defaults, as a user's own script runs; a child process, measured first)",
+           headers, rows)
 
 
 def _table(title: str, headers: list[str], rows: list[list[str]]) -> None:

@@ -154,6 +154,9 @@ class TrainLoopConfig:
     stats_every: int = 50  # routing statistics + expert-load heatmap (0 = off)
     max_bad_steps: int = 5  # stop after this many consecutive non-finite losses
     progress: bool = True
+    # persistent expert weight-gradient buffers (mmoe.experts): null = on for CPU except under ZeRO 2, whose
+    # gradient partitions already free each gradient once it is reduced; true / false force it
+    grad_buffers: bool | None = None
 
 
 @dataclass

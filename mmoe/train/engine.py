@@ -43,7 +43,7 @@ import torch.distributed as dist
 
 from ..data.mixing import MultiBatch, SourcedBatch
 from ..errors import TrainingError
-from ..layer import aux_loss, clear_aux, moe_layers, update_balance_bias
+from ..layer import aux_loss, clear_aux, moe_layers, set_grad_buffers, update_balance_bias
 from . import checkpoint as ckpt_lib
 from . import deepspeed as ds
 from .layout import DataLayout, LayoutLoader, plan as layout_plan, stream_states
@@ -171,12 +171,14 @@ class Trainer:
         ds.init_distributed(cfg.dist.backend)
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
+        self.threads = None  # CPU: intra-op threads follow the CPUs other processes leave free (perf.py)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         else:
-            from .perf import tune_cpu_allocator
+            from .perf import ThreadGovernor, tune_cpu_allocator
 
             tune_cpu_allocator()
+            self.threads = ThreadGovernor()
         ep = cfg.dist.ep_size
         if self.world % ep:
             raise TrainingError(f"dist.ep_size={ep} does not divide the world size {self.world}")
@@ -209,6 +211,8 @@ class Trainer:
             m.dp_group = dist.group.WORLD if self.world > 1 else None
             m.set_check_finite(False)  # non-finite losses are caught globally in `fit`
         model.to(self.device)
+        buffers = cfg.train.grad_buffers
+        set_grad_buffers(model, False if buffers is None and cfg.dist.zero_stage >= 2 else buffers)
         self.model = model
         self.task.model_ready(model)
 
@@ -577,12 +581,21 @@ class Trainer:
                 update_balance_bias(engine.module)
                 self.step += 1
                 dt = time.perf_counter() - t0  # the training step alone (a task's after_step work is not in it)
+                if self.threads is not None:
+                    seen = len(self.threads.changes)
+                    self.threads.tick()
+                    for _, n, other in self.threads.changes[seen:]:
+                        self.logger.event(self.step, "threads", f"intra-op threads -> {n} (other processes keep "
+                                          f"{other:.1f} of {self.threads.cpus} CPUs busy)", echo=False,
+                                          threads=n, other_cpus=round(other, 2))
                 self.task.after_step(engine.module, self.step)
                 if self.step % tl.log_every == 0 or self.step == tl.max_steps:
                     vals = self._mean_over_ranks(sums)
                     gn = engine.get_global_grad_norm() if cfg.dist.zero_stage > 0 else getattr(self, "_grad_norm", None)
                     if gn is not None:
                         vals["grad_norm"] = _safe_float(gn)
+                    if self.threads is not None:
+                        vals["threads"] = float(self.threads.threads)
                     self.logger.log(self.step, **vals, lr=lr, throughput=units * self.world / max(dt, 1e-9))
                 if tl.stats_every and (self.step % tl.stats_every == 0 or self.step == tl.max_steps):
                     for tag, stats in self.task.routing_groups(engine.module).items():

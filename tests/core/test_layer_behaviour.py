@@ -264,11 +264,20 @@ def test_deepcopy_after_forward():
     assert torch.equal(twin.experts.w1, moe.experts.w1) and twin.aux_loss().item() == 0.0
 
 
+@pytest.mark.parametrize("chunk", [1 << 22, 16 * 6, 1])
 @pytest.mark.parametrize("activation,bias", [("gelu", True), ("gelu", False), ("swiglu", True), ("swiglu", False)])
-def test_expert_paths_agree_with_per_expert_reference(activation, bias):
+def test_expert_paths_agree_with_per_expert_reference(activation, bias, chunk, monkeypatch):
     """loop (the in-place per-expert autograd function), padded and grouped give the per-expert reference's
-    outputs and gradients, with empty experts (zero weight gradients) and under bf16 autocast."""
+    outputs and gradients, with empty experts (zero weight gradients) and under bf16 autocast. ``chunk``: the
+    loop path's elementwise chunk (hidden values): all experts in one chunk, chunks of one or two experts
+    (6 rows of hidden 16), one expert per chunk even where it is larger than the limit."""
+    from mmoe import experts as experts_module
     from mmoe.experts import Experts
+
+    monkeypatch.setattr(experts_module, "CHUNK_ELEMENTS", chunk)
+    spans = [(s0, t0) for s0, t0, _ in experts_module._chunks([(0, 0, 3), (2, 3, 8), (3, 8, 9), (5, 9, 16)], 16)]
+    want_spans = {1 << 22: [(0, 16)], 16 * 6: [(0, 3), (3, 9), (9, 16)], 1: [(0, 3), (3, 8), (8, 9), (9, 16)]}
+    assert spans == want_spans[chunk]
 
     torch.manual_seed(0)
     counts = torch.tensor([3, 0, 5, 1, 0, 7])  # experts 1 and 4 get no rows
@@ -321,3 +330,108 @@ def test_default_moe_layer_called_twice_before_backward():
     ref(x2).sum().backward()
     torch.testing.assert_close(moe.router.weight.grad, g1 + ref.router.weight.grad)
     torch.testing.assert_close(moe.default.vectors, ref.default.vectors)
+
+
+def _loop_experts(reuse: bool):
+    from mmoe.experts import Experts
+
+    torch.manual_seed(1)
+    ex = Experts(4, 8, 16, "swiglu", True, mode="loop")
+    ex.reuse_grad_buffers = reuse
+    return ex
+
+
+def _loss(ex, x, counts, g):
+    return (ex(x, counts) * g).sum()
+
+
+def test_persistent_weight_gradients_equal_autograd_in_every_loop_pattern():
+    """The loop path's weight gradients written into persistent buffers equal fresh ones (reuse off, the
+    autograd reference of the test above) in a plain loop (zero_grad to None), under accumulation over
+    micro-batches, with zero_grad(set_to_none=False), and with two calls of one layer in one graph; a gradient a
+    user still holds is never overwritten."""
+    counts = [torch.tensor([3, 0, 5, 2]), torch.tensor([1, 4, 0, 5]), torch.tensor([2, 2, 2, 4])]
+    xs = [torch.randn(int(c.sum()), 8) for c in counts]
+    gs = [torch.randn(int(c.sum()), 8) for c in counts]
+    fresh, reused = _loop_experts(False), _loop_experts(True)
+    weights = ("w1", "w2", "w3")
+
+    # a plain loop: every step starts from .grad = None
+    for step in range(3):
+        for ex in (fresh, reused):
+            ex.zero_grad(set_to_none=True)
+            _loss(ex, xs[step], counts[step], gs[step]).backward()
+        for n in weights:
+            torch.testing.assert_close(getattr(reused, n).grad, getattr(fresh, n).grad, rtol=0, atol=0)
+    # the buffers really are reused: the same storage every step once released
+    ptr = reused.w1.grad.untyped_storage().data_ptr()
+    reused.zero_grad(set_to_none=True)
+    _loss(reused, xs[0], counts[0], gs[0]).backward()
+    assert reused.w1.grad.untyped_storage().data_ptr() == ptr
+    # accumulation over micro-batches (no zero_grad between): p.grad holds buffer 1, buffer 2 takes the next
+    for ex in (fresh, reused):
+        ex.zero_grad(set_to_none=True)
+        for i in range(3):
+            _loss(ex, xs[i], counts[i], gs[i]).backward()
+    for n in weights:
+        torch.testing.assert_close(getattr(reused, n).grad, getattr(fresh, n).grad, rtol=1e-6, atol=1e-6)
+    # zero_grad(set_to_none=False) keeps p.grad (a buffer) and accumulates into it
+    for ex in (fresh, reused):
+        ex.zero_grad(set_to_none=False)
+        _loss(ex, xs[1], counts[1], gs[1]).backward()
+    for n in weights:
+        torch.testing.assert_close(getattr(reused, n).grad, getattr(fresh, n).grad, rtol=0, atol=1e-6)
+    # two calls of the layer in one graph: the first call's gradient is pending while the second's is computed
+    for ex in (fresh, reused):
+        ex.zero_grad(set_to_none=True)
+        (_loss(ex, xs[0], counts[0], gs[0]) + _loss(ex, xs[2], counts[2], gs[2])).backward()
+    for n in weights:
+        torch.testing.assert_close(getattr(reused, n).grad, getattr(fresh, n).grad, rtol=1e-6, atol=1e-6)
+    # a gradient someone still holds (a reference or a .data alias) is not overwritten by later backwards
+    held, alias = reused.w1.grad, reused.w2.grad.data
+    kept_w1, kept_w2 = held.clone(), alias.clone()
+    for _ in range(3):
+        reused.zero_grad(set_to_none=True)
+        _loss(reused, xs[1], counts[1], gs[1]).backward()
+    assert torch.equal(held, kept_w1) and torch.equal(alias, kept_w2)
+    assert not torch.equal(reused.w1.grad, held)
+
+
+def test_persistent_weight_gradients_through_an_optimizer_and_a_copy():
+    """AdamW steps with buffered gradients land where fresh gradients do; a deep copy (a weight EMA) gets no
+    buffers of its own."""
+    counts = torch.tensor([3, 1, 5, 2])
+    x, g = torch.randn(11, 8), torch.randn(11, 8)
+    fresh, reused = _loop_experts(False), _loop_experts(True)
+    opts = [torch.optim.AdamW(m.parameters(), lr=1e-2) for m in (fresh, reused)]
+    for _ in range(4):
+        for ex, opt in zip((fresh, reused), opts):
+            opt.zero_grad()
+            _loss(ex, x, counts, g).backward()
+            opt.step()
+    for a, b in zip(fresh.parameters(), reused.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    twin = copy.deepcopy(reused)
+    assert twin._grad_buffers._bufs == {} and reused._grad_buffers._bufs
+
+
+def test_grad_buffers_default_on_cpu_and_switchable():
+    """By default a CPU layer's loop path reuses one buffer per expert weight across plain-loop steps;
+    ``mmoe.set_grad_buffers(model, False)`` frees the buffers and gives fresh gradients from then on."""
+    torch.manual_seed(0)
+    moe = mmoe.MoE(mmoe.MoEConfig(dim=8, num_experts=4, top_k=2, expert_hidden=16, grouped_mm="loop"))
+    assert moe.experts.reuse_grad_buffers is None
+    x = torch.randn(10, 8)
+
+    def step() -> int:
+        moe.zero_grad(set_to_none=True)
+        moe(x).pow(2).sum().backward()
+        return moe.experts.w1.grad.untyped_storage().data_ptr()
+
+    first = step()
+    assert step() == first and moe.experts._grad_buffers._bufs
+    want = moe.experts.w1.grad.clone()
+    assert mmoe.set_grad_buffers(moe, False) == 1 and not moe.experts._grad_buffers._bufs
+    step()
+    assert not moe.experts._grad_buffers._bufs
+    torch.testing.assert_close(moe.experts.w1.grad, want, rtol=0, atol=0)

@@ -83,6 +83,11 @@ def test_bench_layer_tiny_writes_ratios(tmp_path: Path):
         assert overhead["variants"][name]["overhead_pct"] is not None
     assert "compute floor x" in proc.stdout
     assert "mmoe dropless x" in proc.stdout  # the table reached stdout
+    # --loop both (the default): the same cell measured again in a plain-loop child (glibc's defaults)
+    assert report["plain_loop_error"] is None and "allocator tuned" in proc.stdout
+    (plain,) = report["plain_loop_cells"]
+    assert (plain["experts"], plain["top_k"]) == (4, 1) and plain["variants"]["mmoe_dropless"]["ratio_vs_dense"] > 0
+    assert "mmoe dropless x (plain loop)" in proc.stdout
 
 
 def test_bench_paired_ratios_cancel_drift():
