@@ -122,27 +122,33 @@ class Experts(nn.Module):
         return lin(a, self.w2, self.b2)
 
     # ---------------------------------------------------------------- batched paths
-    def forward(self, x: Tensor, counts: Tensor, counts_list: list[int] | None = None) -> Tensor:
-        """Rows ``x [S, D]`` sorted by expert, ``counts [E]`` rows per expert -> ``[S, D]``."""
+    def forward(self, x: Tensor, counts: Tensor, counts_list: list[int] | None = None,
+                rows: Tensor | None = None) -> Tensor:
+        """Rows ``x [S, D]`` sorted by expert, ``counts [E]`` rows per expert -> ``[S, D]``.
+
+        ``rows [S]`` (optional, int64): the sorted rows are ``x[rows]`` of an ``x [T, D]``. The ``loop`` path
+        then gathers them chunk by chunk and adds their gradient straight into ``x``'s, so neither the
+        gathered rows nor their gradient exists whole; the other paths gather first."""
         mode = self.mode
         dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
-        if mode == "auto" and x.device.type == "cpu" and x.shape[0] > 0:
+        S = x.shape[0] if rows is None else rows.numel()
+        if mode == "auto" and x.device.type == "cpu" and S > 0:
             # CPU (see PAD_LIMIT): counts are needed on the host for either path
             if counts_list is None:
                 counts_list = counts.tolist()
             widest = max(counts_list)
-            if widest * len(counts_list) <= PAD_LIMIT * x.shape[0]:
-                return self._padded(x, counts, widest)
-            return self._loop(x, counts_list, dtype)
+            if widest * len(counts_list) > PAD_LIMIT * S:
+                return self._loop(x, rows, counts_list, dtype)
+            mode = "padded"
         if mode == "auto":
             mode = "grouped" if self.grouped_shapes_ok and _grouped_mm_ok(x.device, dtype) else "loop"
+        if mode == "loop":
+            return self._loop(x, rows, counts.tolist() if counts_list is None else counts_list, dtype)
+        if rows is not None:
+            x = x.index_select(0, rows)
         if mode == "padded":
-            return self._padded(x, counts, int(counts.max()) if counts.numel() else 0)
-        if mode == "grouped":
-            return self._grouped(x, counts, dtype)
-        if counts_list is None:
-            counts_list = counts.tolist()
-        return self._loop(x, counts_list, dtype)
+            return self._padded(x, counts, max(counts_list) if counts_list else int(counts.max()) if counts.numel() else 0)
+        return self._grouped(x, counts, dtype)
 
     def _padded(self, x: Tensor, counts: Tensor, width: int) -> Tensor:
         """Rows scattered into ``[E, width, D]`` (zeros elsewhere), two ``bmm``, rows gathered back.
@@ -173,10 +179,10 @@ class Experts(nn.Module):
 
         return self._mlp(x, lin)
 
-    def _loop(self, x: Tensor, counts_list: list[int], dt: torch.dtype) -> Tensor:
+    def _loop(self, x: Tensor, rows: Tensor | None, counts_list: list[int], dt: torch.dtype) -> Tensor:
         reuse = self.reuse_grad_buffers
         bufs = self._grad_buffers if (x.device.type == "cpu" if reuse is None else reuse) else None
-        return _ExpertMLP.apply(x.to(dt), counts_list, self.activation == "swiglu",
+        return _ExpertMLP.apply(x.to(dt), rows, counts_list, self.activation == "swiglu",
                                 self.w1, self.b1, self.w2, self.b2, self.w3, self.b3, bufs)
 
 
@@ -227,59 +233,69 @@ class _ExpertMLP(torch.autograd.Function):
 
     Compared with autograd over per-expert slices this does no padding, no concatenation of the outputs,
     no stacking of per-expert weight gradients (a full copy of every expert weight per backward) and no
-    gradient for experts that got no rows beyond zero-filling their slice. Memory: only the inputs and the
-    pre-activations (``x`` and ``x W1``, plus ``x W3`` for SwiGLU) are kept for backward; the activation is
-    recomputed there, and the elementwise work of both passes (activation, its gradient, the hidden-size
-    gradients) runs over chunks of consecutive experts of at most `CHUNK_ELEMENTS` hidden values, so no
-    ``[rows, hidden]`` temporary besides the kept pre-activations is ever whole. Math in the input's dtype
-    (the autocast dtype under autocast), weight gradients returned in the parameters' dtype, bias
-    gradients summed in fp32. Not twice differentiable.
+    gradient for experts that got no rows beyond zero-filling their slice. Memory: only the pre-activations
+    (``x W1``, plus ``x W3`` for SwiGLU) and the input are kept for backward; the activation is recomputed
+    there, and all row-wise work of both passes runs over chunks of consecutive experts of at most
+    `CHUNK_ELEMENTS` hidden values, so no ``[rows, hidden]`` temporary besides the kept pre-activations is
+    ever whole. With ``rows`` (`Experts.forward`) the input is ``x [T, D]`` and each chunk gathers its rows
+    and adds its input gradient into ``x``'s gradient (`index_add_`, in slot order: the sum autograd's
+    gather backward makes). Math in the input's dtype (the autocast dtype under autocast), weight gradients
+    returned in the parameters' dtype, bias gradients summed in fp32. Not twice differentiable.
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, counts: list[int], swiglu: bool, w1: Tensor, b1: Tensor | None, w2: Tensor,
-                b2: Tensor | None, w3: Tensor | None, b3: Tensor | None, bufs: "GradBuffers | None" = None) -> Tensor:
+    def forward(ctx, x: Tensor, rows: Tensor | None, counts: list[int], swiglu: bool, w1: Tensor,
+                b1: Tensor | None, w2: Tensor, b2: Tensor | None, w3: Tensor | None, b3: Tensor | None,
+                bufs: "GradBuffers | None" = None) -> Tensor:
         dt = x.dtype
         blocks, start = [], 0
         for e, n in enumerate(counts):
             if n:
                 blocks.append((e, start, start + n))
             start += n
+        S, H = start, w1.shape[2]
         with torch.autocast(x.device.type, enabled=False):
             W1, W2 = w1.to(dt), w2.to(dt)
             W3 = w3.to(dt) if swiglu else None
-            a1 = _per_expert_linear(x, W1, b1, blocks)
-            a3 = _per_expert_linear(x, W3, b3, blocks) if swiglu else None
-            y = x.new_empty(x.shape[0], w2.shape[2])
-            for s0, t0, chunk in _chunks(blocks, w1.shape[2]):
+            a1 = x.new_empty(S, H)
+            a3 = x.new_empty(S, H) if swiglu else None
+            y = x.new_empty(S, w2.shape[2])
+            for s0, t0, chunk in _chunks(blocks, H):
+                xc = x[s0:t0] if rows is None else x.index_select(0, rows[s0:t0])
+                for e, s, t in chunk:
+                    r = slice(s - s0, t - s0)
+                    _linear(xc[r], W1[e], b1, e, a1[s:t])
+                    if swiglu:
+                        _linear(xc[r], W3[e], b3, e, a3[s:t])
+                del xc
                 h = _activation(a1[s0:t0], a3[s0:t0] if swiglu else None)
                 for e, s, t in chunk:
-                    if b2 is not None:
-                        torch.addmm(b2[e].to(dt), h[s - s0:t - s0], W2[e], out=y[s:t])
-                    else:
-                        torch.mm(h[s - s0:t - s0], W2[e], out=y[s:t])
+                    _linear(h[s - s0:t - s0], W2[e], b2, e, y[s:t])
         ctx.blocks, ctx.swiglu, ctx.bufs = blocks, swiglu, bufs
         ctx.has_bias = (b1 is not None, b2 is not None, b3 is not None)
-        ctx.save_for_backward(x, a1, a3, w1, w2, w3)
+        ctx.save_for_backward(x, rows, a1, a3, w1, w2, w3)
         return y
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, gy: Tensor):
-        x, a1, a3, w1, w2, w3 = ctx.saved_tensors
-        blocks, swiglu, need, bufs = ctx.blocks, ctx.swiglu, ctx.needs_input_grad, ctx.bufs
+        x, rows, a1, a3, w1, w2, w3 = ctx.saved_tensors
+        blocks, swiglu, bufs = ctx.blocks, ctx.swiglu, ctx.bufs
+        need_x, _, _, _, need_w1, need_b1, need_w2, need_b2, need_w3, need_b3, _ = ctx.needs_input_grad
         E, dt = w1.shape[0], x.dtype
         with torch.autocast(gy.device.type, enabled=False):
             gy = gy.to(dt).contiguous()
             W1, W2 = w1.to(dt), w2.to(dt)
             W3 = w3.to(dt) if swiglu else None
-            gw1 = _wgrad_target(w1, dt, bufs and bufs.target("w1", w1)) if need[3] else None
-            gw2 = _wgrad_target(w2, dt, bufs and bufs.target("w2", w2)) if need[5] else None
-            gw3 = _wgrad_target(w3, dt, bufs and bufs.target("w3", w3)) if swiglu and need[7] else None
-            gb1 = _bias_target(w1, ctx.has_bias[0] and need[4])
-            gb2 = _bias_target(w2, ctx.has_bias[1] and need[6])
-            gb3 = _bias_target(w1, swiglu and ctx.has_bias[2] and need[8])
-            gx = x.new_empty(x.shape) if need[0] else None
+            gw1 = _wgrad_target(w1, dt, bufs and bufs.target("w1", w1)) if need_w1 else None
+            gw2 = _wgrad_target(w2, dt, bufs and bufs.target("w2", w2)) if need_w2 else None
+            gw3 = _wgrad_target(w3, dt, bufs and bufs.target("w3", w3)) if swiglu and need_w3 else None
+            gb1 = _bias_target(w1, ctx.has_bias[0] and need_b1)
+            gb2 = _bias_target(w2, ctx.has_bias[1] and need_b2)
+            gb3 = _bias_target(w1, swiglu and ctx.has_bias[2] and need_b3)
+            gx = None
+            if need_x:
+                gx = x.new_zeros(x.shape) if rows is not None else x.new_empty(x.shape)
             for s0, t0, chunk in _chunks(blocks, w1.shape[2]):
                 a1c, a3c = a1[s0:t0], (a3[s0:t0] if swiglu else None)
                 gh = x.new_empty(t0 - s0, w2.shape[1])
@@ -296,29 +312,45 @@ class _ExpertMLP(torch.autograd.Function):
                 else:
                     ga1, ga3 = torch.ops.aten.gelu_backward(gh, a1c), None
                 del gh
+                xc = None
+                if gw1 is not None or gw3 is not None:
+                    xc = x[s0:t0] if rows is None else x.index_select(0, rows[s0:t0])
+                gxc = None
+                if gx is not None:
+                    gxc = gx[s0:t0] if rows is None else x.new_empty(t0 - s0, x.shape[1])
                 for e, s, t in chunk:
                     r = slice(s - s0, t - s0)
                     if gw1 is not None:
-                        torch.mm(x[s:t].t(), ga1[r], out=gw1[0][e])
+                        torch.mm(xc[r].t(), ga1[r], out=gw1[0][e])
                     if gw3 is not None:
-                        torch.mm(x[s:t].t(), ga3[r], out=gw3[0][e])
+                        torch.mm(xc[r].t(), ga3[r], out=gw3[0][e])
                     if gb1 is not None:
                         gb1[e] = ga1[r].sum(0, dtype=torch.float32)
                     if gb2 is not None:
                         gb2[e] = gy[s:t].sum(0, dtype=torch.float32)
                     if gb3 is not None:
                         gb3[e] = ga3[r].sum(0, dtype=torch.float32)
-                    if gx is not None:
-                        torch.mm(ga1[r], W1[e].t(), out=gx[s:t])
+                    if gxc is not None:
+                        torch.mm(ga1[r], W1[e].t(), out=gxc[r])
                         if swiglu:
-                            gx[s:t].addmm_(ga3[r], W3[e].t())
+                            gxc[r].addmm_(ga3[r], W3[e].t())
+                if gxc is not None and rows is not None:
+                    gx.index_add_(0, rows[s0:t0], gxc)
             grads = [_wgrad_result(g, w, blocks, E) for g, w in ((gw1, w1), (gw2, w2), (gw3, w3))]
-        return gx, None, None, grads[0], gb1, grads[1], gb2, grads[2], gb3, None
+        return gx, None, None, None, grads[0], gb1, grads[1], gb2, grads[2], gb3, None
+
+
+def _linear(x: Tensor, w: Tensor, b: Tensor | None, e: int, out: Tensor) -> None:
+    """``out = x @ w (+ b[e])`` in place."""
+    if b is not None:
+        torch.addmm(b[e].to(x.dtype), x, w, out=out)
+    else:
+        torch.mm(x, w, out=out)
 
 
 # elementwise work of `_ExpertMLP` runs over chunks of consecutive experts of at most this many hidden values
 # (16 MiB in fp32); a chunk always holds at least one whole expert
-CHUNK_ELEMENTS = 1 << 22
+CHUNK_ELEMENTS = 1 << 20
 
 
 def _chunks(blocks: list[tuple[int, int, int]], hidden: int):
@@ -336,17 +368,6 @@ def _chunks(blocks: list[tuple[int, int, int]], hidden: int):
 
 def _activation(a1: Tensor, a3: Tensor | None) -> Tensor:
     return F.silu(a1) * a3 if a3 is not None else F.gelu(a1)
-
-
-def _per_expert_linear(x: Tensor, w: Tensor, b: Tensor | None, blocks: list[tuple[int, int, int]]) -> Tensor:
-    """``out[s:t] = x[s:t] @ w[e] (+ b[e])`` for every block."""
-    out = x.new_empty(x.shape[0], w.shape[2])
-    for e, s, t in blocks:
-        if b is not None:
-            torch.addmm(b[e].to(x.dtype), x[s:t], w[e], out=out[s:t])
-        else:
-            torch.mm(x[s:t], w[e], out=out[s:t])
-    return out
 
 
 def _wgrad_target(w: Tensor, dt: torch.dtype, into: Tensor | None) -> tuple[Tensor, bool]:

@@ -279,11 +279,10 @@ class MoE(nn.Module):
                 cap = torch.zeros(cfg.num_tasks, dtype=torch.long, device=h.device)
                 cap[[t for t, _, _ in parts]] = torch.tensor(caps, device=h.device)
             plan = make_plan(r.indices, cfg.num_experts, cap, priority, groups=row_task)
-        x_slots = h.index_select(0, plan.token)
         if self.ep_group is not None:
-            y_slots = expert_parallel_forward(self.experts, x_slots, plan.counts, self.ep_group)
-        else:
-            y_slots = self.experts(x_slots, plan.counts)  # [S, dh]
+            y_slots = expert_parallel_forward(self.experts, h.index_select(0, plan.token), plan.counts, self.ep_group)
+        else:  # the gather h[plan.token] is fused into the experts' loop path
+            y_slots = self.experts(h, plan.counts, rows=plan.token)  # [S, dh]
         weights = r.weights.detach() if cfg.dense_backprop == "dense_oracle" else r.weights
         y = combine(y_slots, plan, weights, T, r.scale)  # [T, dh]
         # activation checkpointing re-runs this forward inside backward: the state it updates (Default-MoE
