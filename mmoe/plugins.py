@@ -1,8 +1,10 @@
-"""Where task families plug in: three entry-point groups of their distribution (pyproject.toml).
+"""Where task families plug in: four entry-point groups of their distribution (pyproject.toml).
 
 - ``mmoe.tasks``: ``name = "package.module:TaskClass"``, a training task selected by ``task: name``;
 - ``mmoe.commands``: ``name = "package.module:COMMAND"``, a `mmoe.cli.Command` (``mmoe name ...``);
-- ``mmoe.shards``: ``name = "package.module:SOURCE"``, a `mmoe.cli.Command` for ``mmoe shards name ...``.
+- ``mmoe.shards``: ``name = "package.module:SOURCE"``, a `mmoe.cli.Command` for ``mmoe shards name ...``;
+- ``mmoe.benchmarks``: ``name = "package.module:function"``, the family's groups of ``mmoe bench model``
+  (`mmoe.tools.model_bench`).
 
 No module of `mmoe` imports a family; this module finds them by name, standard library only, and imports
 one only when it is used.

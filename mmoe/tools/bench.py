@@ -1,5 +1,6 @@
 """``mmoe bench``: the command's flags and dispatch (standard library only: ``mmoe bench --help`` loads no
-torch). The measurements live in `mmoe.tools.layer_bench` and `mmoe.tools.threads_bench`."""
+torch). The measurements live in `mmoe.tools.layer_bench`, `mmoe.tools.model_bench` and
+`mmoe.tools.threads_bench`."""
 
 from __future__ import annotations
 
@@ -61,6 +62,25 @@ def add_args(parser: argparse.ArgumentParser) -> None:
                        "of both side by side")
     layer.add_argument("--skip-overhead", action="store_true", help=argparse.SUPPRESS)  # the plain child
 
+    model = targets.add_parser(
+        "model",
+        help="whole models, MoE vs dense of equal active compute (and DeepSpeed's MoE layer): training and "
+        "decoding throughput",
+        description="Training images/s of a ViT-MoE (top-2, and MH-MoE + Default MoE) against the dense ViT of "
+        "equal active compute and the same ViT with DeepSpeed's MoE layer, at the demo's size and at ViT-S/16 "
+        "224, and LM decoding tokens/s with the KV cache, MoE against dense; interleaved rounds, median, "
+        "paired ratios. The groups come from the installed families (entry points mmoe.benchmarks).",
+    )
+    model.add_argument("--sizes", metavar="S,S", help="ViT sizes: demo (17 tokens, width 64, batch 64), vit_s "
+                       "(197 tokens, width 384, batch 32) (default both; --quick: demo)")
+    model.add_argument("--quick", action="store_true", help="demo size only, tiny LM, 2 rounds")
+    model.add_argument("--rounds", type=positive_int, help="timed rounds (default 5; --quick 2)")
+    model.add_argument("--threads", type=positive_int, metavar="N", help="torch intra-op threads")
+    model.add_argument("--tuned", action="store_true", help="apply mmoe.train.perf.tune_cpu_allocator first")
+    model.add_argument("--no-deepspeed", action="store_true", help="leave the DeepSpeed-layer rows out")
+    model.add_argument("--seed", type=int, default=0, help="seed for weights and inputs (default 0)")
+    model.add_argument("--json", metavar="PATH", help="also write every raw number to this JSON file")
+
     threads = targets.add_parser(
         "threads",
         help="training throughput quiet and beside busy processes, default vs fixed intra-op threads",
@@ -84,6 +104,10 @@ def run(args: argparse.Namespace) -> int:
 
         sizes = LAYER_QUICK if args.quick else LAYER_FULL
         return layer_bench.run_layer_bench(layer_bench.layer_settings_from_args(args, sizes))
+    if args.target == "model":
+        from . import model_bench
+
+        return model_bench.run(args)
     if args.target == "threads":
         from . import threads_bench
 

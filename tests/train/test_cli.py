@@ -127,3 +127,26 @@ def test_a_missing_family_is_an_explained_error(monkeypatch, capsys):
     assert mmoe.cli.main(["--help"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "command 'ghost' comes from no_such_family.cli:COMMAND" in err[0], err
+
+
+def test_bench_model_quick_measures_every_family_group(tmp_path: Path):
+    """`mmoe bench model --quick`: the vision family's ViT group (dense, two ViT-MoEs, DeepSpeed's layer) and
+    the language family's decoding group, each with a throughput and a paired ratio to its dense model."""
+    out = tmp_path / "model.json"
+    proc = _mmoe("bench", "model", "--quick", "--rounds", "1", "--json", str(out), timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    groups = {g["key"]: g for g in json.loads(out.read_text())["groups"]}
+    assert set(groups) == {"vit_demo", "lm_tiny"}
+    vit = groups["vit_demo"]["variants"]
+    assert list(vit) == ["dense", "vit_moe mh+default", "vit_moe top-2", "deepspeed top-2"]
+    lm = groups["lm_tiny"]["variants"]
+    assert list(lm) == ["dense", "moe top-2"]
+    for v in [*vit.values(), *lm.values()]:
+        assert v["error"] is None, v["error"]
+        assert v["throughput"] > 0 and v["ratio_vs_first"] > 0 and len(v["times_ms"]) == 1
+    # equal active compute: the MoE models' active parameters are within 1% of the dense model's
+    for name in ("vit_moe mh+default", "vit_moe top-2", "deepspeed top-2"):
+        assert abs(vit[name]["active_params"] / vit["dense"]["params"] - 1) < 0.01, name
+    assert vit["vit_moe top-2"]["params"] > 2 * vit["dense"]["params"]
+    assert groups["vit_demo"]["unit"] == "images/s" and groups["lm_tiny"]["unit"] == "tokens/s"
+    assert "ViT training, demo" in proc.stdout and "LM decoding" in proc.stdout
