@@ -91,6 +91,8 @@ class Experts(nn.Module):
         for p in self.parameters():
             p.expert = True  # marks expert-parallel parameters (not all-reduced across the expert group)
         self.reuse_grad_buffers: bool | None = None  # None: on CPU (module docstring)
+        # loop path: recompute the activation in backward instead of keeping [rows, hidden] of it
+        self.recompute_activation = True
         self._grad_buffers = GradBuffers()
 
     def reset_parameters(self) -> None:
@@ -183,7 +185,8 @@ class Experts(nn.Module):
         reuse = self.reuse_grad_buffers
         bufs = self._grad_buffers if (x.device.type == "cpu" if reuse is None else reuse) else None
         return _ExpertMLP.apply(x.to(dt), rows, counts_list, self.activation == "swiglu",
-                                self.w1, self.b1, self.w2, self.b2, self.w3, self.b3, bufs)
+                                self.w1, self.b1, self.w2, self.b2, self.w3, self.b3, bufs,
+                                self.recompute_activation)
 
 
 def _storage_users(t: Tensor) -> int:
@@ -246,7 +249,7 @@ class _ExpertMLP(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, rows: Tensor | None, counts: list[int], swiglu: bool, w1: Tensor,
                 b1: Tensor | None, w2: Tensor, b2: Tensor | None, w3: Tensor | None, b3: Tensor | None,
-                bufs: "GradBuffers | None" = None) -> Tensor:
+                bufs: "GradBuffers | None" = None, recompute: bool = True) -> Tensor:
         dt = x.dtype
         blocks, start = [], 0
         for e, n in enumerate(counts):
@@ -260,6 +263,7 @@ class _ExpertMLP(torch.autograd.Function):
             a1 = x.new_empty(S, H)
             a3 = x.new_empty(S, H) if swiglu else None
             y = x.new_empty(S, w2.shape[2])
+            hs = None if recompute else x.new_empty(S, H)
             for s0, t0, chunk in _chunks(blocks, H):
                 xc = x[s0:t0] if rows is None else x.index_select(0, rows[s0:t0])
                 for e, s, t in chunk:
@@ -268,20 +272,20 @@ class _ExpertMLP(torch.autograd.Function):
                     if swiglu:
                         _linear(xc[r], W3[e], b3, e, a3[s:t])
                 del xc
-                h = _activation(a1[s0:t0], a3[s0:t0] if swiglu else None)
+                h = _activation(a1[s0:t0], a3[s0:t0] if swiglu else None, None if hs is None else hs[s0:t0])
                 for e, s, t in chunk:
                     _linear(h[s - s0:t - s0], W2[e], b2, e, y[s:t])
         ctx.blocks, ctx.swiglu, ctx.bufs = blocks, swiglu, bufs
         ctx.has_bias = (b1 is not None, b2 is not None, b3 is not None)
-        ctx.save_for_backward(x, rows, a1, a3, w1, w2, w3)
+        ctx.save_for_backward(x, rows, a1, a3, hs, w1, w2, w3)
         return y
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, gy: Tensor):
-        x, rows, a1, a3, w1, w2, w3 = ctx.saved_tensors
+        x, rows, a1, a3, hs, w1, w2, w3 = ctx.saved_tensors
         blocks, swiglu, bufs = ctx.blocks, ctx.swiglu, ctx.bufs
-        need_x, _, _, _, need_w1, need_b1, need_w2, need_b2, need_w3, need_b3, _ = ctx.needs_input_grad
+        need_x, _, _, _, need_w1, need_b1, need_w2, need_b2, need_w3, need_b3 = ctx.needs_input_grad[:10]
         E, dt = w1.shape[0], x.dtype
         with torch.autocast(gy.device.type, enabled=False):
             gy = gy.to(dt).contiguous()
@@ -302,7 +306,7 @@ class _ExpertMLP(torch.autograd.Function):
                 for e, s, t in chunk:
                     torch.mm(gy[s:t], W2[e].t(), out=gh[s - s0:t - s0])
                 if gw2 is not None:
-                    h = _activation(a1c, a3c)  # recomputed: not kept from the forward
+                    h = _activation(a1c, a3c) if hs is None else hs[s0:t0]  # recomputed unless kept
                     for e, s, t in chunk:
                         torch.mm(h[s - s0:t - s0].t(), gy[s:t], out=gw2[0][e])
                     del h
@@ -337,7 +341,7 @@ class _ExpertMLP(torch.autograd.Function):
                 if gxc is not None and rows is not None:
                     gx.index_add_(0, rows[s0:t0], gxc)
             grads = [_wgrad_result(g, w, blocks, E) for g, w in ((gw1, w1), (gw2, w2), (gw3, w3))]
-        return gx, None, None, None, grads[0], gb1, grads[1], gb2, grads[2], gb3, None
+        return gx, None, None, None, grads[0], gb1, grads[1], gb2, grads[2], gb3, None, None
 
 
 def _linear(x: Tensor, w: Tensor, b: Tensor | None, e: int, out: Tensor) -> None:
@@ -366,8 +370,13 @@ def _chunks(blocks: list[tuple[int, int, int]], hidden: int):
         i = j
 
 
-def _activation(a1: Tensor, a3: Tensor | None) -> Tensor:
-    return F.silu(a1) * a3 if a3 is not None else F.gelu(a1)
+def _activation(a1: Tensor, a3: Tensor | None, out: Tensor | None = None) -> Tensor:
+    """GELU of ``a1``, or SwiGLU's ``silu(a1) * a3``; written into ``out`` when given."""
+    if out is None:
+        return F.silu(a1) * a3 if a3 is not None else F.gelu(a1)
+    if a3 is not None:
+        return torch.mul(F.silu(a1), a3, out=out)
+    return torch._C._nn.gelu(a1, out=out)
 
 
 def _wgrad_target(w: Tensor, dt: torch.dtype, into: Tensor | None) -> tuple[Tensor, bool]:
