@@ -15,6 +15,7 @@ from pathlib import Path
 def _env():
     env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
     env.pop("RANK", None)
+    env.pop("MMOE_THREADS", None)  # conftest's, for this process; the children keep OMP_NUM_THREADS=1
     env.pop("WORLD_SIZE", None)
     return env
 

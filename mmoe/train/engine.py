@@ -615,6 +615,8 @@ class Trainer:
         finally:
             self.logger.close()
             self.task.logger = None
+            if self.threads is not None:
+                self.threads.close()
         if self.rank == 0:
             from .runlog import plot_curves
 

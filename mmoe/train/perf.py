@@ -94,8 +94,10 @@ class ThreadGovernor:
     """Sets ``torch.set_num_threads`` to the usable CPUs minus the CPU other processes used over the last
     interval (at least 1), re-checked by `tick` every ``interval`` seconds.
 
-    Off when the thread count is fixed by the user: ``OMP_NUM_THREADS`` or ``MMOE_THREADS=N`` in the
-    environment (``MMOE_THREADS=auto``, the default, lets it choose); also off without /proc/stat.
+    Off when the thread count is fixed by the user: ``MMOE_THREADS=N`` (which then sets it) or
+    ``OMP_NUM_THREADS`` in the environment (``MMOE_THREADS=auto``, the default, lets it choose); also off
+    without /proc/stat. Some CPU reductions round differently with another thread count, so fix it for
+    runs that must repeat bit for bit under varying load. `close` restores the count it started from.
     """
 
     def __init__(self, interval: float = 5.0, probe: float = 0.2) -> None:
@@ -117,7 +119,7 @@ class ThreadGovernor:
             self._cpu_set: set[int] | None = set(os.sched_getaffinity(0))
         except (AttributeError, OSError):
             self._cpu_set = None
-        self.threads = torch.get_num_threads()
+        self.threads = self.initial = torch.get_num_threads()
         self.changes: list[tuple[float, int, float]] = []  # (time, threads, CPUs other processes used)
         self._last = self._sample()
         if self.enabled and self._last[1] is None:
@@ -147,6 +149,12 @@ class ThreadGovernor:
             self._torch.set_num_threads(want)
             self.threads = want
             self.changes.append((time.time(), want, other))
+
+    def close(self) -> None:
+        """Put the thread count back to what it was when this governor started (if it changed it)."""
+        if self.enabled and self.threads != self.initial:
+            self._torch.set_num_threads(self.initial)
+            self.threads = self.initial
 
     def tick(self) -> None:
         """Call once per training step: re-reads the load every ``interval`` seconds (cheap otherwise)."""

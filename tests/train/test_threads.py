@@ -123,3 +123,13 @@ def test_bench_threads_runs_the_four_settings(tmp_path):
     if report["cpus"] >= 2:
         assert max(res["busy_default"]["threads"]) < report["cpus"]
     assert "busy / quiet" in proc.stdout
+
+
+def test_close_restores_the_thread_count(monkeypatch):
+    m = FakeMachine(monkeypatch, cpus=2)
+    gov = perf.ThreadGovernor(interval=1.0)
+    m.run(2.0, own=1.0, other=1.0)
+    gov.tick()
+    assert gov.threads == 1
+    gov.close()
+    assert gov.threads == 2 and m.set_calls == [1, 2]
