@@ -42,7 +42,7 @@ def model_groups(ctx: ModelBenchContext) -> list[Group]:
         for name, model in lm_models(size).items():
             model.eval()
 
-            def step(model=model) -> int:
+            def step(model=model, prompt=prompt) -> int:
                 with torch.inference_mode():
                     return len(generate_ids(model, prompt, max_new_tokens=new_tokens, temperature=0.0))
 

@@ -78,7 +78,7 @@ def model_groups(ctx: ModelBenchContext) -> list[Group]:
             models, ds_error = vit_models(size), str(err)
         active_topk = None
         for name, model in models.items():
-            def loss(model=model) -> torch.Tensor:
+            def loss(model=model, images=images, labels=labels) -> torch.Tensor:
                 out = F.cross_entropy(model(images), labels)
                 return out + mmoe.aux_loss(model) + deepspeed_aux_loss(model)
 

@@ -61,6 +61,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
                        "both (default): the plain cells in a child process first, then the tuned run, and a table "
                        "of both side by side")
     layer.add_argument("--skip-overhead", action="store_true", help=argparse.SUPPRESS)  # the plain child
+    layer.add_argument("--child", action="store_true", help=argparse.SUPPRESS)  # a child run: no children
 
     model = targets.add_parser(
         "model",

@@ -28,7 +28,11 @@ Peak memory is measured in a separate, untimed call per variant: on CUDA ``max_m
 what was allocated before the call; on CPU the growth of the resident set size, read from the kernel's
 high-water mark (``VmHWM``, reset through ``/proc/self/clear_refs``) or, where that reset is not allowed,
 by a thread sampling ``/proc/self/statm``. Freed heap is returned to the system (``malloc_trim``) first,
-so memory cached by an earlier call is not mistaken for headroom.
+so memory cached by an earlier call is not mistaken for headroom. That growth includes what the allocator
+keeps and fragments, so on CPU a child process also measures the **live tensor memory**: with every
+allocation of 64 KiB or more mapped on its own (``MALLOC_MMAP_THRESHOLD_``), the resident set follows the
+tensors themselves, the quantity CUDA's ``max_memory_allocated`` reports. Persistent expert-gradient
+buffers (`mmoe.experts`) are freed before the memory call, so both count the gradients.
 """
 
 from __future__ import annotations
@@ -111,6 +115,7 @@ class LayerBenchSettings:
     heads: int = 2  # MH-MoE heads of the FLOP-matched overhead row (MH-MoE v2's smallest config)
     loop: str = "both"  # CPU: "tuned" (allocator tuned), "plain" (glibc defaults) or "both" (module docstring)
     overhead: bool = True  # the overhead group (left out by the plain child of --loop both)
+    child: bool = False  # a child run of another bench (starts no children of its own)
 
 
 def layer_settings_from_args(args: argparse.Namespace, sizes: dict) -> LayerBenchSettings:
@@ -130,6 +135,7 @@ def layer_settings_from_args(args: argparse.Namespace, sizes: dict) -> LayerBenc
         heads=args.heads,
         loop=args.loop,
         overhead=not args.skip_overhead,
+        child=args.child,
     )
     if settings.device != "cpu":
         settings.loop = "tuned"  # CUDA: no allocator tuning, one run
@@ -583,38 +589,69 @@ def _ratio(a: float | None, b: float | None) -> float | None:
     return a / b if a is not None and b else None
 
 
-def _plain_loop_cells(settings: LayerBenchSettings) -> tuple[list[dict] | None, str | None]:
-    """``--loop both``: the cells measured by a child ``mmoe bench layer --loop plain`` (glibc's allocator
-    defaults cannot be restored in a process once tuned); (cells, None) or (None, why not)."""
+# the live-memory child: every allocation of at least this many bytes gets its own mapping, so the resident set
+# rises and falls with the tensors (no heap fragmentation or reuse in the numbers), as CUDA's
+# max_memory_allocated counts them
+LIVE_MMAP_THRESHOLD = 65536
+
+
+def _child_report(settings: LayerBenchSettings, kind: str) -> tuple[dict | None, str | None]:
+    """The report of a child ``mmoe bench layer``: ``kind="plain"`` (``--loop both``: the cells under
+    glibc's allocator defaults, which a process cannot go back to once tuned) or ``"live"`` (one round, for
+    the peak memory with every large tensor mapped on its own: `LIVE_MMAP_THRESHOLD`). (report, None) or
+    (None, why not)."""
     import subprocess
     import tempfile
 
     s = settings
     with tempfile.TemporaryDirectory(prefix="mmoe-bench-") as tmp:
-        out = os.path.join(tmp, "plain.json")
-        cmd = [sys.executable, "-m", "mmoe", "bench", "layer", "--loop", "plain", "--skip-overhead",
+        out = os.path.join(tmp, f"{kind}.json")
+        cmd = [sys.executable, "-m", "mmoe", "bench", "layer", "--loop", "plain", "--child",
                "--tokens", str(s.tokens), "--dim", str(s.dim), "--expert-hidden", str(s.expert_hidden),
                "--experts", ",".join(map(str, s.experts)), "--topk", ",".join(map(str, s.topk)),
-               "--repeats", str(s.repeats), "--device", s.device, "--seed", str(s.seed), "--heads", str(s.heads),
-               "--json", out]
+               "--repeats", str(s.repeats if kind == "plain" else 1), "--device", s.device, "--seed", str(s.seed),
+               "--heads", str(s.heads), "--json", out]
         cmd += (["--bf16"] if s.bf16 else []) + ([] if s.deepspeed else ["--no-deepspeed"])
         cmd += ["--threads", str(s.threads)] if s.threads is not None else []
+        cmd += ["--skip-overhead"] if kind == "plain" else []
         env = dict(os.environ, MMOE_MALLOC_TUNING="0")
-        print("[bench] plain loop (glibc's allocator defaults) in a child process", file=sys.stderr, flush=True)
+        if kind == "live":
+            env.update(MALLOC_MMAP_THRESHOLD_=str(LIVE_MMAP_THRESHOLD), MALLOC_TRIM_THRESHOLD_="0", MALLOC_TOP_PAD_="0")
+        what = "plain loop (glibc's allocator defaults)" if kind == "plain" else "live tensor memory"
+        print(f"[bench] {what} in a child process", file=sys.stderr, flush=True)
         proc = subprocess.run(cmd, env=env, stdout=subprocess.DEVNULL, stderr=None)
         if proc.returncode != 0 or not os.path.isfile(out):
-            return None, f"the plain-loop child exited with status {proc.returncode}"
+            return None, f"the {kind} child exited with status {proc.returncode}"
         with open(out) as f:
-            return json.load(f)["cells"], None
+            return json.load(f), None
+
+
+def _merge_live(cells: list[dict], overhead: dict | None, live: dict | None) -> None:
+    """``live_peak_mib`` (and ``live_mem_ratio_vs_dense``) from the live-memory child into the results."""
+    if live is None:
+        return
+    by_cell = {(c["experts"], c["top_k"]): c for c in live["cells"]}
+    for cell in cells:
+        other = by_cell.get((cell["experts"], cell["top_k"]), {"variants": {}})
+        dense = other["variants"].get(DENSE, {}).get("peak_mib")
+        for name, r in cell["variants"].items():
+            r["live_peak_mib"] = other["variants"].get(name, {}).get("peak_mib")
+            r["live_mem_ratio_vs_dense"] = _ratio(r["live_peak_mib"], dense)
+    if overhead is not None and live.get("overhead"):
+        for name, r in overhead["variants"].items():
+            r["live_peak_mib"] = live["overhead"]["variants"].get(name, {}).get("peak_mib")
 
 
 def run_layer_bench(settings: LayerBenchSettings) -> int:
     """Run ``mmoe bench layer`` with resolved settings: print the tables, write JSON if asked; exit code."""
     if settings.threads is not None:
         torch.set_num_threads(settings.threads)
-    plain_cells, plain_error = None, None
-    if settings.device == "cpu" and settings.loop == "both":
-        plain_cells, plain_error = _plain_loop_cells(settings)
+    plain, plain_error, live, live_error = None, None, None, None
+    if settings.device == "cpu" and not settings.child:
+        live, live_error = _child_report(settings, "live")
+        if settings.loop == "both":
+            plain, plain_error = _child_report(settings, "plain")
+    plain_cells = plain["cells"] if plain else None
     if settings.device == "cpu" and settings.loop != "plain":
         from ..train.perf import tune_cpu_allocator
 
@@ -643,12 +680,14 @@ def run_layer_bench(settings: LayerBenchSettings) -> int:
         if ds is not None:
             ds.close()
 
-    _print_tables(settings, cells, overhead)
-    if settings.loop == "both" and settings.device == "cpu":
+    _merge_live(cells, overhead, live)
+    _print_tables(settings, cells, overhead, live_error)
+    if settings.loop == "both" and settings.device == "cpu" and not settings.child:
         _print_loop_table(settings, cells, plain_cells, plain_error)
     if settings.json_path:
         report = {"settings": asdict(settings), "environment": _environment(settings, ds), "cells": cells,
-                  "overhead": overhead, "plain_loop_cells": plain_cells, "plain_loop_error": plain_error}
+                  "overhead": overhead, "plain_loop_cells": plain_cells, "plain_loop_error": plain_error,
+                  "live_memory_error": live_error}
         try:
             with open(settings.json_path, "w") as f:
                 json.dump(report, f, indent=2)
@@ -692,7 +731,8 @@ def _fmt(value: float | None, spec: str, suffix: str = "") -> str:
     return "n/a" if value is None else f"{value:{spec}}{suffix}"
 
 
-def _print_tables(settings: LayerBenchSettings, cells: list[dict], overhead: dict) -> None:
+def _print_tables(settings: LayerBenchSettings, cells: list[dict], overhead: dict | None,
+                  live_error: str | None = None) -> None:
     names = [DROPLESS, CAPACITY] + ([DEEPSPEED] if settings.deepspeed else []) + [SOFT]
     capacity_names = {CAPACITY, DEEPSPEED}
 
@@ -717,15 +757,27 @@ def _print_tables(settings: LayerBenchSettings, cells: list[dict], overhead: dic
            headers, rows)
 
     headers = ["E", "k", "dense MiB"] + [f"{LABELS[name]} MiB" for name in names]
-    rows = []
-    for cell in cells:
-        v = cell["variants"]
-        row = [str(cell["experts"]), str(cell["top_k"]), _fmt(v[DENSE]["peak_mib"], ".1f")]
-        for name in names:
-            mib, ratio = v[name]["peak_mib"], v[name]["mem_ratio_vs_dense"]
-            row.append(_fmt(mib, ".1f") + ("" if ratio is None else f" ({ratio:.2f}x)"))
-        rows.append(row)
-    _table("peak memory of one fwd+bwd (growth above the parameters)", headers, rows)
+    for key, ratio_key, title in (
+            ("live_peak_mib", "live_mem_ratio_vs_dense",
+             "peak live tensor memory of one fwd+bwd above the parameters (a child process in which every "
+             f"allocation of {LIVE_MMAP_THRESHOLD // 1024} KiB or more is mapped on its own, so the resident "
+             "set follows the tensors: what CUDA's max_memory_allocated counts)"),
+            ("peak_mib", "mem_ratio_vs_dense",
+             "peak resident-set growth of one fwd+bwd in this process (the allocator's reuse and fragmentation "
+             "included)")):
+        if key == "live_peak_mib" and not any(c["variants"][DENSE].get(key) for c in cells):
+            if live_error:
+                print(f"\nlive tensor memory: n/a ({live_error})")
+            continue
+        rows = []
+        for cell in cells:
+            v = cell["variants"]
+            row = [str(cell["experts"]), str(cell["top_k"]), _fmt(v[DENSE].get(key), ".1f")]
+            for name in names:
+                mib, ratio = v[name].get(key), v[name].get(ratio_key)
+                row.append(_fmt(mib, ".1f") + ("" if ratio is None else f" ({ratio:.2f}x)"))
+            rows.append(row)
+        _table(title, headers, rows)
 
     if overhead is None:
         return
@@ -734,11 +786,11 @@ def _print_tables(settings: LayerBenchSettings, cells: list[dict], overhead: dic
         iqr = r.get("overhead_iqr_pct")
         spread = f"{iqr[0]:+.1f}% .. {iqr[1]:+.1f}%" if iqr and name != PLAIN else ""
         rows.append([LABELS[name], _fmt(r["median_ms"], ".1f"), _fmt(r["overhead_pct"], "+.1f", "%"), spread,
-                     _fmt(r["peak_mib"], ".1f")])
+                     _fmt(r.get("live_peak_mib"), ".1f"), _fmt(r["peak_mib"], ".1f")])
     _table(f"overhead over plain top-k at E={overhead['experts']} k={overhead['top_k']} (median of "
            f"{overhead.get('rounds', '?')} per-round ratios to plain top-k, same interleaved run; the MH-MoE "
            f"compute floor against the top-k compute floor)",
-           ["variant", "ms", "overhead", "middle half", "peak MiB"], rows)
+           ["variant", "ms", "overhead", "middle half", "live peak MiB", "RSS peak MiB"], rows)
 
 
 def _print_loop_table(settings: LayerBenchSettings, cells: list[dict], plain: list[dict] | None,

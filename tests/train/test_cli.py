@@ -88,6 +88,9 @@ def test_bench_layer_tiny_writes_ratios(tmp_path: Path):
     (plain,) = report["plain_loop_cells"]
     assert (plain["experts"], plain["top_k"]) == (4, 1) and plain["variants"]["mmoe_dropless"]["ratio_vs_dense"] > 0
     assert "mmoe dropless x (plain loop)" in proc.stdout
+    # live tensor memory from its own child, beside the resident-set growth
+    assert report["live_memory_error"] is None and "peak live tensor memory" in proc.stdout
+    assert all(v["live_peak_mib"] is not None and v["live_peak_mib"] >= 0 for v in variants.values())
 
 
 def test_bench_paired_ratios_cancel_drift():
