@@ -134,12 +134,13 @@ class Experts(nn.Module):
         mode = self.mode
         dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
         S = x.shape[0] if rows is None else rows.numel()
+        width = None
         if mode == "auto" and x.device.type == "cpu" and S > 0:
             # CPU (see PAD_LIMIT): counts are needed on the host for either path
             if counts_list is None:
                 counts_list = counts.tolist()
-            widest = max(counts_list)
-            if widest * len(counts_list) > PAD_LIMIT * S:
+            width = max(counts_list)
+            if width * len(counts_list) > PAD_LIMIT * S:
                 return self._loop(x, rows, counts_list, dtype)
             mode = "padded"
         if mode == "auto":
@@ -149,7 +150,9 @@ class Experts(nn.Module):
         if rows is not None:
             x = x.index_select(0, rows)
         if mode == "padded":
-            return self._padded(x, counts, max(counts_list) if counts_list else int(counts.max()) if counts.numel() else 0)
+            if width is None:
+                width = int(counts.max()) if counts.numel() else 0
+            return self._padded(x, counts, width)
         return self._grouped(x, counts, dtype)
 
     def _padded(self, x: Tensor, counts: Tensor, width: int) -> Tensor:

@@ -325,13 +325,18 @@ class _DeepSpeed:
             self._owns_process_group = True
         self.moe_class, self.version = moe_layer_class()
 
-    def variant(self, x: Tensor, num_experts: int, top_k: int, hidden: int) -> Variant:
+    def layer(self, dim: int, hidden: int, num_experts: int, top_k: int) -> nn.Module:
+        """DeepSpeed's MoE layer with GELU experts of ``hidden``, capacity factor 1.25, one expert-parallel
+        rank (RuntimeError with the reason where DeepSpeed is not usable)."""
         if self.moe_class is None:
-            return _failed(DEEPSPEED, self.error or "DeepSpeed is not loaded")
+            raise RuntimeError(self.error or "DeepSpeed is not loaded")
+        return self.moe_class(hidden_size=dim, expert=_gelu_mlp(dim, hidden), num_experts=num_experts, ep_size=1,
+                              k=top_k, capacity_factor=CAPACITY_FACTOR, eval_capacity_factor=CAPACITY_FACTOR,
+                              min_capacity=DS_MIN_CAPACITY)
+
+    def variant(self, x: Tensor, num_experts: int, top_k: int, hidden: int) -> Variant:
         try:
-            moe = self.moe_class(hidden_size=x.shape[-1], expert=_gelu_mlp(x.shape[-1], hidden),
-                                 num_experts=num_experts, ep_size=1, k=top_k, capacity_factor=CAPACITY_FACTOR,
-                                 eval_capacity_factor=CAPACITY_FACTOR, min_capacity=DS_MIN_CAPACITY).to(x.device)
+            moe = self.layer(x.shape[-1], hidden, num_experts, top_k).to(x.device)
         except Exception as err:
             return _failed(DEEPSPEED, err)
         last_counts: list[Tensor] = []

@@ -43,7 +43,6 @@ class Variant:
     params: int | None = None
     active_params: int | None = None
     error: str | None = None
-    note: str = ""
     times_s: list[float] = field(default_factory=list)
     units: int = 0
 
@@ -77,9 +76,7 @@ class ModelBenchContext:
             from .layer_bench import _DeepSpeed
 
             self._ds = _DeepSpeed(self.device)
-        if self._ds.moe_class is None:
-            raise RuntimeError(self._ds.error or "DeepSpeed is not loaded")
-        return DeepSpeedMLP(self._ds.moe_class, dim, hidden, num_experts, top_k)
+        return DeepSpeedMLP(self._ds.layer(dim, hidden, num_experts, top_k))
 
     def close(self) -> None:
         if self._ds is not None:
@@ -90,14 +87,9 @@ class DeepSpeedMLP(nn.Module):
     """DeepSpeed's ``deepspeed.moe.layer.MoE`` as a drop-in MLP; keeps the aux loss of its last forward in
     ``l_aux`` (`deepspeed_aux_loss` sums them)."""
 
-    def __init__(self, moe_class, dim: int, hidden: int, num_experts: int, top_k: int) -> None:
+    def __init__(self, moe: nn.Module) -> None:
         super().__init__()
-        from .layer_bench import CAPACITY_FACTOR, DS_MIN_CAPACITY
-
-        expert = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
-        self.moe = moe_class(hidden_size=dim, expert=expert, num_experts=num_experts, ep_size=1, k=top_k,
-                             capacity_factor=CAPACITY_FACTOR, eval_capacity_factor=CAPACITY_FACTOR,
-                             min_capacity=DS_MIN_CAPACITY)
+        self.moe = moe
         self.l_aux: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -130,16 +122,12 @@ def train_step(model: nn.Module, make_loss: Callable[[], Any], units: int, lr: f
     return step
 
 
-def param_counts(model) -> tuple[int, int]:
-    """(all parameters, parameters one token uses: `mmoe.count_params`'s active count where it applies)."""
-    total = sum(p.numel() for p in model.parameters())
-    try:
-        import mmoe
+def param_counts(model: nn.Module) -> tuple[int, int]:
+    """(all parameters, parameters one token uses), from `mmoe.count_params`."""
+    import mmoe
 
-        counts = mmoe.count_params(model)
-        return total, int(counts.active)
-    except Exception:
-        return total, total
+    counts = mmoe.count_params(model)
+    return counts.total, counts.active
 
 
 def measure(group: Group, rounds: int) -> dict[str, Any]:
@@ -175,7 +163,7 @@ def measure(group: Group, rounds: int) -> dict[str, Any]:
         med = statistics.median(v.times_s) if ok else None
         ratios = ([bt / t for t, bt in zip(v.times_s, base.times_s)]
                   if ok and base.error is None and len(base.times_s) == len(v.times_s) else [])
-        out[v.name] = {"error": v.error, "note": v.note, "params": v.params, "active_params": v.active_params,
+        out[v.name] = {"error": v.error, "params": v.params, "active_params": v.active_params,
                        "times_ms": [t * 1e3 for t in v.times_s] if ok else [],
                        "median_ms": med * 1e3 if med else None,
                        "throughput": v.units / med if med else None,
@@ -247,7 +235,7 @@ def _print_group(res: dict[str, Any]) -> None:
     for name, r in res["variants"].items():
         params = "n/a" if r["params"] is None else f"{r['params'] / 1e6:.2f}M / {r['active_params'] / 1e6:.2f}M"
         rows.append([name, params, _fmt(r["median_ms"], ".1f"), _fmt(r["throughput"], ".1f"),
-                     _fmt(r["ratio_vs_first"], ".2f", "x"), r["error"] and f"n/a: {r['error']}" or r["note"]])
+                     _fmt(r["ratio_vs_first"], ".2f", "x"), f"n/a: {r['error']}" if r["error"] else ""])
     _table(f"{res['title']} ({res['unit']}; ratio = throughput / {res['base']}'s, median of per-round ratios)",
            ["variant", "params all / active", "ms per step", res["unit"], "ratio", "note"], rows)
 

@@ -581,13 +581,12 @@ class Trainer:
                 update_balance_bias(engine.module)
                 self.step += 1
                 dt = time.perf_counter() - t0  # the training step alone (a task's after_step work is not in it)
-                if self.threads is not None:
-                    seen = len(self.threads.changes)
-                    self.threads.tick()
-                    for _, n, other in self.threads.changes[seen:]:
-                        self.logger.event(self.step, "threads", f"intra-op threads -> {n} (other processes keep "
-                                          f"{other:.1f} of {self.threads.cpus} CPUs busy)", echo=False,
-                                          threads=n, other_cpus=round(other, 2))
+                change = self.threads.tick() if self.threads is not None else None
+                if change is not None:
+                    _, n, other = change
+                    self.logger.event(self.step, "threads", f"intra-op threads -> {n} (other processes keep "
+                                      f"{other:.1f} of {self.threads.cpus} CPUs busy)", echo=False,
+                                      threads=n, other_cpus=round(other, 2))
                 self.task.after_step(engine.module, self.step)
                 if self.step % tl.log_every == 0 or self.step == tl.max_steps:
                     vals = self._mean_over_ranks(sums)

@@ -140,15 +140,17 @@ class ThreadGovernor:
             return None
         return max(0.0, ((busy1 - busy0) - (own1 - own0)) / (t1 - t0))
 
-    def _update(self) -> None:
+    def _update(self) -> tuple[float, int, float] | None:
         other = self.other_load()
         if other is None:
-            return
+            return None
         want = max(1, min(self.cpus, int(self.cpus - other + 0.5)))
-        if want != self.threads:
-            self._torch.set_num_threads(want)
-            self.threads = want
-            self.changes.append((time.time(), want, other))
+        if want == self.threads:
+            return None
+        self._torch.set_num_threads(want)
+        self.threads = want
+        self.changes.append((time.time(), want, other))
+        return self.changes[-1]
 
     def close(self) -> None:
         """Put the thread count back to what it was when this governor started (if it changed it)."""
@@ -156,7 +158,9 @@ class ThreadGovernor:
             self._torch.set_num_threads(self.initial)
             self.threads = self.initial
 
-    def tick(self) -> None:
-        """Call once per training step: re-reads the load every ``interval`` seconds (cheap otherwise)."""
+    def tick(self) -> tuple[float, int, float] | None:
+        """Call once per training step: re-reads the load every ``interval`` seconds (cheap otherwise); the
+        change made, ``(time, threads, CPUs other processes used)``, or None."""
         if self.enabled and time.monotonic() - self._last[0] >= self.interval:
-            self._update()
+            return self._update()
+        return None
