@@ -14,6 +14,7 @@ group's rows compete only with each other, exactly as if each group were dispatc
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -119,28 +120,63 @@ def make_plan(indices: Tensor, num_experts: int, capacity: int | Tensor | None =
     )
 
 
-class _ForwardScale(torch.autograd.Function):
-    """``y * scale`` in the forward, identity gradient (SparseMixer-v2's straight-through scaling)."""
+# the combine works over chunks of at most this many slot values (4 MiB in fp32), so no weighted copy of the
+# slots and no gathered output gradient exists whole: one chunk-sized scratch per call, reused
+COMBINE_CHUNK_ELEMENTS = 1 << 20
+
+
+class _Combine(torch.autograd.Function):
+    """``out[token_s] += scale_s * w_s * y_s`` over slots in order; the gradient treats ``scale`` as 1
+    (SparseMixer-v2's straight-through scaling): ``dy_s = w_s * g[token_s]``, ``dw_s = <g[token_s], y_s>``.
+
+    The same sums as ``index_add`` of the weighted slots in one call (the slots are added in the same order,
+    so the result is bit-identical), chunk by chunk."""
 
     @staticmethod
-    def forward(ctx, y: Tensor, scale: Tensor) -> Tensor:
-        return y * scale
+    def forward(ctx, y: Tensor, w: Tensor, token: Tensor, num_rows: int, scale: Tensor | None,
+                workspace: Callable[[str, tuple[int, ...], Tensor], Tensor] | None) -> Tensor:
+        S, D = y.shape
+        out = y.new_zeros(num_rows, D)
+        step = max(COMBINE_CHUNK_ELEMENTS // max(D, 1), 1)
+        ws = w if scale is None else w * scale
+        scratch = y.new_empty(min(step, S), D)
+        for s0 in range(0, S, step):
+            s1 = min(s0 + step, S)
+            contrib = torch.mul(y[s0:s1], ws[s0:s1].unsqueeze(-1), out=scratch[:s1 - s0])
+            out.index_add_(0, token[s0:s1], contrib)
+        ctx.save_for_backward(y, w, token)
+        ctx.step, ctx.workspace = step, workspace
+        return out
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, g: Tensor):
-        return g, None
-
-
-def forward_scale(y: Tensor, scale: Tensor) -> Tensor:
-    return _ForwardScale.apply(y, scale)
+        y, w, token = ctx.saved_tensors
+        need_y, need_w = ctx.needs_input_grad[:2]
+        S, D = y.shape
+        g = g.contiguous()
+        gy = None
+        if need_y:
+            gy = torch.empty_like(y) if ctx.workspace is None else ctx.workspace("combine_grad", tuple(y.shape), y)
+        gw = torch.empty_like(w) if need_w else None
+        step = ctx.step
+        gt_buf = y.new_empty(min(step, S), D)
+        prod_buf = y.new_empty(min(step, S), D) if need_w else None
+        for s0 in range(0, S, step):
+            s1 = min(s0 + step, S)
+            gt = torch.index_select(g, 0, token[s0:s1], out=gt_buf[:s1 - s0])
+            if gw is not None:
+                torch.sum(torch.mul(gt, y[s0:s1], out=prod_buf[:s1 - s0]), -1, out=gw[s0:s1])
+            if gy is not None:
+                torch.mul(gt, w[s0:s1].unsqueeze(-1), out=gy[s0:s1])
+        return gy, gw, None, None, None, None
 
 
 def combine(y_slots: Tensor, plan: DispatchPlan, weights: Tensor, num_rows: int,
-            scale: Tensor | None = None) -> Tensor:
-    """``out[t] = sum_{kept slots s of t} scale_s * w_s * y_s`` as one ``index_add``."""
+            scale: Tensor | None = None,
+            workspace: Callable[[str, tuple[int, ...], Tensor], Tensor] | None = None) -> Tensor:
+    """``out[t] = sum_{kept slots s of t} scale_s * w_s * y_s`` (`_Combine`; ``scale`` straight-through).
+    ``workspace(key, shape, like)`` (e.g. `mmoe.experts.Experts.workspace`) gives the slots' gradient."""
     w = weights.reshape(-1)[plan.slot].to(y_slots.dtype)
-    contrib = y_slots * w.unsqueeze(-1)
-    if scale is not None:
-        contrib = forward_scale(contrib, scale.reshape(-1)[plan.slot].to(contrib.dtype).unsqueeze(-1))
-    out = y_slots.new_zeros(num_rows, y_slots.shape[-1])
-    return out.index_add(0, plan.token, contrib)
+    s = None if scale is None else scale.reshape(-1)[plan.slot].to(y_slots.dtype).detach()
+    return _Combine.apply(y_slots, w, plan.token, num_rows, s, workspace)

@@ -20,11 +20,18 @@ between steps (one copy of the expert weight gradients, which a training step ho
 ``Experts.reuse_grad_buffers``: None (default) = on for CPU tensors, off on CUDA (whose caching allocator
 already reuses memory); True / False force it; `mmoe.set_grad_buffers(model, ...)` sets every layer's and
 frees the buffers.
+
+The same holder keeps the loop path's large activations between calls (`GradBuffers.workspace`): the
+pre-activations saved for backward, the output rows and the input gradient, by the same rule (a workspace
+is reused only when no tensor uses it, so outputs a caller holds and the saved tensors of a graph not yet
+run backward are never overwritten). ``Experts.reuse_act_buffers``: None (default) follows
+``reuse_grad_buffers``; True / False force it. Per-chunk temporaries are one scratch per call.
 """
 
 from __future__ import annotations
 
 import math
+import threading
 
 import torch
 import torch.nn.functional as F
@@ -91,6 +98,9 @@ class Experts(nn.Module):
         for p in self.parameters():
             p.expert = True  # marks expert-parallel parameters (not all-reduced across the expert group)
         self.reuse_grad_buffers: bool | None = None  # None: on CPU (module docstring)
+        # loop path: pre-activations, outputs and input gradient in persistent workspaces; None follows
+        # reuse_grad_buffers
+        self.reuse_act_buffers: bool | None = None
         # loop path: recompute the activation in backward instead of keeping [rows, hidden] of it
         self.recompute_activation = True
         self._grad_buffers = GradBuffers()
@@ -184,12 +194,26 @@ class Experts(nn.Module):
 
         return self._mlp(x, lin)
 
+    def _reuse(self, device: torch.device) -> tuple[bool, bool]:
+        """Whether weight gradients and activations go into persistent buffers on ``device``."""
+        reuse, act = self.reuse_grad_buffers, self.reuse_act_buffers
+        grads = device.type == "cpu" if reuse is None else reuse
+        return grads, grads if act is None else act
+
+    def workspace(self, key: str, shape: tuple[int, ...], like: Tensor, shared: bool = False) -> Tensor:
+        """A ``shape`` tensor like ``like`` from persistent workspaces when activations are kept in them
+        (`GradBuffers.workspace`), else a fresh one: this layer's own, or with ``shared`` the process's
+        `SHARED_WORKSPACES` (for tensors that live only inside this layer's backward)."""
+        if self._reuse(like.device)[1]:
+            return (SHARED_WORKSPACES if shared else self._grad_buffers).workspace(key, shape, like)
+        return like.new_empty(shape)
+
     def _loop(self, x: Tensor, rows: Tensor | None, counts_list: list[int], dt: torch.dtype) -> Tensor:
-        reuse = self.reuse_grad_buffers
-        bufs = self._grad_buffers if (x.device.type == "cpu" if reuse is None else reuse) else None
+        grads, act = self._reuse(x.device)
         return _ExpertMLP.apply(x.to(dt), rows, counts_list, self.activation == "swiglu",
-                                self.w1, self.b1, self.w2, self.b2, self.w3, self.b3, bufs,
-                                self.recompute_activation)
+                                self.w1, self.b1, self.w2, self.b2, self.w3, self.b3,
+                                self._grad_buffers if grads else None, self.recompute_activation,
+                                self._grad_buffers if act else None)
 
 
 def _storage_users(t: Tensor) -> int:
@@ -204,6 +228,7 @@ class GradBuffers:
 
     def __init__(self) -> None:
         self._bufs: dict[str, list[tuple[Tensor, int]]] = {}  # (buffer, storage users when idle)
+        self._lock = threading.Lock()  # a workspace is checked idle and handed out in one step
 
     def __deepcopy__(self, memo) -> "GradBuffers":
         return GradBuffers()  # a copied module (e.g. a weight EMA) starts without buffers
@@ -225,12 +250,46 @@ class GradBuffers:
         return b
 
     @staticmethod
-    def hand_out(b: Tensor) -> Tensor:
-        """A new tensor over ``b``'s storage (not a view: autograd takes it as ``.grad`` without a copy)."""
-        return torch.empty(0, dtype=b.dtype, device=b.device).set_(b.untyped_storage(), 0, b.shape, b.stride())
+    def hand_out(b: Tensor, shape: tuple[int, ...] | None = None) -> Tensor:
+        """A new tensor over ``b``'s storage (not a view: autograd takes it as ``.grad`` without a copy),
+        shaped like ``b`` or contiguous of ``shape`` (at most ``b.numel()`` elements)."""
+        out = torch.empty(0, dtype=b.dtype, device=b.device)
+        if shape is None:
+            return out.set_(b.untyped_storage(), 0, b.shape, b.stride())
+        strides, step = [], 1
+        for size in reversed(shape):
+            strides.append(step)
+            step *= max(size, 1)
+        return out.set_(b.untyped_storage(), 0, shape, tuple(reversed(strides)))
+
+    def workspace(self, key: str, shape: tuple[int, ...], like: Tensor) -> Tensor:
+        """A contiguous ``shape`` tensor (``like``'s dtype and device) over a persistent flat buffer that nothing
+        else uses now (grown when too small), or a fresh tensor when both buffers of ``key`` are in use. The
+        loop path keeps its pre-activations, outputs and input gradient here between steps, so a plain loop
+        does not map and zero-fill fresh pages for them every call."""
+        n = math.prod(shape)
+        with self._lock:
+            bufs = self._bufs.setdefault(key, [])
+            for i, (b, idle) in enumerate(bufs):
+                if _storage_users(b) == idle:
+                    if b.numel() < n or b.dtype != like.dtype or b.device != like.device:
+                        del b
+                        bufs[i] = (b := torch.empty(n, dtype=like.dtype, device=like.device), _storage_users(b))
+                    return self.hand_out(b, shape)
+            if len(bufs) >= self.MAX_PER_WEIGHT:
+                return like.new_empty(shape)
+            b = torch.empty(n, dtype=like.dtype, device=like.device)
+            bufs.append((b, _storage_users(b)))
+            return self.hand_out(b, shape)
 
     def clear(self) -> None:
         self._bufs.clear()
+
+
+# workspaces of the tensors that live only inside one layer's backward (the slots' gradient of the combine, the
+# experts' input gradient): shared by every layer of the process, since backward runs the layers one after
+# another; per-layer copies would hold one of each per layer through the next step's peak
+SHARED_WORKSPACES = GradBuffers()
 
 
 class _ExpertMLP(torch.autograd.Function):
@@ -245,14 +304,17 @@ class _ExpertMLP(torch.autograd.Function):
     `CHUNK_ELEMENTS` hidden values, so no ``[rows, hidden]`` temporary besides the kept pre-activations is
     ever whole. With ``rows`` (`Experts.forward`) the input is ``x [T, D]`` and each chunk gathers its rows
     and adds its input gradient into ``x``'s gradient (`index_add_`, in slot order: the sum autograd's
-    gather backward makes). Math in the input's dtype (the autocast dtype under autocast), weight gradients
-    returned in the parameters' dtype, bias gradients summed in fp32. Not twice differentiable.
+    gather backward makes). The chunks' temporaries are one scratch per call, reused by every chunk; with
+    ``act_bufs`` the pre-activations, output and input gradient come from its workspaces (module docstring).
+    Math in the input's dtype (the autocast dtype under autocast), weight gradients returned in the
+    parameters' dtype, bias gradients summed in fp32. Not twice differentiable.
     """
 
     @staticmethod
     def forward(ctx, x: Tensor, rows: Tensor | None, counts: list[int], swiglu: bool, w1: Tensor,
                 b1: Tensor | None, w2: Tensor, b2: Tensor | None, w3: Tensor | None, b3: Tensor | None,
-                bufs: "GradBuffers | None" = None, recompute: bool = True) -> Tensor:
+                bufs: "GradBuffers | None" = None, recompute: bool = True,
+                act_bufs: "GradBuffers | None" = None) -> Tensor:
         dt = x.dtype
         blocks, start = [], 0
         for e, n in enumerate(counts):
@@ -263,22 +325,30 @@ class _ExpertMLP(torch.autograd.Function):
         with torch.autocast(x.device.type, enabled=False):
             W1, W2 = w1.to(dt), w2.to(dt)
             W3 = w3.to(dt) if swiglu else None
-            a1 = x.new_empty(S, H)
-            a3 = x.new_empty(S, H) if swiglu else None
-            y = x.new_empty(S, w2.shape[2])
-            hs = None if recompute else x.new_empty(S, H)
-            for s0, t0, chunk in _chunks(blocks, H):
-                xc = x[s0:t0] if rows is None else x.index_select(0, rows[s0:t0])
+            new = _allocator(act_bufs, x)
+            a1 = new("a1", (S, H))
+            a3 = new("a3", (S, H)) if swiglu else None
+            y = new("y", (S, w2.shape[2]))
+            hs = None if recompute else new("hs", (S, H))
+            chunks = list(_chunks(blocks, H))
+            rows_max = max((t0 - s0 for s0, t0, _ in chunks), default=0)
+            # one scratch per call for the gathered rows and the activation of a chunk, reused by every chunk
+            xs = x.new_empty(rows_max, x.shape[1]) if rows is not None else None
+            hscratch = x.new_empty(rows_max * H) if recompute else None
+            for s0, t0, chunk in chunks:
+                n = t0 - s0
+                xc = x[s0:t0] if rows is None else torch.index_select(x, 0, rows[s0:t0], out=xs[:n])
                 for e, s, t in chunk:
                     r = slice(s - s0, t - s0)
                     _linear(xc[r], W1[e], b1, e, a1[s:t])
                     if swiglu:
                         _linear(xc[r], W3[e], b3, e, a3[s:t])
-                del xc
-                h = _activation(a1[s0:t0], a3[s0:t0] if swiglu else None, None if hs is None else hs[s0:t0])
+                out = hscratch[:n * H].view(n, H) if hs is None else hs[s0:t0]
+                h = _activation(a1[s0:t0], a3[s0:t0] if swiglu else None, out)
                 for e, s, t in chunk:
                     _linear(h[s - s0:t - s0], W2[e], b2, e, y[s:t])
-        ctx.blocks, ctx.swiglu, ctx.bufs = blocks, swiglu, bufs
+            del xs, hscratch
+        ctx.blocks, ctx.swiglu, ctx.bufs, ctx.act_bufs = blocks, swiglu, bufs, act_bufs
         ctx.has_bias = (b1 is not None, b2 is not None, b3 is not None)
         ctx.save_for_backward(x, rows, a1, a3, hs, w1, w2, w3)
         return y
@@ -302,29 +372,44 @@ class _ExpertMLP(torch.autograd.Function):
             gb3 = _bias_target(w1, swiglu and ctx.has_bias[2] and need_b3)
             gx = None
             if need_x:
-                gx = x.new_zeros(x.shape) if rows is not None else x.new_empty(x.shape)
-            for s0, t0, chunk in _chunks(blocks, w1.shape[2]):
+                shared = SHARED_WORKSPACES if ctx.act_bufs is not None else None
+                gx = _allocator(shared, x)("experts_input_grad", tuple(x.shape))
+                if rows is not None:
+                    gx.zero_()
+            H, D = w1.shape[2], x.shape[1]
+            chunks = list(_chunks(blocks, H))
+            rows_max = max((t0 - s0 for s0, t0, _ in chunks), default=0)
+            # scratch of one chunk, allocated once per call and reused by every chunk
+            sgh, sh, sga = (x.new_empty(rows_max * H) for _ in range(3))
+            sga3 = x.new_empty(rows_max * H) if swiglu else None
+            sxc = x.new_empty(rows_max, D) if rows is not None and (gw1 is not None or gw3 is not None) else None
+            sgxc = x.new_empty(rows_max, D) if rows is not None and gx is not None else None
+            for s0, t0, chunk in chunks:
+                n = t0 - s0
                 a1c, a3c = a1[s0:t0], (a3[s0:t0] if swiglu else None)
-                gh = x.new_empty(t0 - s0, w2.shape[1])
+                gh = sgh[:n * H].view(n, H)
                 for e, s, t in chunk:
                     torch.mm(gy[s:t], W2[e].t(), out=gh[s - s0:t - s0])
                 if gw2 is not None:
-                    h = _activation(a1c, a3c) if hs is None else hs[s0:t0]  # recomputed unless kept
+                    # the activation, recomputed unless kept
+                    h = _activation(a1c, a3c, sh[:n * H].view(n, H)) if hs is None else hs[s0:t0]
                     for e, s, t in chunk:
                         torch.mm(h[s - s0:t - s0].t(), gy[s:t], out=gw2[0][e])
                     del h
+                ga1 = sga[:n * H].view(n, H)
                 if swiglu:
-                    ga3 = gh * F.silu(a1c)
-                    ga1 = torch.ops.aten.silu_backward(gh * a3c, a1c)
+                    ga3 = torch.mul(gh, F.silu(a1c), out=sga3[:n * H].view(n, H))
+                    torch.ops.aten.silu_backward.grad_input(gh.mul_(a3c), a1c, grad_input=ga1)
                 else:
-                    ga1, ga3 = torch.ops.aten.gelu_backward(gh, a1c), None
+                    torch.ops.aten.gelu_backward.grad_input(gh, a1c, grad_input=ga1)
+                    ga3 = None
                 del gh
                 xc = None
                 if gw1 is not None or gw3 is not None:
-                    xc = x[s0:t0] if rows is None else x.index_select(0, rows[s0:t0])
+                    xc = x[s0:t0] if rows is None else torch.index_select(x, 0, rows[s0:t0], out=sxc[:n])
                 gxc = None
                 if gx is not None:
-                    gxc = gx[s0:t0] if rows is None else x.new_empty(t0 - s0, x.shape[1])
+                    gxc = gx[s0:t0] if rows is None else sgxc[:n]
                 for e, s, t in chunk:
                     r = slice(s - s0, t - s0)
                     if gw1 is not None:
@@ -343,8 +428,16 @@ class _ExpertMLP(torch.autograd.Function):
                             gxc[r].addmm_(ga3[r], W3[e].t())
                 if gxc is not None and rows is not None:
                     gx.index_add_(0, rows[s0:t0], gxc)
+            del sgh, sh, sga, sga3, sxc, sgxc
             grads = [_wgrad_result(g, w, blocks, E) for g, w in ((gw1, w1), (gw2, w2), (gw3, w3))]
-        return gx, None, None, None, grads[0], gb1, grads[1], gb2, grads[2], gb3, None, None
+        return gx, None, None, None, grads[0], gb1, grads[1], gb2, grads[2], gb3, None, None, None
+
+
+def _allocator(bufs: "GradBuffers | None", like: Tensor):
+    """``new(key, shape)``: a `GradBuffers.workspace` tensor when ``bufs`` is given, else a fresh one."""
+    if bufs is None:
+        return lambda key, shape: like.new_empty(shape)
+    return lambda key, shape: bufs.workspace(key, shape, like)
 
 
 def _linear(x: Tensor, w: Tensor, b: Tensor | None, e: int, out: Tensor) -> None:
@@ -356,7 +449,7 @@ def _linear(x: Tensor, w: Tensor, b: Tensor | None, e: int, out: Tensor) -> None
 
 
 # elementwise work of `_ExpertMLP` runs over chunks of consecutive experts of at most this many hidden values
-# (16 MiB in fp32); a chunk always holds at least one whole expert
+# (4 MiB in fp32); a chunk always holds at least one whole expert
 CHUNK_ELEMENTS = 1 << 20
 
 

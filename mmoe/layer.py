@@ -20,6 +20,7 @@ import dataclasses
 import math
 import warnings
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -29,7 +30,7 @@ from . import losses
 from .config import MoEConfig
 from .dense_backprop import DefaultVectors, computed_mask, dense_oracle_term, expert_group_term
 from .dispatch import DispatchPlan, combine, expert_capacity, make_plan
-from .experts import MLP, Experts
+from .experts import MLP, SHARED_WORKSPACES, Experts
 from .parallel import _all_reduce, all_reduce_, expert_parallel_forward
 from .routing import Routing, build_router
 
@@ -284,7 +285,7 @@ class MoE(nn.Module):
         else:  # the gather h[plan.token] is fused into the experts' loop path
             y_slots = self.experts(h, plan.counts, rows=plan.token)  # [S, dh]
         weights = r.weights.detach() if cfg.dense_backprop == "dense_oracle" else r.weights
-        y = combine(y_slots, plan, weights, T, r.scale)  # [T, dh]
+        y = combine(y_slots, plan, weights, T, r.scale, partial(self.experts.workspace, shared=True))  # [T, dh]
         # activation checkpointing re-runs this forward inside backward: the state it updates (Default-MoE
         # EMA, aux-loss-free load, statistics, aux losses) was updated by the original forward already, and
         # the recomputation must use it as is to reproduce the original values
@@ -611,12 +612,15 @@ def routing_stats(model: nn.Module) -> dict[str, LayerStats]:
 
 def set_grad_buffers(model: nn.Module, enabled: bool | None) -> int:
     """Persistent expert weight-gradient buffers (`mmoe.experts`) of every MoE layer in ``model``: None = on
-    for CPU tensors (the default), True / False force it. The buffers held so far are freed either way (a
+    for CPU tensors (the default), True / False force it; the loop path's activation workspaces follow unless
+    ``Experts.reuse_act_buffers`` is set. The buffers and workspaces held so far are freed either way (a
     gradient still in ``.grad`` stays valid); returns the number of layers set."""
     layers = moe_layers(model)
     for _, m in layers:
         m.experts.reuse_grad_buffers = enabled
         m.experts._grad_buffers.clear()
+    if layers:
+        SHARED_WORKSPACES.clear()
     return len(layers)
 
 

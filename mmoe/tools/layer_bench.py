@@ -256,14 +256,38 @@ def _floor_variant(name: str, moe_variant: Variant, x: Tensor) -> Variant:
     except Exception as err:
         return _failed(name, err)
 
+    grads: dict[str, Tensor] = {}
+
     def forward_loss() -> Tensor:
         rows.grad = None
-        loss = moe.experts(rows, counts).float().pow(2).mean()
+        loss = _given_grad(moe.experts(rows, counts), grads, "experts")
         if moe.head_proj is not None:  # the same two D x D GEMMs (fwd and bwd) as the layer's projections
-            loss = loss + moe.merge_proj(moe.head_proj(x)).float().pow(2).mean()
+            loss = loss + _given_grad(moe.merge_proj(moe.head_proj(x)), grads, "projections")
         return loss
 
     return Variant(name, moe, forward_loss)
+
+
+class _GivenGrad(torch.autograd.Function):
+    """A zero scalar whose backward hands ``g`` to ``y``: backward of ``y`` with a fixed output gradient, with
+    no loss computation of its own (a loss over the floor's expert rows would cost more for the variants with
+    more slots, e.g. MH-MoE's 4x the rows, than the layer's loss over its ``[T, D]`` output)."""
+
+    @staticmethod
+    def forward(ctx, y: Tensor, g: Tensor) -> Tensor:
+        ctx.g = g
+        return y.new_zeros((), dtype=torch.float32)
+
+    @staticmethod
+    def backward(ctx, _):
+        return ctx.g, None
+
+
+def _given_grad(y: Tensor, grads: dict[str, Tensor], key: str) -> Tensor:
+    g = grads.get(key)
+    if g is None or g.shape != y.shape or g.dtype != y.dtype:
+        g = grads[key] = torch.randn(y.shape, dtype=y.dtype, device=y.device) / math.sqrt(y.numel())
+    return _GivenGrad.apply(y, g)
 
 
 def _paired(results: dict[str, dict[str, Any]], base: str) -> None:

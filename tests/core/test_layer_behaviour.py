@@ -473,3 +473,127 @@ def test_grad_buffers_default_on_cpu_and_switchable():
     step()
     assert not moe.experts._grad_buffers._bufs
     torch.testing.assert_close(moe.experts.w1.grad, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("activation", ["gelu", "swiglu"])
+def test_activation_workspaces_equal_fresh_tensors_and_never_clobber_live_ones(activation):
+    """The loop path's pre-activations, outputs and input gradient in persistent workspaces
+    (``Experts.reuse_act_buffers``) give bit-identical outputs and gradients to fresh tensors, with the fused
+    gather and without, as the row count grows and shrinks; a workspace is reused once released, and never
+    while a tensor over it is alive: outputs a caller still holds and the saved tensors of a graph that was
+    not run backward yet keep their values."""
+    from mmoe.experts import SHARED_WORKSPACES, Experts
+
+    torch.manual_seed(3)
+    fresh = Experts(4, 8, 16, activation, True, mode="loop")
+    fresh.reuse_grad_buffers = fresh.reuse_act_buffers = False
+    ws = copy.deepcopy(fresh)
+    ws.reuse_act_buffers = True
+    counts = [torch.tensor([3, 0, 5, 2]), torch.tensor([4, 4, 1, 5]), torch.tensor([2, 2, 2, 1])]
+    tokens = [torch.randn(9, 8) for _ in counts]
+    idx = [torch.randint(0, 9, (int(c.sum()),)) for c in counts]
+    gs = [torch.randn(int(c.sum()), 8) for c in counts]
+
+    def step(ex, i, fused):
+        ex.zero_grad(set_to_none=True)
+        x = tokens[i].clone().requires_grad_()
+        y = ex(x, counts[i], rows=idx[i]) if fused else ex(x.index_select(0, idx[i]), counts[i])
+        (y * gs[i]).sum().backward()
+        return [y.detach().clone(), x.grad.clone()] + [p.grad.clone() for p in ex.parameters()]
+
+    for fused in (True, False):
+        for i in (0, 1, 2, 1):  # 10, 14, 7, 14 rows: the workspace grows, then serves smaller calls
+            for got, want in zip(step(ws, i, fused), step(fresh, i, fused)):
+                torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert {"a1", "y"} <= set(ws._grad_buffers._bufs) and not fresh._grad_buffers._bufs
+    assert "experts_input_grad" in SHARED_WORKSPACES._bufs
+
+    # reused once released: the output of the next call lies in the same storage
+    with torch.no_grad():
+        ptr = ws(tokens[0], counts[1], rows=idx[1]).untyped_storage().data_ptr()
+        assert ws(tokens[0], counts[1], rows=idx[1]).untyped_storage().data_ptr() == ptr
+        # outputs still held are not overwritten by later calls (a second buffer, then fresh tensors)
+        held = [ws(tokens[i], counts[i], rows=idx[i]) for i in (0, 1, 2, 0)]
+        for out, i in zip(held, (0, 1, 2, 0)):
+            torch.testing.assert_close(out, fresh(tokens[i], counts[i], rows=idx[i]), rtol=0, atol=0)
+    assert len({out.untyped_storage().data_ptr() for out in held}) == 4
+
+    # two forwards in one graph before its backward: the first forward's saved tensors stay intact
+    def twice(ex):
+        ex.zero_grad(set_to_none=True)
+        xs = [tokens[i].clone().requires_grad_() for i in (0, 1)]
+        loss = sum((ex(x, counts[i], rows=idx[i]) * gs[i]).sum() for i, x in zip((0, 1), xs))
+        loss.backward()
+        return [x.grad for x in xs] + [p.grad for p in ex.parameters()]
+
+    for got, want in zip(twice(ws), twice(fresh)):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("chunk", [7 * 8, 8, 1 << 20])  # several chunks, one slot per chunk, one chunk
+def test_chunked_combine_equals_one_index_add(monkeypatch, chunk):
+    """`mmoe.dispatch.combine` over chunks equals ``index_add`` of the weighted slots in one call: the output,
+    the slot gradient and the weight gradient bit for bit; with a forward-only scale (SparseMixer-v2) the
+    output is scaled and the gradients are those of scale 1."""
+    from mmoe import dispatch
+
+    monkeypatch.setattr(dispatch, "COMBINE_CHUNK_ELEMENTS", chunk)
+    torch.manual_seed(0)
+    T, K, D, E = 11, 2, 8, 4
+    plan = dispatch.make_plan(torch.randint(0, E, (T, K)), E)
+    S = plan.token.numel()
+    y0, w0, g = torch.randn(S, D), torch.rand(T, K), torch.randn(T, D)
+    scale = 1 + torch.rand(T, K)
+
+    def run(fn, with_scale):
+        y, w = y0.clone().requires_grad_(), w0.clone().requires_grad_()
+        out = fn(y, w, with_scale)
+        (out * g).sum().backward()
+        return out.detach(), y.grad, w.grad
+
+    def ours(y, w, with_scale):
+        return dispatch.combine(y, plan, w, T, scale if with_scale else None)
+
+    def reference(y, w, with_scale):
+        contrib = y * w.reshape(-1)[plan.slot].unsqueeze(-1)
+        if with_scale:
+            s = scale.reshape(-1)[plan.slot].unsqueeze(-1)
+            contrib = contrib + (contrib * s - contrib).detach()
+        return torch.zeros(T, D).index_add(0, plan.token, contrib)
+
+    for got, want in zip(run(ours, False), run(reference, False)):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    for got, want in zip(run(ours, True), run(reference, True)):
+        torch.testing.assert_close(got, want)
+    assert not torch.allclose(run(ours, True)[0], run(ours, False)[0])
+
+
+@pytest.mark.parametrize("options", [{}, {"dense_backprop": "default"}, {"heads": 2, "top_k": 2},
+                                     {"router": "sparsemixer"}])
+def test_layer_with_persistent_buffers_equals_fresh_tensors_over_steps(options):
+    """A whole layer in a plain loop (AdamW, zero_grad to None) with its persistent weight-gradient buffers and
+    activation workspaces (the CPU default: the slots' gradient of the combine too) follows the same
+    trajectory bit for bit as with fresh tensors, also where the slots have a second consumer (Default MoE)."""
+    from mmoe.experts import SHARED_WORKSPACES
+
+    torch.manual_seed(0)
+    cfg = mmoe.MoEConfig(dim=8, num_experts=4, top_k=1, expert_hidden=16, grouped_mm="loop").replace(**options)
+    reused = mmoe.MoE(cfg)
+    fresh = copy.deepcopy(reused)
+    mmoe.set_grad_buffers(fresh, False)
+    fresh.experts.reuse_act_buffers = False
+    opts = [torch.optim.AdamW(m.parameters(), lr=1e-2) for m in (fresh, reused)]
+    xs = [torch.randn(n, 8) for n in (10, 13, 10, 7)]
+    for step, x in enumerate(xs):
+        grads = []
+        for m, opt in zip((fresh, reused), opts):
+            opt.zero_grad(set_to_none=True)
+            torch.manual_seed(step)  # the same draws for a sampling router (SparseMixer)
+            xi = x.clone().requires_grad_()
+            (m(xi).pow(2).sum() + mmoe.aux_loss(m)).backward()
+            grads.append([xi.grad] + [p.grad for p in m.parameters()])
+            opt.step()
+        for got, want in zip(grads[1], grads[0]):
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert "combine_grad" in SHARED_WORKSPACES._bufs and "a1" in reused.experts._grad_buffers._bufs
+    assert not fresh.experts._grad_buffers._bufs
