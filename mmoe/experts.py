@@ -233,6 +233,12 @@ class GradBuffers:
     def __deepcopy__(self, memo) -> "GradBuffers":
         return GradBuffers()  # a copied module (e.g. a weight EMA) starts without buffers
 
+    def __getstate__(self) -> dict:
+        return {}  # a pickled module (torch.save(model)) carries no buffers
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__()
+
     def target(self, key: str, w: Tensor) -> Tensor | None:
         """A buffer shaped like ``w`` that nothing else uses now, or None when both are in use."""
         bufs = self._bufs.get(key)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import io
 import math
 
 import pytest
@@ -451,6 +452,14 @@ def test_persistent_weight_gradients_through_an_optimizer_and_a_copy():
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     twin = copy.deepcopy(reused)
     assert twin._grad_buffers._bufs == {} and reused._grad_buffers._bufs
+    # a whole pickled module (torch.save(model)) carries no buffers and trains on
+    blob = io.BytesIO()
+    torch.save(reused, blob)
+    blob.seek(0)
+    loaded = torch.load(blob, weights_only=False)
+    assert loaded._grad_buffers._bufs == {}
+    _loss(loaded, x, counts, g).backward()
+    assert loaded._grad_buffers._bufs
 
 
 def test_grad_buffers_default_on_cpu_and_switchable():
