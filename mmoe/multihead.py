@@ -38,6 +38,9 @@ def mh_moe_config(base: MoEConfig, heads: int, match: Literal["flops", "params"]
     if match == "flops":
         k_mh = heads * k
         d_mh = round((n * k * D * d_moe - extra) / (n * k_mh * D))
+        if d_mh < 1:
+            raise ValueError(f"mh_moe_config: no positive expert width matches the FLOPs (heads={heads}: the head "
+                             f"and merge projections ({extra} multiply-adds per token) cost as much as the experts)")
         e_exact = (n * E * D * d_moe - extra) / (n * (D // heads) * d_mh)
         m = max(1, experts_multiple_of)
         E_mh = max(m, int(round(e_exact / m)) * m)

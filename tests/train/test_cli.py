@@ -109,6 +109,36 @@ def test_bench_paired_ratios_cancel_drift():
     assert results["failed"]["ratio_vs_base"] is None
 
 
+def test_bench_floor_runs_the_experts_backward_from_a_fixed_gradient():
+    """The compute floor's "loss" is a zero scalar whose backward hands a fixed gradient to the expert rows (and
+    to the MH-MoE projections): the same gradient on every call, reaching every weight, with no loss math."""
+    import torch
+
+    import mmoe
+    from mmoe.tools.layer_bench import _floor_variant, _mmoe_variant
+
+    torch.manual_seed(0)
+    x = torch.randn(32, 16)
+    base = mmoe.MoEConfig(dim=16, num_experts=4, top_k=2, expert_hidden=32)
+    with pytest.raises(ValueError, match="no positive expert width"):
+        mmoe.mh_moe_config(base.replace(expert_hidden=8), heads=2, match="flops")
+    for cfg in (base, mmoe.mh_moe_config(base, heads=2, match="flops")):
+        floor = _floor_variant("floor", _mmoe_variant("layer", x, lambda cfg=cfg: cfg), x)
+        assert floor.error is None
+        grads = []
+        for _ in range(2):
+            loss = floor.forward_loss()
+            assert loss.item() == 0.0
+            loss.backward()
+            grads.append({n: p.grad.clone() for n, p in floor.module.named_parameters() if p.grad is not None})
+            floor.module.zero_grad(set_to_none=True)
+        assert {"experts.w1", "experts.w2"} <= set(grads[0])
+        assert ("head_proj.weight" in grads[0]) == (cfg.heads > 1)
+        for n, g in grads[0].items():
+            assert g.abs().sum() > 0, n
+            torch.testing.assert_close(grads[1][n], g)
+
+
 def test_a_missing_family_is_an_explained_error(monkeypatch, capsys):
     """Families plug in by entry points; one that is declared but cannot be imported is one explained line."""
     from importlib.metadata import EntryPoint
