@@ -120,8 +120,8 @@ def make_plan(indices: Tensor, num_experts: int, capacity: int | Tensor | None =
     )
 
 
-# the combine works over chunks of at most this many slot values (4 MiB in fp32), so no weighted copy of the
-# slots and no gathered output gradient exists whole: one chunk-sized scratch per call, reused
+# on CPU the combine works over chunks of at most this many slot values (4 MiB in fp32), so no weighted copy of
+# the slots and no gathered output gradient exists whole: one chunk-sized scratch per call, reused
 COMBINE_CHUNK_ELEMENTS = 1 << 20
 
 
@@ -137,7 +137,8 @@ class _Combine(torch.autograd.Function):
                 workspace: Callable[[str, tuple[int, ...], Tensor], Tensor] | None) -> Tensor:
         S, D = y.shape
         out = y.new_zeros(num_rows, D)
-        step = max(COMBINE_CHUNK_ELEMENTS // max(D, 1), 1)
+        # CPU: chunks (cache-sized, no whole temporaries); an accelerator: one call each (no launch per chunk)
+        step = max(COMBINE_CHUNK_ELEMENTS // max(D, 1), 1) if y.device.type == "cpu" else max(S, 1)
         ws = w if scale is None else w * scale
         scratch = y.new_empty(min(step, S), D)
         for s0 in range(0, S, step):
