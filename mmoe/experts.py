@@ -21,8 +21,9 @@ between steps (one copy of the expert weight gradients, which a training step ho
 already reuses memory); True / False force it; `mmoe.set_grad_buffers(model, ...)` sets every layer's and
 frees the buffers.
 
-The same holder keeps the loop path's large activations between calls (`GradBuffers.workspace`): the
-pre-activations saved for backward, the output rows and the input gradient, by the same rule (a workspace
+The same holder keeps the loop path's pre-activations saved for backward between calls
+(`GradBuffers.workspace`), and a process-wide one (`SHARED_WORKSPACES`) the tensors that live only inside one
+layer's backward (the combine's slot gradient, the experts' input gradient), by the same rule (a workspace
 is reused only when no tensor uses it, so outputs a caller holds and the saved tensors of a graph not yet
 run backward are never overwritten). ``Experts.reuse_act_buffers``: None (default) follows
 ``reuse_grad_buffers``; True / False force it. Per-chunk temporaries are one scratch per call.
@@ -311,7 +312,8 @@ class _ExpertMLP(torch.autograd.Function):
     ever whole. With ``rows`` (`Experts.forward`) the input is ``x [T, D]`` and each chunk gathers its rows
     and adds its input gradient into ``x``'s gradient (`index_add_`, in slot order: the sum autograd's
     gather backward makes). The chunks' temporaries are one scratch per call, reused by every chunk; with
-    ``act_bufs`` the pre-activations, output and input gradient come from its workspaces (module docstring).
+    ``act_bufs`` the pre-activations come from its workspaces and the input gradient from `SHARED_WORKSPACES`
+    (module docstring).
     Math in the input's dtype (the autocast dtype under autocast), weight gradients returned in the
     parameters' dtype, bias gradients summed in fp32. Not twice differentiable.
     """
@@ -334,7 +336,9 @@ class _ExpertMLP(torch.autograd.Function):
             new = _allocator(act_bufs, x)
             a1 = new("a1", (S, H))
             a3 = new("a3", (S, H)) if swiglu else None
-            y = new("y", (S, w2.shape[2]))
+            # the output stays a fresh tensor: a workspace would hold it through backward's peak, after the
+            # combine is done with it
+            y = x.new_empty(S, w2.shape[2])
             hs = None if recompute else new("hs", (S, H))
             chunks = list(_chunks(blocks, H))
             rows_max = max((t0 - s0 for s0, t0, _ in chunks), default=0)

@@ -514,18 +514,18 @@ def test_activation_workspaces_equal_fresh_tensors_and_never_clobber_live_ones(a
         for i in (0, 1, 2, 1):  # 10, 14, 7, 14 rows: the workspace grows, then serves smaller calls
             for got, want in zip(step(ws, i, fused), step(fresh, i, fused)):
                 torch.testing.assert_close(got, want, rtol=0, atol=0)
-    assert {"a1", "y"} <= set(ws._grad_buffers._bufs) and not fresh._grad_buffers._bufs
+    assert "a1" in ws._grad_buffers._bufs and not fresh._grad_buffers._bufs
     assert "experts_input_grad" in SHARED_WORKSPACES._bufs
 
-    # reused once released: the output of the next call lies in the same storage
+    # reused once released: one pre-activation workspace serves call after call
     with torch.no_grad():
-        ptr = ws(tokens[0], counts[1], rows=idx[1]).untyped_storage().data_ptr()
-        assert ws(tokens[0], counts[1], rows=idx[1]).untyped_storage().data_ptr() == ptr
-        # outputs still held are not overwritten by later calls (a second buffer, then fresh tensors)
+        for i in (1, 0, 2):
+            ws(tokens[i], counts[i], rows=idx[i])
+        assert len(ws._grad_buffers._bufs["a1"]) == 1
+        # outputs still held are not overwritten by later calls
         held = [ws(tokens[i], counts[i], rows=idx[i]) for i in (0, 1, 2, 0)]
         for out, i in zip(held, (0, 1, 2, 0)):
             torch.testing.assert_close(out, fresh(tokens[i], counts[i], rows=idx[i]), rtol=0, atol=0)
-    assert len({out.untyped_storage().data_ptr() for out in held}) == 4
 
     # two forwards in one graph before its backward: the first forward's saved tensors stay intact
     def twice(ex):
