@@ -99,7 +99,7 @@ class Experts(nn.Module):
         for p in self.parameters():
             p.expert = True  # marks expert-parallel parameters (not all-reduced across the expert group)
         self.reuse_grad_buffers: bool | None = None  # None: on CPU (module docstring)
-        # loop path: pre-activations, outputs and input gradient in persistent workspaces; None follows
+        # loop path: saved pre-activations and backward-only gradients in persistent workspaces; None follows
         # reuse_grad_buffers
         self.reuse_act_buffers: bool | None = None
         # loop path: recompute the activation in backward instead of keeping [rows, hidden] of it
@@ -263,16 +263,12 @@ class GradBuffers:
         out = torch.empty(0, dtype=b.dtype, device=b.device)
         if shape is None:
             return out.set_(b.untyped_storage(), 0, b.shape, b.stride())
-        strides, step = [], 1
-        for size in reversed(shape):
-            strides.append(step)
-            step *= max(size, 1)
-        return out.set_(b.untyped_storage(), 0, shape, tuple(reversed(strides)))
+        return out.set_(b.untyped_storage(), 0, shape)  # no stride given: contiguous
 
     def workspace(self, key: str, shape: tuple[int, ...], like: Tensor) -> Tensor:
         """A contiguous ``shape`` tensor (``like``'s dtype and device) over a persistent flat buffer that nothing
         else uses now (grown when too small), or a fresh tensor when both buffers of ``key`` are in use. The
-        loop path keeps its pre-activations, outputs and input gradient here between steps, so a plain loop
+        loop path keeps its pre-activations and backward-only gradients here between steps, so a plain loop
         does not map and zero-fill fresh pages for them every call."""
         n = math.prod(shape)
         with self._lock:
@@ -280,8 +276,8 @@ class GradBuffers:
             for i, (b, idle) in enumerate(bufs):
                 if _storage_users(b) == idle:
                     if b.numel() < n or b.dtype != like.dtype or b.device != like.device:
-                        del b
-                        bufs[i] = (b := torch.empty(n, dtype=like.dtype, device=like.device), _storage_users(b))
+                        b = torch.empty(n, dtype=like.dtype, device=like.device)  # grown (the old one is freed)
+                        bufs[i] = (b, _storage_users(b))
                     return self.hand_out(b, shape)
             if len(bufs) >= self.MAX_PER_WEIGHT:
                 return like.new_empty(shape)
@@ -341,7 +337,7 @@ class _ExpertMLP(torch.autograd.Function):
             y = x.new_empty(S, w2.shape[2])
             hs = None if recompute else new("hs", (S, H))
             chunks = list(_chunks(blocks, H))
-            rows_max = max((t0 - s0 for s0, t0, _ in chunks), default=0)
+            rows_max = max((t0 - s0 for s0, t0, _ in chunks), default=0)  # the largest chunk's rows
             # one scratch per call for the gathered rows and the activation of a chunk, reused by every chunk
             xs = x.new_empty(rows_max, x.shape[1]) if rows is not None else None
             hscratch = x.new_empty(rows_max * H) if recompute else None
@@ -358,7 +354,8 @@ class _ExpertMLP(torch.autograd.Function):
                 for e, s, t in chunk:
                     _linear(h[s - s0:t - s0], W2[e], b2, e, y[s:t])
             del xs, hscratch
-        ctx.blocks, ctx.swiglu, ctx.bufs, ctx.act_bufs = blocks, swiglu, bufs, act_bufs
+        ctx.blocks, ctx.chunks, ctx.rows_max = blocks, chunks, rows_max
+        ctx.swiglu, ctx.bufs, ctx.act_bufs = swiglu, bufs, act_bufs
         ctx.has_bias = (b1 is not None, b2 is not None, b3 is not None)
         ctx.save_for_backward(x, rows, a1, a3, hs, w1, w2, w3)
         return y
@@ -387,10 +384,10 @@ class _ExpertMLP(torch.autograd.Function):
                 if rows is not None:
                     gx.zero_()
             H, D = w1.shape[2], x.shape[1]
-            chunks = list(_chunks(blocks, H))
-            rows_max = max((t0 - s0 for s0, t0, _ in chunks), default=0)
+            chunks, rows_max = ctx.chunks, ctx.rows_max  # as in the forward
             # scratch of one chunk, allocated once per call and reused by every chunk
-            sgh, sh, sga = (x.new_empty(rows_max * H) for _ in range(3))
+            sgh, sga = x.new_empty(rows_max * H), x.new_empty(rows_max * H)
+            sh = x.new_empty(rows_max * H) if gw2 is not None and hs is None else None  # recomputed activation
             sga3 = x.new_empty(rows_max * H) if swiglu else None
             sxc = x.new_empty(rows_max, D) if rows is not None and (gw1 is not None or gw3 is not None) else None
             sgxc = x.new_empty(rows_max, D) if rows is not None and gx is not None else None
