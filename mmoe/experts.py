@@ -23,7 +23,7 @@ frees the buffers.
 
 The same holder keeps the loop path's pre-activations saved for backward between calls
 (`GradBuffers.workspace`), and a process-wide one (`SHARED_WORKSPACES`) the tensors that live only inside one
-layer's backward (the combine's slot gradient, the experts' input gradient), by the same rule (a workspace
+layer's backward (the combine's slot gradient), by the same rule (a workspace
 is reused only when no tensor uses it, so outputs a caller holds and the saved tensors of a graph not yet
 run backward are never overwritten). ``Experts.reuse_act_buffers``: None (default) follows
 ``reuse_grad_buffers``; True / False force it. Per-chunk temporaries are one scratch per call.
@@ -308,8 +308,8 @@ class _ExpertMLP(torch.autograd.Function):
     ever whole. With ``rows`` (`Experts.forward`) the input is ``x [T, D]`` and each chunk gathers its rows
     and adds its input gradient into ``x``'s gradient (`index_add_`, in slot order: the sum autograd's
     gather backward makes). The chunks' temporaries are one scratch per call, reused by every chunk; with
-    ``act_bufs`` the pre-activations come from its workspaces and the input gradient from `SHARED_WORKSPACES`
-    (module docstring).
+    ``act_bufs`` the pre-activations come from its workspaces (module docstring); the input gradient is
+    always fresh, so autograd can accumulate the input's other gradients into it in place.
     Math in the input's dtype (the autocast dtype under autocast), weight gradients returned in the
     parameters' dtype, bias gradients summed in fp32. Not twice differentiable.
     """
@@ -379,18 +379,20 @@ class _ExpertMLP(torch.autograd.Function):
             gb3 = _bias_target(w1, swiglu and ctx.has_bias[2] and need_b3)
             gx = None
             if need_x:
-                shared = SHARED_WORKSPACES if ctx.act_bufs is not None else None
-                gx = _allocator(shared, x)("experts_input_grad", tuple(x.shape))
-                if rows is not None:
-                    gx.zero_()
+                # a fresh tensor, not a workspace: autograd then adds the input's other gradients (the router's)
+                # into it in place instead of allocating their sum
+                gx = torch.zeros_like(x) if rows is not None else torch.empty_like(x)
             H, D = w1.shape[2], x.shape[1]
             chunks, rows_max = ctx.chunks, ctx.rows_max  # as in the forward
-            # scratch of one chunk, allocated once per call and reused by every chunk
-            sgh, sga = x.new_empty(rows_max * H), x.new_empty(rows_max * H)
-            sh = x.new_empty(rows_max * H) if gw2 is not None and hs is None else None  # recomputed activation
-            sga3 = x.new_empty(rows_max * H) if swiglu else None
-            sxc = x.new_empty(rows_max, D) if rows is not None and (gw1 is not None or gw3 is not None) else None
-            sgxc = x.new_empty(rows_max, D) if rows is not None and gx is not None else None
+            # two [rows, hidden] scratch tensors of one chunk, allocated once per call and reused by every chunk:
+            # the hidden gradient (the pre-activations' gradient is written over it in place) and the
+            # recomputed activation (for SwiGLU then the gate's gradient); one [rows, D] scratch for the
+            # gathered rows and then the rows' input gradient
+            sgh = x.new_empty(rows_max * H)
+            recompute_h = gw2 is not None and hs is None
+            sh = x.new_empty(rows_max * H) if recompute_h or swiglu else None
+            need_xc = gw1 is not None or gw3 is not None
+            sx = x.new_empty(rows_max, D) if rows is not None and (need_xc or gx is not None) else None
             for s0, t0, chunk in chunks:
                 n = t0 - s0
                 a1c, a3c = a1[s0:t0], (a3[s0:t0] if swiglu else None)
@@ -399,43 +401,47 @@ class _ExpertMLP(torch.autograd.Function):
                     torch.mm(gy[s:t], W2[e].t(), out=gh[s - s0:t - s0])
                 if gw2 is not None:
                     # the activation, recomputed unless kept
-                    h = _activation(a1c, a3c, sh[:n * H].view(n, H)) if hs is None else hs[s0:t0]
+                    h = _activation(a1c, a3c, sh[:n * H].view(n, H)) if recompute_h else hs[s0:t0]
                     for e, s, t in chunk:
                         torch.mm(h[s - s0:t - s0].t(), gy[s:t], out=gw2[0][e])
                     del h
-                ga1 = sga[:n * H].view(n, H)
+                ga1 = gh  # the pre-activations' gradient, in place over the hidden gradient (elementwise)
                 if swiglu:
-                    ga3 = torch.mul(gh, F.silu(a1c), out=sga3[:n * H].view(n, H))
+                    # the gate's gradient silu(a1) * gh, then the up projection's a3 * gh through silu's backward
+                    ga3 = torch.ops.aten.silu.out(a1c, out=sh[:n * H].view(n, H)).mul_(gh)
                     torch.ops.aten.silu_backward.grad_input(gh.mul_(a3c), a1c, grad_input=ga1)
                 else:
                     torch.ops.aten.gelu_backward.grad_input(gh, a1c, grad_input=ga1)
                     ga3 = None
-                del gh
-                xc = None
-                if gw1 is not None or gw3 is not None:
-                    xc = x[s0:t0] if rows is None else torch.index_select(x, 0, rows[s0:t0], out=sxc[:n])
-                gxc = None
-                if gx is not None:
-                    gxc = gx[s0:t0] if rows is None else sgxc[:n]
+                if need_xc:
+                    xc = x[s0:t0] if rows is None else torch.index_select(x, 0, rows[s0:t0], out=sx[:n])
+                    for e, s, t in chunk:
+                        r = slice(s - s0, t - s0)
+                        if gw1 is not None:
+                            torch.mm(xc[r].t(), ga1[r], out=gw1[0][e])
+                        if gw3 is not None:
+                            torch.mm(xc[r].t(), ga3[r], out=gw3[0][e])
+                    del xc
                 for e, s, t in chunk:
                     r = slice(s - s0, t - s0)
-                    if gw1 is not None:
-                        torch.mm(xc[r].t(), ga1[r], out=gw1[0][e])
-                    if gw3 is not None:
-                        torch.mm(xc[r].t(), ga3[r], out=gw3[0][e])
                     if gb1 is not None:
                         gb1[e] = ga1[r].sum(0, dtype=torch.float32)
                     if gb2 is not None:
                         gb2[e] = gy[s:t].sum(0, dtype=torch.float32)
                     if gb3 is not None:
                         gb3[e] = ga3[r].sum(0, dtype=torch.float32)
-                    if gxc is not None:
+                if gx is not None:
+                    # the rows' input gradient, over the gathered rows' scratch (done with them above)
+                    gxc = gx[s0:t0] if rows is None else sx[:n]
+                    for e, s, t in chunk:
+                        r = slice(s - s0, t - s0)
                         torch.mm(ga1[r], W1[e].t(), out=gxc[r])
                         if swiglu:
                             gxc[r].addmm_(ga3[r], W3[e].t())
-                if gxc is not None and rows is not None:
-                    gx.index_add_(0, rows[s0:t0], gxc)
-            del sgh, sh, sga, sga3, sxc, sgxc
+                    if rows is not None:
+                        gx.index_add_(0, rows[s0:t0], gxc)
+                del gh, ga1, ga3
+            del sgh, sh, sx
             grads = [_wgrad_result(g, w, blocks, E) for g, w in ((gw1, w1), (gw2, w2), (gw3, w3))]
         return gx, None, None, None, grads[0], gb1, grads[1], gb2, grads[2], gb3, None, None, None
 
@@ -478,7 +484,7 @@ def _activation(a1: Tensor, a3: Tensor | None, out: Tensor | None = None) -> Ten
     if out is None:
         return F.silu(a1) * a3 if a3 is not None else F.gelu(a1)
     if a3 is not None:
-        return torch.mul(F.silu(a1), a3, out=out)
+        return torch.ops.aten.silu.out(a1, out=out).mul_(a3)
     return torch._C._nn.gelu(a1, out=out)
 
 

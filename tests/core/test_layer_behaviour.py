@@ -515,7 +515,8 @@ def test_activation_workspaces_equal_fresh_tensors_and_never_clobber_live_ones(a
             for got, want in zip(step(ws, i, fused), step(fresh, i, fused)):
                 torch.testing.assert_close(got, want, rtol=0, atol=0)
     assert "a1" in ws._grad_buffers._bufs and not fresh._grad_buffers._bufs
-    assert "experts_input_grad" in SHARED_WORKSPACES._bufs
+    # the input gradient is a fresh tensor (autograd adds the input's other gradients into it in place)
+    assert not any(k.startswith("experts") for k in SHARED_WORKSPACES._bufs)
 
     # reused once released: one pre-activation workspace serves call after call
     with torch.no_grad():
@@ -606,3 +607,34 @@ def test_layer_with_persistent_buffers_equals_fresh_tensors_over_steps(options):
             torch.testing.assert_close(got, want, rtol=0, atol=0)
     assert "combine_grad" in SHARED_WORKSPACES._bufs and "a1" in reused.experts._grad_buffers._bufs
     assert not fresh.experts._grad_buffers._bufs
+
+
+def test_experts_input_gradient_takes_the_routers_gradient_in_place(monkeypatch):
+    """The loop path's input gradient is a fresh tensor that autograd can reuse: the router's gradient of the
+    same rows is added into it in place, so the layer's input gradient is that very tensor (a workspace
+    there made autograd allocate their sum: one more [tokens, dim] tensor at the end of backward)."""
+    from mmoe import experts as experts_module
+
+    backward = experts_module._ExpertMLP.backward
+    seen = []
+
+    def spy(ctx, gy):
+        out = backward(ctx, gy)
+        seen.append(out[0].data_ptr())
+        return out
+
+    monkeypatch.setattr(experts_module._ExpertMLP, "backward", staticmethod(spy))
+    torch.manual_seed(0)
+    moe = mmoe.MoE(mmoe.MoEConfig(dim=16, num_experts=4, top_k=2, expert_hidden=32))
+    moe.experts.reuse_act_buffers = True
+    x = torch.randn(40, 16, requires_grad=True)
+    ref = copy.deepcopy(moe)
+    ref.experts.reuse_act_buffers = False
+    for _ in range(2):  # the second step runs over the workspaces of the first
+        moe.zero_grad(set_to_none=True)
+        x.grad = None
+        moe(x).pow(2).sum().backward()
+    assert len(seen) == 2 and x.grad.data_ptr() == seen[-1]
+    xr = x.detach().clone().requires_grad_()
+    ref(xr).pow(2).sum().backward()
+    torch.testing.assert_close(x.grad, xr.grad, rtol=0, atol=0)
