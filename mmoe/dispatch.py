@@ -173,11 +173,34 @@ class _Combine(torch.autograd.Function):
         return gy, gw, None, None, None, None
 
 
+@dataclass
+class SlotCombine:
+    """What the combine needs besides the slots' outputs: each kept slot's routing weight ``weight [S]``, its
+    row ``token [S]``, SparseMixer-v2's straight-through ``scale [S]`` (or None), and the output rows."""
+
+    weight: Tensor
+    token: Tensor
+    num_rows: int
+    scale: Tensor | None = None
+
+
+def slot_combine(plan: DispatchPlan, weights: Tensor, num_rows: int, scale: Tensor | None = None) -> SlotCombine:
+    """The `SlotCombine` of ``plan``'s kept slots under routing ``weights [T, K]`` (``scale`` detached)."""
+    s = None if scale is None else scale.reshape(-1)[plan.slot].detach()
+    return SlotCombine(weights.reshape(-1)[plan.slot], plan.token, num_rows, s)
+
+
+def combine_slots(y_slots: Tensor, c: SlotCombine,
+                  workspace: Callable[[str, tuple[int, ...], Tensor], Tensor] | None = None) -> Tensor:
+    """``out[t] = sum_{kept slots s of t} scale_s * w_s * y_s`` (`_Combine`; ``scale`` straight-through).
+    ``workspace(key, shape, like)`` (e.g. `mmoe.experts.Experts.workspace`) gives the slots' gradient."""
+    dt = y_slots.dtype
+    s = None if c.scale is None else c.scale.to(dt)
+    return _Combine.apply(y_slots, c.weight.to(dt), c.token, c.num_rows, s, workspace)
+
+
 def combine(y_slots: Tensor, plan: DispatchPlan, weights: Tensor, num_rows: int,
             scale: Tensor | None = None,
             workspace: Callable[[str, tuple[int, ...], Tensor], Tensor] | None = None) -> Tensor:
-    """``out[t] = sum_{kept slots s of t} scale_s * w_s * y_s`` (`_Combine`; ``scale`` straight-through).
-    ``workspace(key, shape, like)`` (e.g. `mmoe.experts.Experts.workspace`) gives the slots' gradient."""
-    w = weights.reshape(-1)[plan.slot].to(y_slots.dtype)
-    s = None if scale is None else scale.reshape(-1)[plan.slot].to(y_slots.dtype).detach()
-    return _Combine.apply(y_slots, w, plan.token, num_rows, s, workspace)
+    """``out[t] = sum_{kept slots s of t} scale_s * w_s * y_s`` over ``plan``'s slots (`combine_slots`)."""
+    return combine_slots(y_slots, slot_combine(plan, weights, num_rows, scale), workspace)

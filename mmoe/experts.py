@@ -38,6 +38,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .dispatch import SlotCombine, combine_slots
+
 
 def _grouped_mm_ok(device: torch.device, dtype: torch.dtype) -> bool:
     if not hasattr(torch, "_grouped_mm"):
@@ -136,12 +138,17 @@ class Experts(nn.Module):
 
     # ---------------------------------------------------------------- batched paths
     def forward(self, x: Tensor, counts: Tensor, counts_list: list[int] | None = None,
-                rows: Tensor | None = None) -> Tensor:
+                rows: Tensor | None = None, combine: SlotCombine | None = None) -> Tensor:
         """Rows ``x [S, D]`` sorted by expert, ``counts [E]`` rows per expert -> ``[S, D]``.
 
         ``rows [S]`` (optional, int64): the sorted rows are ``x[rows]`` of an ``x [T, D]``. The ``loop`` path
         then gathers them chunk by chunk and adds their gradient straight into ``x``'s, so neither the
-        gathered rows nor their gradient exists whole; the other paths gather first."""
+        gathered rows nor their gradient exists whole; the other paths gather first.
+
+        ``combine`` (optional): return the combined ``[combine.num_rows, D]`` instead (`combine_slots` of the
+        slots' outputs). The ``loop`` path fuses it: each chunk's outputs are weighted and added into their
+        rows at once, so the slots' outputs never exist whole and are not kept for backward (the routing
+        weights' gradient comes from the hidden gradient and the recomputed activation there)."""
         mode = self.mode
         dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
         S = x.shape[0] if rows is None else rows.numel()
@@ -152,19 +159,21 @@ class Experts(nn.Module):
                 counts_list = counts.tolist()
             width = max(counts_list)
             if width * len(counts_list) > PAD_LIMIT * S:
-                return self._loop(x, rows, counts_list, dtype)
+                return self._loop(x, rows, counts_list, dtype, combine)
             mode = "padded"
         if mode == "auto":
             mode = "grouped" if self.grouped_shapes_ok and _grouped_mm_ok(x.device, dtype) else "loop"
         if mode == "loop":
-            return self._loop(x, rows, counts.tolist() if counts_list is None else counts_list, dtype)
+            return self._loop(x, rows, counts.tolist() if counts_list is None else counts_list, dtype, combine)
         if rows is not None:
             x = x.index_select(0, rows)
         if mode == "padded":
             if width is None:
                 width = int(counts.max()) if counts.numel() else 0
-            return self._padded(x, counts, width)
-        return self._grouped(x, counts, dtype)
+            y = self._padded(x, counts, width)
+        else:
+            y = self._grouped(x, counts, dtype)
+        return y if combine is None else combine_slots(y, combine)
 
     def _padded(self, x: Tensor, counts: Tensor, width: int) -> Tensor:
         """Rows scattered into ``[E, width, D]`` (zeros elsewhere), two ``bmm``, rows gathered back.
@@ -209,12 +218,17 @@ class Experts(nn.Module):
             return (SHARED_WORKSPACES if shared else self._grad_buffers).workspace(key, shape, like)
         return like.new_empty(shape)
 
-    def _loop(self, x: Tensor, rows: Tensor | None, counts_list: list[int], dt: torch.dtype) -> Tensor:
+    def _loop(self, x: Tensor, rows: Tensor | None, counts_list: list[int], dt: torch.dtype,
+              combine: SlotCombine | None = None) -> Tensor:
         grads, act = self._reuse(x.device)
+        c = combine
         return _ExpertMLP.apply(x.to(dt), rows, counts_list, self.activation == "swiglu",
                                 self.w1, self.b1, self.w2, self.b2, self.w3, self.b3,
                                 self._grad_buffers if grads else None, self.recompute_activation,
-                                self._grad_buffers if act else None)
+                                self._grad_buffers if act else None,
+                                None if c is None else c.weight.to(dt), None if c is None else c.token,
+                                0 if c is None else c.num_rows,
+                                None if c is None or c.scale is None else c.scale.to(dt))
 
 
 def _storage_users(t: Tensor) -> int:
@@ -310,34 +324,51 @@ class _ExpertMLP(torch.autograd.Function):
     gather backward makes). The chunks' temporaries are one scratch per call, reused by every chunk; with
     ``act_bufs`` the pre-activations come from its workspaces (module docstring); the input gradient is
     always fresh, so autograd can accumulate the input's other gradients into it in place.
+
+    With ``comb_w`` (the fused combine, `Experts.forward`'s ``combine``) the output is ``out [comb_rows, D]``,
+    ``out[comb_token_s] += comb_scale_s * comb_w_s * y_s`` chunk by chunk in slot order (bit-identical to
+    `mmoe.dispatch.combine_slots` of the slots' outputs ``y``), and ``y`` is neither whole nor kept. Backward
+    gathers each chunk's output gradient ``g_s = g[comb_token_s]``, takes ``u_s = g_s W2^T`` (the GEMM the
+    hidden gradient needs anyway, before the weight), and gets the routing weight's gradient
+    ``<g_s, y_s> = <u_s, h_s> + <g_s, b2>`` from the recomputed activation ``h_s``; the slots' gradient is
+    ``comb_w_s g_s`` and the hidden gradient ``comb_w_s u_s`` (``scale`` straight-through, as in the combine).
     Math in the input's dtype (the autocast dtype under autocast), weight gradients returned in the
-    parameters' dtype, bias gradients summed in fp32. Not twice differentiable.
+    parameters' dtype, bias gradients and the routing weights' gradient summed in fp32. Not twice
+    differentiable.
     """
 
     @staticmethod
     def forward(ctx, x: Tensor, rows: Tensor | None, counts: list[int], swiglu: bool, w1: Tensor,
                 b1: Tensor | None, w2: Tensor, b2: Tensor | None, w3: Tensor | None, b3: Tensor | None,
                 bufs: "GradBuffers | None" = None, recompute: bool = True,
-                act_bufs: "GradBuffers | None" = None) -> Tensor:
+                act_bufs: "GradBuffers | None" = None, comb_w: Tensor | None = None,
+                comb_token: Tensor | None = None, comb_rows: int = 0,
+                comb_scale: Tensor | None = None) -> Tensor:
         dt = x.dtype
         blocks, start = [], 0
         for e, n in enumerate(counts):
             if n:
                 blocks.append((e, start, start + n))
             start += n
-        S, H = start, w1.shape[2]
+        S, H, Dout = start, w1.shape[2], w2.shape[2]
+        fused = comb_w is not None
         with torch.autocast(x.device.type, enabled=False):
             W1, W2 = w1.to(dt), w2.to(dt)
             W3 = w3.to(dt) if swiglu else None
             new = _allocator(act_bufs, x)
             a1 = new("a1", (S, H))
             a3 = new("a3", (S, H)) if swiglu else None
-            # the output stays a fresh tensor: a workspace would hold it through backward's peak, after the
-            # combine is done with it
-            y = x.new_empty(S, w2.shape[2])
             hs = None if recompute else new("hs", (S, H))
             chunks = list(_chunks(blocks, H))
             rows_max = max((t0 - s0 for s0, t0, _ in chunks), default=0)  # the largest chunk's rows
+            if fused:
+                out = x.new_zeros(comb_rows, Dout)
+                ws = comb_w if comb_scale is None else comb_w * comb_scale
+                ys = x.new_empty(rows_max, Dout)  # one chunk's outputs
+            else:
+                # the output stays a fresh tensor: a workspace would hold it through backward's peak, after the
+                # combine is done with it
+                out = y = x.new_empty(S, Dout)
             # one scratch per call for the gathered rows and the activation of a chunk, reused by every chunk
             xs = x.new_empty(rows_max, x.shape[1]) if rows is not None else None
             hscratch = x.new_empty(rows_max * H) if recompute else None
@@ -349,26 +380,30 @@ class _ExpertMLP(torch.autograd.Function):
                     _linear(xc[r], W1[e], b1, e, a1[s:t])
                     if swiglu:
                         _linear(xc[r], W3[e], b3, e, a3[s:t])
-                out = hscratch[:n * H].view(n, H) if hs is None else hs[s0:t0]
-                h = _activation(a1[s0:t0], a3[s0:t0] if swiglu else None, out)
+                hc = hscratch[:n * H].view(n, H) if hs is None else hs[s0:t0]
+                h = _activation(a1[s0:t0], a3[s0:t0] if swiglu else None, hc)
+                yc = ys[:n] if fused else y[s0:t0]
                 for e, s, t in chunk:
-                    _linear(h[s - s0:t - s0], W2[e], b2, e, y[s:t])
+                    _linear(h[s - s0:t - s0], W2[e], b2, e, yc[s - s0:t - s0])
+                if fused:
+                    out.index_add_(0, comb_token[s0:t0], yc.mul_(ws[s0:t0].unsqueeze(-1)))
             del xs, hscratch
         ctx.blocks, ctx.chunks, ctx.rows_max = blocks, chunks, rows_max
-        ctx.swiglu, ctx.bufs, ctx.act_bufs = swiglu, bufs, act_bufs
+        ctx.swiglu, ctx.bufs, ctx.act_bufs, ctx.fused = swiglu, bufs, act_bufs, fused
         ctx.has_bias = (b1 is not None, b2 is not None, b3 is not None)
-        ctx.save_for_backward(x, rows, a1, a3, hs, w1, w2, w3)
-        return y
+        ctx.save_for_backward(x, rows, a1, a3, hs, w1, w2, w3, b2 if fused else None, comb_w, comb_token)
+        return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, gy: Tensor):
-        x, rows, a1, a3, hs, w1, w2, w3 = ctx.saved_tensors
-        blocks, swiglu, bufs = ctx.blocks, ctx.swiglu, ctx.bufs
+    def backward(ctx, gout: Tensor):
+        x, rows, a1, a3, hs, w1, w2, w3, b2, comb_w, comb_token = ctx.saved_tensors
+        blocks, swiglu, bufs, fused = ctx.blocks, ctx.swiglu, ctx.bufs, ctx.fused
         need_x, _, _, _, need_w1, need_b1, need_w2, need_b2, need_w3, need_b3 = ctx.needs_input_grad[:10]
+        need_cw = fused and ctx.needs_input_grad[13]
         E, dt = w1.shape[0], x.dtype
-        with torch.autocast(gy.device.type, enabled=False):
-            gy = gy.to(dt).contiguous()
+        with torch.autocast(gout.device.type, enabled=False):
+            gout = gout.to(dt).contiguous()
             W1, W2 = w1.to(dt), w2.to(dt)
             W3 = w3.to(dt) if swiglu else None
             gw1 = _wgrad_target(w1, dt, bufs and bufs.target("w1", w1)) if need_w1 else None
@@ -377,34 +412,60 @@ class _ExpertMLP(torch.autograd.Function):
             gb1 = _bias_target(w1, ctx.has_bias[0] and need_b1)
             gb2 = _bias_target(w2, ctx.has_bias[1] and need_b2)
             gb3 = _bias_target(w1, swiglu and ctx.has_bias[2] and need_b3)
+            gcw = torch.empty(comb_w.shape, dtype=torch.float32, device=comb_w.device) if need_cw else None
             gx = None
             if need_x:
                 # a fresh tensor, not a workspace: autograd then adds the input's other gradients (the router's)
                 # into it in place instead of allocating their sum
                 gx = torch.zeros_like(x) if rows is not None else torch.empty_like(x)
-            H, D = w1.shape[2], x.shape[1]
+            H, D, Dout = w1.shape[2], x.shape[1], w2.shape[2]
             chunks, rows_max = ctx.chunks, ctx.rows_max  # as in the forward
             # two [rows, hidden] scratch tensors of one chunk, allocated once per call and reused by every chunk:
             # the hidden gradient (the pre-activations' gradient is written over it in place) and the
             # recomputed activation (for SwiGLU then the gate's gradient); one [rows, D] scratch for the
-            # gathered rows and then the rows' input gradient
+            # gathered rows and then the rows' input gradient; with the fused combine one [rows, D] for the
+            # gathered output gradient, then the slots' gradient
             sgh = x.new_empty(rows_max * H)
-            recompute_h = gw2 is not None and hs is None
+            need_h = gw2 is not None or need_cw
+            recompute_h = need_h and hs is None
             sh = x.new_empty(rows_max * H) if recompute_h or swiglu else None
             need_xc = gw1 is not None or gw3 is not None
             sx = x.new_empty(rows_max, D) if rows is not None and (need_xc or gx is not None) else None
+            sg = x.new_empty(rows_max, Dout) if fused else None
             for s0, t0, chunk in chunks:
                 n = t0 - s0
                 a1c, a3c = a1[s0:t0], (a3[s0:t0] if swiglu else None)
                 gh = sgh[:n * H].view(n, H)
-                for e, s, t in chunk:
-                    torch.mm(gy[s:t], W2[e].t(), out=gh[s - s0:t - s0])
-                if gw2 is not None:
+                if fused:
+                    gyc = torch.index_select(gout, 0, comb_token[s0:t0], out=sg[:n])  # g_s, weighted below
+                    wc = comb_w[s0:t0].unsqueeze(-1)
+                else:
+                    gyc = gout[s0:t0]
+                for e, s, t in chunk:  # u_s = g_s W2^T (fused), else the hidden gradient
+                    torch.mm(gyc[s - s0:t - s0], W2[e].t(), out=gh[s - s0:t - s0])
+                if need_cw and b2 is not None:
+                    for e, s, t in chunk:  # <g_s, b2>
+                        torch.mv(gyc[s - s0:t - s0].float(), b2[e].float(), out=gcw[s:t])
+                if fused:
+                    gyc.mul_(wc)  # the slots' gradient w_s g_s
+                if need_h:
                     # the activation, recomputed unless kept
                     h = _activation(a1c, a3c, sh[:n * H].view(n, H)) if recompute_h else hs[s0:t0]
-                    for e, s, t in chunk:
-                        torch.mm(h[s - s0:t - s0].t(), gy[s:t], out=gw2[0][e])
+                    if gw2 is not None:
+                        for e, s, t in chunk:
+                            torch.mm(h[s - s0:t - s0].t(), gyc[s - s0:t - s0], out=gw2[0][e])
+                    if need_cw:
+                        # <u_s, h_s>, the product over the recomputed activation (done with it)
+                        prod = h.mul_(gh) if recompute_h else torch.mul(h, gh)
+                        d = prod.sum(-1, dtype=torch.float32)
+                        if b2 is not None:
+                            gcw[s0:t0] += d
+                        else:
+                            gcw[s0:t0] = d
+                        del prod, d
                     del h
+                if fused:
+                    gh.mul_(wc)  # the hidden gradient w_s u_s
                 ga1 = gh  # the pre-activations' gradient, in place over the hidden gradient (elementwise)
                 if swiglu:
                     # the gate's gradient silu(a1) * gh, then the up projection's a3 * gh through silu's backward
@@ -427,7 +488,7 @@ class _ExpertMLP(torch.autograd.Function):
                     if gb1 is not None:
                         gb1[e] = ga1[r].sum(0, dtype=torch.float32)
                     if gb2 is not None:
-                        gb2[e] = gy[s:t].sum(0, dtype=torch.float32)
+                        gb2[e] = gyc[r].sum(0, dtype=torch.float32)
                     if gb3 is not None:
                         gb3[e] = ga3[r].sum(0, dtype=torch.float32)
                 if gx is not None:
@@ -440,10 +501,13 @@ class _ExpertMLP(torch.autograd.Function):
                             gxc[r].addmm_(ga3[r], W3[e].t())
                     if rows is not None:
                         gx.index_add_(0, rows[s0:t0], gxc)
-                del gh, ga1, ga3
-            del sgh, sh, sx
+                del gh, ga1, ga3, gyc
+            del sgh, sh, sx, sg
             grads = [_wgrad_result(g, w, blocks, E) for g, w in ((gw1, w1), (gw2, w2), (gw3, w3))]
-        return gx, None, None, None, grads[0], gb1, grads[1], gb2, grads[2], gb3, None, None, None
+            if gcw is not None:
+                gcw = gcw.to(comb_w.dtype)
+        return (gx, None, None, None, grads[0], gb1, grads[1], gb2, grads[2], gb3, None, None, None,
+                gcw, None, None, None)
 
 
 def _allocator(bufs: "GradBuffers | None", like: Tensor):

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from . import losses
 from .config import MoEConfig
 from .dense_backprop import DefaultVectors, computed_mask, dense_oracle_term, expert_group_term
-from .dispatch import DispatchPlan, combine, expert_capacity, make_plan
+from .dispatch import DispatchPlan, combine_slots, expert_capacity, make_plan, slot_combine
 from .experts import MLP, SHARED_WORKSPACES, Experts
 from .parallel import _all_reduce, all_reduce_, expert_parallel_forward
 from .routing import Routing, build_router
@@ -280,12 +280,17 @@ class MoE(nn.Module):
                 cap = torch.zeros(cfg.num_tasks, dtype=torch.long, device=h.device)
                 cap[[t for t, _, _ in parts]] = torch.tensor(caps, device=h.device)
             plan = make_plan(r.indices, cfg.num_experts, cap, priority, groups=row_task)
+        weights = r.weights.detach() if cfg.dense_backprop == "dense_oracle" else r.weights
+        c = slot_combine(plan, weights, T, r.scale)
+        y_slots = None
         if self.ep_group is not None:
             y_slots = expert_parallel_forward(self.experts, h.index_select(0, plan.token), plan.counts, self.ep_group)
-        else:  # the gather h[plan.token] is fused into the experts' loop path
-            y_slots = self.experts(h, plan.counts, rows=plan.token)  # [S, dh]
-        weights = r.weights.detach() if cfg.dense_backprop == "dense_oracle" else r.weights
-        y = combine(y_slots, plan, weights, T, r.scale, partial(self.experts.workspace, shared=True))  # [T, dh]
+        elif cfg.dense_backprop in ("default", "expert_group"):  # these read the slots' outputs
+            y_slots = self.experts(h, plan.counts, rows=plan.token)  # [S, dh]; the gather h[plan.token] fused
+        else:  # the gather and the combine are fused into the experts' loop path: no [S, dh] slot outputs
+            y = self.experts(h, plan.counts, rows=plan.token, combine=c)  # [T, dh]
+        if y_slots is not None:
+            y = combine_slots(y_slots, c, partial(self.experts.workspace, shared=True))  # [T, dh]
         # activation checkpointing re-runs this forward inside backward: the state it updates (Default-MoE
         # EMA, aux-loss-free load, statistics, aux losses) was updated by the original forward already, and
         # the recomputation must use it as is to reproduce the original values

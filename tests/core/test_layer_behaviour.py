@@ -586,6 +586,7 @@ def test_layer_with_persistent_buffers_equals_fresh_tensors_over_steps(options):
     trajectory bit for bit as with fresh tensors, also where the slots have a second consumer (Default MoE)."""
     from mmoe.experts import SHARED_WORKSPACES
 
+    SHARED_WORKSPACES.clear()
     torch.manual_seed(0)
     cfg = mmoe.MoEConfig(dim=8, num_experts=4, top_k=1, expert_hidden=16, grouped_mm="loop").replace(**options)
     reused = mmoe.MoE(cfg)
@@ -605,7 +606,10 @@ def test_layer_with_persistent_buffers_equals_fresh_tensors_over_steps(options):
             opt.step()
         for got, want in zip(grads[1], grads[0]):
             torch.testing.assert_close(got, want, rtol=0, atol=0)
-    assert "combine_grad" in SHARED_WORKSPACES._bufs and "a1" in reused.experts._grad_buffers._bufs
+    # the slots' outputs exist (and the combine's slot gradient with them) only where the estimator reads them;
+    # elsewhere the combine is fused into the experts
+    assert ("combine_grad" in SHARED_WORKSPACES._bufs) == ("dense_backprop" in options)
+    assert "a1" in reused.experts._grad_buffers._bufs
     assert not fresh.experts._grad_buffers._bufs
 
 
@@ -638,3 +642,54 @@ def test_experts_input_gradient_takes_the_routers_gradient_in_place(monkeypatch)
     xr = x.detach().clone().requires_grad_()
     ref(xr).pow(2).sum().backward()
     torch.testing.assert_close(x.grad, xr.grad, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("chunk", [1 << 22, 16 * 6, 1])
+@pytest.mark.parametrize("activation,bias", [("gelu", True), ("swiglu", False), ("swiglu", True)])
+def test_fused_combine_equals_combining_the_slots(activation, bias, chunk, monkeypatch):
+    """``Experts(..., combine=c)`` (the loop path weights each chunk's outputs and adds them into their rows,
+    keeping no slot outputs) gives the same output, bit for bit, as `combine_slots` of the unfused slots, and the
+    same gradients of the input, every weight and the routing weights (from ``<g W2^T, h> + <g, b2>`` instead
+    of ``<g, y>``), with a straight-through scale, with the activation kept instead of recomputed, and under bf16
+    autocast; the padded path's combine agrees too."""
+    from mmoe import experts as experts_module
+    from mmoe.dispatch import SlotCombine, combine_slots
+    from mmoe.experts import Experts
+
+    monkeypatch.setattr(experts_module, "CHUNK_ELEMENTS", chunk)
+    torch.manual_seed(0)
+    counts = torch.tensor([3, 0, 5, 1, 0, 7])
+    S, T = int(counts.sum()), 9
+    base = Experts(6, 8, 16, activation, bias, mode="loop")
+    if bias:
+        for b in (base.b1, base.b2, base.b3):
+            if b is not None:
+                b.data.normal_()
+    x0 = torch.randn(T, 8)
+    idx = torch.randint(0, T, (S,))
+    w0, scale = torch.rand(S), 1 + 0.1 * torch.randn(S)
+    g = torch.randn(T, 8)
+
+    def run(fused, use_scale, recompute=True, mode="loop", autocast=False):
+        ex = copy.deepcopy(base)
+        ex.mode, ex.recompute_activation = mode, recompute
+        x, w = x0.clone().requires_grad_(), w0.clone().requires_grad_()
+        c = SlotCombine(w, idx, T, scale if use_scale else None)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            y = ex(x, counts, rows=idx, combine=c) if fused else combine_slots(ex(x, counts, rows=idx), c)
+        (y.float() * g).sum().backward()
+        return [y.float(), x.grad, w.grad] + [p.grad for p in ex.parameters()]
+
+    for use_scale in (False, True):
+        want = run(False, use_scale)
+        got = run(True, use_scale)
+        torch.testing.assert_close(got[0], want[0], rtol=0, atol=0)
+        for a, b in zip(got[1:], want[1:]):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        for a, b in zip(run(True, use_scale, recompute=False), got):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+        for a, b in zip(run(True, use_scale, mode="padded"), want):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert got[2].abs().sum() > 0  # the routing weights get a gradient
+    for a, b in zip(run(True, True, autocast=True), run(False, True, autocast=True)):
+        torch.testing.assert_close(a, b, rtol=0.05, atol=0.05)
