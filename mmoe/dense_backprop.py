@@ -54,26 +54,51 @@ class DefaultVectors(nn.Module):
     @torch.no_grad()
     def update(self, y_slots: Tensor, plan: DispatchPlan, probs: Tensor, group=None) -> None:
         """EMA update from this batch's kept slots (``y_slots`` sorted as in ``plan``)."""
-        E, D = self.vectors.shape
-        y = y_slots.detach().float()
-        if self.weighted:
-            p = probs.detach().float()[plan.token, plan.expert]
-            sums = torch.zeros(E, D, device=y.device).index_add_(0, plan.expert, y * p.unsqueeze(-1))
-            denom = torch.zeros(E, device=y.device).index_add_(0, plan.expert, p)
-        else:
-            sums = torch.zeros(E, D, device=y.device).index_add_(0, plan.expert, y)
-            denom = plan.counts.float().clone()
-        all_reduce_(sums, denom, group=group)
-        hit = denom > 0
-        mean = sums / denom.clamp_min(1e-12).unsqueeze(-1)
-        new = self.beta * self.vectors + (1.0 - self.beta) * mean
-        self.vectors.copy_(torch.where(hit.unsqueeze(-1), new, self.vectors))
+        acc = self.accumulator(plan, probs)
+        acc(0, y_slots.shape[0], y_slots)
+        acc.apply(group)
+
+    def accumulator(self, plan: DispatchPlan, probs: Tensor) -> "DefaultUpdate":
+        """The update of `update` taken piecewise: call it with consecutive slot ranges' outputs (``(s0, s1,
+        y_slots[s0:s1])``, e.g. chunk by chunk from the experts' fused combine), then ``.apply(group)``.
+        The same sums in the same order as one `update`, so bit for bit the same vectors."""
+        return DefaultUpdate(self, plan, probs)
 
     def term(self, probs: Tensor, computed: Tensor) -> Tensor:
         """``sum_{i not computed} pi_i * ema_i``: ``[T, D]``, differentiable w.r.t. ``probs`` only."""
         # a copy: the product saves its operands for backward, and the next forward of this layer (a second
         # call before backward, e.g. one per modality or per stream) updates the vectors in place
         return probs.float().masked_fill(computed, 0.0) @ self.vectors.clone()
+
+
+class DefaultUpdate:
+    """One EMA update of `DefaultVectors`, accumulated over slot ranges (`DefaultVectors.accumulator`)."""
+
+    def __init__(self, owner: DefaultVectors, plan: DispatchPlan, probs: Tensor) -> None:
+        E, D = owner.vectors.shape
+        self.owner, self.plan = owner, plan
+        self.sums = torch.zeros(E, D, device=owner.vectors.device)
+        self.p = probs.detach().float()[plan.token, plan.expert] if owner.weighted else None
+
+    @torch.no_grad()
+    def __call__(self, s0: int, s1: int, y: Tensor) -> None:
+        y = y.detach().float()
+        if self.p is not None:
+            y = y * self.p[s0:s1].unsqueeze(-1)
+        self.sums.index_add_(0, self.plan.expert[s0:s1], y)
+
+    @torch.no_grad()
+    def apply(self, group=None) -> None:
+        owner, plan, sums = self.owner, self.plan, self.sums
+        if self.p is not None:
+            denom = torch.zeros(sums.shape[0], device=sums.device).index_add_(0, plan.expert, self.p)
+        else:
+            denom = plan.counts.float().clone()
+        all_reduce_(sums, denom, group=group)
+        hit = denom > 0
+        mean = sums / denom.clamp_min(1e-12).unsqueeze(-1)
+        new = owner.beta * owner.vectors + (1.0 - owner.beta) * mean
+        owner.vectors.copy_(torch.where(hit.unsqueeze(-1), new, owner.vectors))
 
 
 def expert_group_term(y_slots: Tensor, plan: DispatchPlan, probs: Tensor, computed: Tensor, group_k: int,

@@ -176,12 +176,16 @@ class _Combine(torch.autograd.Function):
 @dataclass
 class SlotCombine:
     """What the combine needs besides the slots' outputs: each kept slot's routing weight ``weight [S]``, its
-    row ``token [S]``, SparseMixer-v2's straight-through ``scale [S]`` (or None), and the output rows."""
+    row ``token [S]``, SparseMixer-v2's straight-through ``scale [S]`` (or None), and the output rows.
+    ``observe(s0, s1, y)``, when given, is shown the slots' outputs ``y_slots[s0:s1]`` (before weighting, in
+    consecutive ranges covering all slots) by whoever computes them: a reader such as Default MoE's EMA
+    update (`mmoe.dense_backprop.DefaultVectors.accumulator`) then needs no ``[S, D]`` slot outputs."""
 
     weight: Tensor
     token: Tensor
     num_rows: int
     scale: Tensor | None = None
+    observe: Callable[[int, int, Tensor], None] | None = None
 
 
 def slot_combine(plan: DispatchPlan, weights: Tensor, num_rows: int, scale: Tensor | None = None) -> SlotCombine:
@@ -195,6 +199,8 @@ def combine_slots(y_slots: Tensor, c: SlotCombine,
     """``out[t] = sum_{kept slots s of t} scale_s * w_s * y_s`` (`_Combine`; ``scale`` straight-through).
     ``workspace(key, shape, like)`` (e.g. `mmoe.experts.Experts.workspace`) gives the slots' gradient."""
     dt = y_slots.dtype
+    if c.observe is not None:
+        c.observe(0, y_slots.shape[0], y_slots)
     s = None if c.scale is None else c.scale.to(dt)
     return _Combine.apply(y_slots, c.weight.to(dt), c.token, c.num_rows, s, workspace)
 

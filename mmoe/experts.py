@@ -228,7 +228,8 @@ class Experts(nn.Module):
                                 self._grad_buffers if act else None,
                                 None if c is None else c.weight.to(dt), None if c is None else c.token,
                                 0 if c is None else c.num_rows,
-                                None if c is None or c.scale is None else c.scale.to(dt))
+                                None if c is None or c.scale is None else c.scale.to(dt),
+                                None if c is None else c.observe)
 
 
 def _storage_users(t: Tensor) -> int:
@@ -343,7 +344,7 @@ class _ExpertMLP(torch.autograd.Function):
                 bufs: "GradBuffers | None" = None, recompute: bool = True,
                 act_bufs: "GradBuffers | None" = None, comb_w: Tensor | None = None,
                 comb_token: Tensor | None = None, comb_rows: int = 0,
-                comb_scale: Tensor | None = None) -> Tensor:
+                comb_scale: Tensor | None = None, comb_observe=None) -> Tensor:
         dt = x.dtype
         blocks, start = [], 0
         for e, n in enumerate(counts):
@@ -386,6 +387,8 @@ class _ExpertMLP(torch.autograd.Function):
                 for e, s, t in chunk:
                     _linear(h[s - s0:t - s0], W2[e], b2, e, yc[s - s0:t - s0])
                 if fused:
+                    if comb_observe is not None:
+                        comb_observe(s0, t0, yc)  # the chunk's outputs before weighting
                     out.index_add_(0, comb_token[s0:t0], yc.mul_(ws[s0:t0].unsqueeze(-1)))
             del xs, hscratch
         ctx.blocks, ctx.chunks, ctx.rows_max = blocks, chunks, rows_max
@@ -507,7 +510,7 @@ class _ExpertMLP(torch.autograd.Function):
             if gcw is not None:
                 gcw = gcw.to(comb_w.dtype)
         return (gx, None, None, None, grads[0], gb1, grads[1], gb2, grads[2], gb3, None, None, None,
-                gcw, None, None, None)
+                gcw, None, None, None, None)
 
 
 def _allocator(bufs: "GradBuffers | None", like: Tensor):

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from . import losses
 from .config import MoEConfig
-from .dense_backprop import DefaultVectors, computed_mask, dense_oracle_term, expert_group_term
+from .dense_backprop import DefaultUpdate, DefaultVectors, computed_mask, dense_oracle_term, expert_group_term
 from .dispatch import DispatchPlan, combine_slots, expert_capacity, make_plan, slot_combine
 from .experts import MLP, SHARED_WORKSPACES, Experts
 from .parallel import _all_reduce, all_reduce_, expert_parallel_forward
@@ -281,26 +281,29 @@ class MoE(nn.Module):
                 cap[[t for t, _, _ in parts]] = torch.tensor(caps, device=h.device)
             plan = make_plan(r.indices, cfg.num_experts, cap, priority, groups=row_task)
         weights = r.weights.detach() if cfg.dense_backprop == "dense_oracle" else r.weights
+        # activation checkpointing re-runs this forward inside backward: the state it updates (Default-MoE
+        # EMA, aux-loss-free load, statistics, aux losses) was updated by the original forward already, and
+        # the recomputation must use it as is to reproduce the original values
+        recompute = _in_backward()
         c = slot_combine(plan, weights, T, r.scale)
+        if cfg.dense_backprop == "default" and self.training and not recompute:
+            # the EMA update reads the slots' outputs as they are computed (one update over every task's slots)
+            c.observe = self.default.accumulator(plan, r.probs)
         y_slots = None
         if self.ep_group is not None:
             y_slots = expert_parallel_forward(self.experts, h.index_select(0, plan.token), plan.counts, self.ep_group)
-        elif cfg.dense_backprop in ("default", "expert_group"):  # these read the slots' outputs
+        elif cfg.dense_backprop == "expert_group":  # its table reads the slots' outputs
             y_slots = self.experts(h, plan.counts, rows=plan.token)  # [S, dh]; the gather h[plan.token] fused
         else:  # the gather and the combine are fused into the experts' loop path: no [S, dh] slot outputs
             y = self.experts(h, plan.counts, rows=plan.token, combine=c)  # [T, dh]
         if y_slots is not None:
             y = combine_slots(y_slots, c, partial(self.experts.workspace, shared=True))  # [T, dh]
-        # activation checkpointing re-runs this forward inside backward: the state it updates (Default-MoE
-        # EMA, aux-loss-free load, statistics, aux losses) was updated by the original forward already, and
-        # the recomputation must use it as is to reproduce the original values
-        recompute = _in_backward()
         if cfg.dense_backprop != "none":
             groups = row_task
             if groups is None and cfg.num_tasks > 1:
                 groups = torch.full((T,), tasks[0], dtype=torch.long, device=h.device)
             with torch.autocast(h.device.type, enabled=False):  # estimator math in fp32
-                y = y + self._dense_backprop(h, r, plan, y_slots, groups, update=not recompute).to(y.dtype)
+                y = y + self._dense_backprop(h, r, plan, y_slots, groups, c.observe).to(y.dtype)
         out = self.from_rows(y, shape)
         if self.shared is not None:
             out = out + self.shared(x.reshape(-1, cfg.dim)).reshape(shape).to(out.dtype)
@@ -415,8 +418,8 @@ class MoE(nn.Module):
             bias = self.balance_bias[task] if self.balance_bias is not None else None
             return self.routers[task](xr, self.top_k(task), bias)
 
-    def _dense_backprop(self, h: Tensor, r: Routing, plan: DispatchPlan, y_slots: Tensor,
-                        groups: Tensor | None, update: bool = True) -> Tensor:
+    def _dense_backprop(self, h: Tensor, r: Routing, plan: DispatchPlan, y_slots: Tensor | None,
+                        groups: Tensor | None, update: DefaultUpdate | None = None) -> Tensor:
         cfg = self.cfg
         mode = cfg.dense_backprop
         T, E = r.probs.shape
@@ -425,8 +428,8 @@ class MoE(nn.Module):
         computed = computed_mask(plan, T, E)
         if mode == "default":
             # one EMA update per forward over every task's kept slots (class docstring)
-            if self.training and update:
-                self.default.update(y_slots, plan, r.probs, self.dp_group)
+            if update is not None:  # accumulated while the slots' outputs were computed
+                update.apply(self.dp_group)
             return self.default.term(r.probs, computed)
         # expert_group: one table per task
         term = expert_group_term(y_slots, plan, r.probs, computed, cfg.group_k, self.dp_group,

@@ -578,12 +578,12 @@ def test_chunked_combine_equals_one_index_add(monkeypatch, chunk):
     assert not torch.allclose(run(ours, True)[0], run(ours, False)[0])
 
 
-@pytest.mark.parametrize("options", [{}, {"dense_backprop": "default"}, {"heads": 2, "top_k": 2},
-                                     {"router": "sparsemixer"}])
+@pytest.mark.parametrize("options", [{}, {"dense_backprop": "default"}, {"dense_backprop": "expert_group"},
+                                     {"heads": 2, "top_k": 2}, {"router": "sparsemixer"}])
 def test_layer_with_persistent_buffers_equals_fresh_tensors_over_steps(options):
     """A whole layer in a plain loop (AdamW, zero_grad to None) with its persistent weight-gradient buffers and
     activation workspaces (the CPU default: the slots' gradient of the combine too) follows the same
-    trajectory bit for bit as with fresh tensors, also where the slots have a second consumer (Default MoE)."""
+    trajectory bit for bit as with fresh tensors, also where the slots have a second consumer (expert-group)."""
     from mmoe.experts import SHARED_WORKSPACES
 
     SHARED_WORKSPACES.clear()
@@ -606,9 +606,9 @@ def test_layer_with_persistent_buffers_equals_fresh_tensors_over_steps(options):
             opt.step()
         for got, want in zip(grads[1], grads[0]):
             torch.testing.assert_close(got, want, rtol=0, atol=0)
-    # the slots' outputs exist (and the combine's slot gradient with them) only where the estimator reads them;
-    # elsewhere the combine is fused into the experts
-    assert ("combine_grad" in SHARED_WORKSPACES._bufs) == ("dense_backprop" in options)
+    # the slots' outputs exist (and the combine's slot gradient with them) only where the estimator's table reads
+    # them; elsewhere the combine is fused into the experts (Default MoE's EMA reads them chunk by chunk)
+    assert ("combine_grad" in SHARED_WORKSPACES._bufs) == (options.get("dense_backprop") == "expert_group")
     assert "a1" in reused.experts._grad_buffers._bufs
     assert not fresh.experts._grad_buffers._bufs
 
@@ -693,3 +693,31 @@ def test_fused_combine_equals_combining_the_slots(activation, bias, chunk, monke
     assert got[2].abs().sum() > 0  # the routing weights get a gradient
     for a, b in zip(run(True, True, autocast=True), run(False, True, autocast=True)):
         torch.testing.assert_close(a, b, rtol=0.05, atol=0.05)
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_default_ema_accumulated_by_chunks_equals_one_update(weighted):
+    """Default MoE's EMA update taken chunk by chunk (`DefaultVectors.accumulator`, as the fused combine shows it
+    each chunk's outputs) gives bit for bit the vectors of one `update` over all slots; experts without rows keep
+    their vectors."""
+    from mmoe.dense_backprop import DefaultVectors
+    from mmoe.dispatch import make_plan
+
+    torch.manual_seed(0)
+    T, E, D = 23, 5, 8
+    probs = torch.softmax(torch.randn(T, E), -1)
+    probs[:, 4] = 0  # expert 4 gets no rows
+    idx = probs.topk(2, -1).indices
+    plan = make_plan(idx, E)
+    y = torch.randn(plan.token.numel(), D)
+    one, chunked = DefaultVectors(E, D, 0.9, weighted), DefaultVectors(E, D, 0.9, weighted)
+    one.vectors.normal_()
+    chunked.vectors.copy_(one.vectors)
+    before = one.vectors.clone()
+    one.update(y, plan, probs)
+    acc = chunked.accumulator(plan, probs)
+    for s0 in range(0, y.shape[0], 7):
+        acc(s0, min(s0 + 7, y.shape[0]), y[s0:s0 + 7])
+    acc.apply()
+    assert torch.equal(one.vectors, chunked.vectors)
+    assert torch.equal(one.vectors[4], before[4]) and not torch.equal(one.vectors[0], before[0])
