@@ -255,8 +255,8 @@ def test_retrieval_fine_tunes_a_masked_multimodal_run_and_evaluates_the_same_on_
               "optim.warmup_steps=2"], timeout=300)
     ft = tmp_path / "ft"
     run_mmoe(["train", str(ROOT / "configs" / "retrieval_shapes.yaml"), *data, *TINY, f"run.dir={ft}",
-              f"model.init={pre}", "data.batch_size=16", "data.eval_batch_size=16", "train.max_steps=40",
-              "train.eval_every=40", "train.save_every=40", "optim.warmup_steps=5", "optim.lr=2.0e-3"], timeout=300)
+              f"model.init={pre}", "data.batch_size=16", "data.eval_batch_size=16", "train.max_steps=60",
+              "train.eval_every=60", "train.save_every=60", "optim.warmup_steps=5", "optim.lr=2.0e-3"], timeout=300)
     # the start: every weight of the pre-trained model (built as the run builds it, before any step)
     cfg = RetrievalModelConfig(img_size=32, patch_size=4, dim=32, depth=2, num_heads=2, max_text_len=24,
                                moe={"num_experts": 4, "top_k": 2, "expert_hidden": 64}, moe_routing="modality",
