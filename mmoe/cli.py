@@ -103,11 +103,33 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line_warnings() -> None:
+    """Print mmoe's own warnings about a user's input (`mmoe.errors.DataWarning`) as one line,
+    ``mmoe: warning: ...``, without the file, line and source of the code that raised them."""
+    import warnings
+
+    from .errors import DataWarning
+
+    default = warnings.showwarning
+    if getattr(default, "_mmoe", False):
+        return
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if isinstance(category, type) and issubclass(category, DataWarning):
+            print(f"{PROG}: warning: {message}", file=file or sys.stderr)
+        else:
+            default(message, category, filename, lineno, file, line)
+
+    show._mmoe = True  # type: ignore[attr-defined]
+    warnings.showwarning = show
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``mmoe`` console script and of ``python -m mmoe``."""
     from .errors import MMoEError
 
     argv = list(sys.argv[1:] if argv is None else argv)
+    _one_line_warnings()
     # DeepSpeed's launcher puts --local_rank=N before the subcommand; the rank is in LOCAL_RANK too
     argv = [a for a in argv if not a.startswith("--local_rank=")]
     try:

@@ -118,6 +118,9 @@ def add_args(parser: argparse.ArgumentParser) -> None:
                    help="paragraph/section: shorter documents join the next one (dropped at a chapter's end)")
     p.add_argument("--text-field", default="text", metavar="NAME", help=".jsonl: the field with the text")
     p.add_argument("--lang", metavar="XX", help="language tag of every document (default: from file names)")
+    p.add_argument("--include", action="append", default=None, metavar="GLOB",
+                   help="SRC a folder: only files whose name (or path under SRC) matches this shell pattern, "
+                   "e.g. '*.txt.gz' where a book ships as both text and HTML (repeatable)")
     _add_common(p)
 
     p = sub.add_parser("pairs", help="image-text pairs from a .jsonl or .tsv list",
@@ -210,7 +213,7 @@ def _write(args: argparse.Namespace) -> int:
     elif args.source == "text":
         manifest = writers.write_text(args.src, args.out, unit=args.unit, lang=args.lang, on_error=args.on_error,
                                       max_chars=args.max_chars, min_chars=args.min_chars,
-                                      text_field=args.text_field, **options)
+                                      text_field=args.text_field, include=args.include, **options)
     elif args.source == "pairs":
         manifest = writers.write_pairs(args.list, args.out, image_field=args.image_field,
                                        caption_field=args.caption_field, on_error=args.on_error, **options)

@@ -809,6 +809,9 @@ _UNITS = ("line", "file", "paragraph", "section")
 class TextSource(ShardSource):
     """Text files under a folder (recursive, sorted) or one file: ``.txt``, HTML (``.html``, ``.htm``,
     ``.xhtml``) and JSON lines (``.jsonl``), each optionally gzipped (``.gz``); see `mmoe.data.text`.
+    ``include``: shell patterns (``"*.txt.gz"``); under a folder only files whose name or relative path
+    matches one are read. A folder with plain-text and HTML files of one language gets a `DataWarning`:
+    a book shipped in both formats (Debian's manuals are) would be in the corpus twice.
 
     Documents (``unit``):
 
@@ -839,7 +842,7 @@ class TextSource(ShardSource):
 
     def __init__(self, src: str | os.PathLike, *, unit: str = "line", lang: str | None = None,
                  on_error: str = "fail", max_chars: int = 2000, min_chars: int = 100,
-                 text_field: str = "text") -> None:
+                 text_field: str = "text", include: Iterable[str] | None = None) -> None:
         from .text import text_kind
 
         super().__init__(on_error)
@@ -848,6 +851,7 @@ class TextSource(ShardSource):
         if max_chars < 1 or min_chars < 0:
             raise ValueError(f"need max_chars >= 1 and min_chars >= 0, got {max_chars} and {min_chars}")
         self.src, self.unit, self.lang = Path(src), unit, lang
+        self.include = tuple(include or ())
         self.max_chars, self.min_chars, self.text_field = max_chars, min_chars, text_field
         if self.src.is_file():
             self._root, self._files = self.src.parent, [self.src]
@@ -856,6 +860,11 @@ class TextSource(ShardSource):
             self._files = [f for f in _files_under(self.src) if text_kind(f)]
             if not self._files:
                 raise DataError(f"{self.src}: no text files found (.txt, .html, .htm, .xhtml, .jsonl, or gzipped)")
+            if self.include:
+                self._files = [f for f in self._files if self._included(f)]
+                if not self._files:
+                    raise DataError(f"{self.src}: no text files match --include {' '.join(self.include)}")
+            self._warn_two_formats()
         else:
             raise DataError(f"{self.src}: no such file or directory")
         self.docs_per_language: dict[str, int] = {}
@@ -863,9 +872,38 @@ class TextSource(ShardSource):
         self.empty_files = 0
         self.short_dropped = 0
 
+    def _included(self, file: Path) -> bool:
+        """Whether ``file`` matches one of the ``include`` shell patterns, by its name or by its path
+        relative to the source folder."""
+        import fnmatch
+
+        rel = file.relative_to(self._root).as_posix()
+        return any(fnmatch.fnmatchcase(file.name, p) or fnmatch.fnmatchcase(rel, p) for p in self.include)
+
+    def _warn_two_formats(self) -> None:
+        """Warn when one folder holds plain-text and HTML files of one language: a book shipped in both
+        formats (Debian's manuals are) would be in the corpus twice, and a single epoch would be two."""
+        from .text import language_of, text_kind
+
+        kinds: dict[tuple[str, str], set[str]] = {}
+        for f in self._files:
+            kind, rel = text_kind(f), f.relative_to(self._root)
+            lang = language_of(rel.as_posix(), self.lang)
+            if kind in ("txt", "html") and lang is not None:
+                kinds.setdefault((rel.parent.as_posix(), lang), set()).add(kind)
+        both = sorted(key for key, ks in kinds.items() if len(ks) > 1)
+        if both:
+            folder, lang = both[0]
+            where = self._root if folder == "." else self._root / folder
+            warnings.warn(f"{where}: holds both plain-text and HTML files in {len(both)} language(s) ({lang}"
+                          f"{', ...' if len(both) > 1 else ''}); if they are one book in two formats its text is in "
+                          "the corpus twice: keep one with --include (e.g. --include '*.txt.gz')", DataWarning,
+                          stacklevel=3)
+
     def options(self) -> dict[str, Any]:
         extra = {"max_chars": self.max_chars, "min_chars": self.min_chars} if self.unit in ("paragraph", "section") else {}
-        return {"src": str(self.src), "unit": self.unit, "lang": self.lang, **extra, **super().options()}
+        inc = {"include": list(self.include)} if self.include else {}
+        return {"src": str(self.src), "unit": self.unit, "lang": self.lang, **inc, **extra, **super().options()}
 
     def _doc(self, keys: "KeyMaker", key: str, text: str, lang: str, meta: dict, group: str | None = None) -> dict:
         self.docs_per_language[lang] = self.docs_per_language.get(lang, 0) + 1
@@ -1118,10 +1156,11 @@ def write_coco_semantic(annotations, image_dir, out_dir, *, ignore_crowd: bool =
 
 
 def write_text(src, out_dir, *, unit: str = "line", lang: str | None = None, on_error: str = "fail",
-               max_chars: int = 2000, min_chars: int = 100, text_field: str = "text", **kwargs) -> Manifest:
+               max_chars: int = 2000, min_chars: int = 100, text_field: str = "text",
+               include: Iterable[str] | None = None, **kwargs) -> Manifest:
     """`write_shards` of a `TextSource`; ``kwargs`` go to `write_shards`."""
     source = TextSource(src, unit=unit, lang=lang, on_error=on_error, max_chars=max_chars, min_chars=min_chars,
-                        text_field=text_field)
+                        text_field=text_field, include=include)
     return write_shards(source, out_dir, **kwargs)
 
 

@@ -137,3 +137,39 @@ def test_html_and_jsonl_corpora(tmp_path: Path):
     (src / "bad.jsonl").rename(src / "bad.jsonl.gz")
     with pytest.raises(DataError, match=r"bad\.jsonl\.gz: cannot read"):
         write_text(src, tmp_path / "bad2", unit="line")
+
+
+def test_include_keeps_one_format_of_a_book_shipped_twice(tmp_path: Path, capsys):
+    from mmoe.cli import main
+    from mmoe.errors import DataWarning
+
+    src = tmp_path / "corpus"
+    src.mkdir()
+    for lang in BOOK:  # Debian's manuals ship the same book as .txt.gz and as HTML chapters
+        (src / f"book.{lang}.txt.gz").write_bytes(gzip.compress(_book(lang, chapters=2).encode()))
+        (src / f"ch01.{lang}.html").write_text(f"<html><body><h1>1. {BOOK[lang][1]}</h1><p>"
+                                               + f"{BOOK[lang][2]} " * 20 + "</p></body></html>")
+    with pytest.warns(DataWarning, match=r"both plain-text and HTML files in 2 language\(s\) \(en, \.\.\.\).*--include"):
+        both = write_text(src, tmp_path / "both", unit="section", min_chars=20)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DataWarning)  # one format: no warning
+        only = write_text(src, tmp_path / "only", unit="section", min_chars=20, include=["*.txt.gz"])
+    sources = {json.loads(s["json"])["source"] for s in _read_all(tmp_path / "only")}
+    assert sources == {"book.en.txt.gz", "book.fr.txt.gz"}
+    assert only.info["docs_per_language"]["en"] == both.info["docs_per_language"]["en"] - 1
+    # a pattern may name a path under the folder; several patterns add up
+    by_path = write_text(src, tmp_path / "path", unit="section", min_chars=20, include=["ch01.fr.*", "*.en.txt.gz"])
+    assert by_path.info["docs_per_language"] == {"en": only.info["docs_per_language"]["en"], "fr": 1}
+    with pytest.raises(DataError, match=r"corpus: no text files match --include \*\.pdf"):
+        write_text(src, tmp_path / "none", include=["*.pdf"])
+    # the command line: --include, and the warning as one line without a traceback or source line
+    assert main(["shards", "text", str(src), str(tmp_path / "cli"), "--unit", "section", "--quiet"]) == 0
+    err = capsys.readouterr().err
+    assert err.startswith("mmoe: warning: ") and "both plain-text and HTML" in err and "writers.py" not in err
+    assert main(["shards", "text", str(src), str(tmp_path / "cli2"), "--unit", "section", "--quiet",
+                 "--include", "*.txt.gz"]) == 0
+    assert "warning" not in capsys.readouterr().err
+    assert main(["shards", "text", str(src), str(tmp_path / "cli3"), "--include", "*.pdf"]) == 2
+    assert "error: " in capsys.readouterr().err
