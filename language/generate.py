@@ -28,6 +28,8 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
+from mmoe.layer import no_stats
+
 from .models import KVCache, MoETransformerLM
 
 
@@ -158,27 +160,28 @@ def generate_ids(model: MoETransformerLM, prompt_ids: list[int], max_new_tokens:
     out: list[int] = []
     cache: KVCache | None = None
     try:
-        for _ in range(max_new_tokens):
-            if cache is None:
-                ctx = tokens[-window:]  # (re)compute the context window from position 0
-                cache = KVCache(len(model.blocks)) if use_cache else None
-                logits = model(torch.tensor([ctx], device=dev), kv_cache=cache)[0, -1]
-            else:
-                logits = model(torch.tensor([tokens[-1:]], device=dev), kv_cache=cache)[0, -1]
-            if cache is not None and cache.length >= window:
-                cache = None  # the window is full: the next step recomputes the last `window` tokens
-            logits = logits.float().cpu()
-            if banned_ids:
-                logits[list(banned_ids)] = float("-inf")
-            if temperature == 0:
-                nxt = int(logits.argmax())
-            else:
-                probs = _filter_logits(logits / temperature, top_k, top_p).softmax(-1)
-                nxt = int(torch.multinomial(probs, 1, generator=gen))
-            tokens.append(nxt)
-            out.append(nxt)
-            if eos_id is not None and nxt == eos_id:
-                break
+        with no_stats(model):  # no routing statistics per decoding step (the layers' latest stay)
+            for _ in range(max_new_tokens):
+                if cache is None:
+                    ctx = tokens[-window:]  # (re)compute the context window from position 0
+                    cache = KVCache(len(model.blocks)) if use_cache else None
+                    logits = model(torch.tensor([ctx], device=dev), kv_cache=cache)[0, -1]
+                else:
+                    logits = model(torch.tensor([tokens[-1:]], device=dev), kv_cache=cache)[0, -1]
+                if cache is not None and cache.length >= window:
+                    cache = None  # the window is full: the next step recomputes the last `window` tokens
+                logits = logits.float().cpu()
+                if banned_ids:
+                    logits[list(banned_ids)] = float("-inf")
+                if temperature == 0:
+                    nxt = int(logits.argmax())
+                else:
+                    probs = _filter_logits(logits / temperature, top_k, top_p).softmax(-1)
+                    nxt = int(torch.multinomial(probs, 1, generator=gen))
+                tokens.append(nxt)
+                out.append(nxt)
+                if eos_id is not None and nxt == eos_id:
+                    break
     finally:
         model.train(was_training)
     return out

@@ -24,6 +24,7 @@ _EXPORTS = {
     "aux_loss": "layer",
     "clear_aux": "layer",
     "routing_stats": "layer",
+    "no_stats": "layer",
     "update_balance_bias": "layer",
     "moe_layers": "layer",
     "set_grad_buffers": "layer",
@@ -47,8 +48,8 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
     from .adaptive import AdaptiveTopK
     from .config import MoEConfig, moe_block_indices, moe_config_from_section
     from .errors import MMoEError
-    from .layer import (LayerStats, MoE, aux_loss, clear_aux, moe_layers, routing_stats, set_grad_buffers,
-                        update_balance_bias)
+    from .layer import (LayerStats, MoE, aux_loss, clear_aux, moe_layers, no_stats, routing_stats,
+                        set_grad_buffers, update_balance_bias)
     from .multihead import mh_moe_config, moe_cost
     from .routing import ROUTERS, Routing
     from .stats import ParamCount, RoutingCounter, count_params, expert_load_matrix, plot_expert_load, plot_routing_shares

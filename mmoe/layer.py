@@ -16,6 +16,7 @@ gets every run's aux terms from one call.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import warnings
@@ -33,6 +34,9 @@ from .dispatch import DispatchPlan, combine_slots, expert_capacity, make_plan, s
 from .experts import MLP, SHARED_WORKSPACES, Experts
 from .parallel import _all_reduce, all_reduce_, expert_parallel_forward
 from .routing import Routing, build_router
+
+# a forward without gradient of at most this many slots (rows x K) takes `MoE._few_rows_forward`
+FEW_SLOTS = 16
 
 
 @dataclass
@@ -159,6 +163,8 @@ class MoE(nn.Module):
         # router gradients ``last_routing.probs.grad`` after ``retain_grad()`` in analyses and tests
         self.record_routing = False
         self.last_routing: Routing | None = None
+        # False: forwards outside training leave `last_stats` as it is (`no_stats`; decoding does)
+        self.record_stats = True
 
     def __getstate__(self):
         # the pending aux losses / routing hold autograd graphs: never copy or pickle them (deepcopy of a
@@ -270,6 +276,8 @@ class MoE(nn.Module):
         r, parts = self._route_tasks(h, row_task, tasks)
         if self.record_routing:
             self.last_routing = r
+        if row_task is None and T * r.indices.shape[1] <= FEW_SLOTS and self._few_rows_ok(T, tasks[0]):
+            return self._few_rows_forward(x, h, r, parts, shape)
         priority = r.probs.max(-1).values if cfg.batch_prioritized else None
         if row_task is None:
             plan = make_plan(r.indices, cfg.num_experts, self.capacity(T, tasks[0]), priority)
@@ -309,7 +317,59 @@ class MoE(nn.Module):
             out = out + self.shared(x.reshape(-1, cfg.dim)).reshape(shape).to(out.dtype)
         # only forwards that can give the aux loss a gradient are collected (not no_grad, eval or recompute)
         collect = self.training and torch.is_grad_enabled() and not recompute
-        self._record(r, parts, plan, row_task, keep=not recompute, collect=collect)
+        if self.record_stats or self.training or torch.is_grad_enabled():
+            self._record(r, parts, plan, row_task, keep=not recompute, collect=collect)
+        return out
+
+    # ------------------------------------------------------------------ few rows (decoding)
+    def _few_rows_ok(self, T: int, task: int) -> bool:
+        """Whether a forward of ``T`` rows may take `_few_rows_forward`: no gradient, no training, one task,
+        dropless, no expert parallelism, and an estimator whose forward value needs no slot outputs."""
+        return (not self.training and not torch.is_grad_enabled() and self.ep_group is None
+                and self.cfg.dense_backprop in ("none", "default") and self.capacity(T, task) is None)
+
+    def _few_rows_forward(self, x: Tensor, h: Tensor, r: Routing, parts, shape: torch.Size) -> Tensor:
+        """The forward of a handful of rows without gradient (one decoding step: ``T * K <= FEW_SLOTS``):
+        each chosen expert runs on its rows with `Experts.expert_forward` and its weighted outputs are added
+        into theirs in ascending expert order, as the plan's slots are; no dispatch plan, workspaces or
+        chunking, whose fixed cost is most of a one-token forward. Equal to the batched path (tested)."""
+        cfg = self.cfg
+        T, K = r.indices.shape
+        w = r.weights if r.scale is None else r.weights * r.scale
+        by_expert: dict[int, list[tuple[int, int]]] = {}
+        for t, row in enumerate(r.indices.tolist()):
+            for j, e in enumerate(row):
+                if e >= 0:
+                    by_expert.setdefault(e, []).append((t, j))
+        y = None
+        for e in sorted(by_expert):
+            tj = by_expert[e]
+            if len(tj) == 1:
+                (t, j), = tj
+                out = self.experts.expert_forward(e, h[t:t + 1])
+                out = out * w[t:t + 1, j:j + 1].to(out.dtype)
+                tok = torch.tensor([t], device=h.device)
+            else:
+                tok = torch.tensor([t for t, _ in tj], device=h.device)
+                slot = torch.tensor([j for _, j in tj], device=h.device)
+                out = self.experts.expert_forward(e, h.index_select(0, tok))
+                out = out * w[tok, slot].unsqueeze(-1).to(out.dtype)
+            if y is None:
+                y = torch.zeros(T, out.shape[-1], dtype=out.dtype, device=h.device)
+            y.index_add_(0, tok, out.to(y.dtype))
+        if y is None:  # every slot empty
+            y = torch.zeros_like(h)
+        if cfg.dense_backprop == "default":
+            computed = torch.zeros(T, cfg.num_experts, dtype=torch.bool, device=h.device)
+            computed.scatter_(1, r.indices.clamp_min(0), r.indices >= 0)
+            with torch.autocast(h.device.type, enabled=False):
+                y = y + self.default.term(r.probs, computed).to(y.dtype)
+        out = self.from_rows(y, shape)
+        if self.shared is not None:
+            out = out + self.shared(x.reshape(-1, cfg.dim)).reshape(shape).to(out.dtype)
+        if self.record_stats:
+            plan = make_plan(r.indices, cfg.num_experts, None)
+            self._record(r, parts, plan, None, keep=True, collect=False)
         return out
 
     # ------------------------------------------------------------------ Soft MoE
@@ -616,6 +676,22 @@ def routing_stats(model: nn.Module) -> dict[str, LayerStats]:
     """Per MoE layer (by module name): routing statistics of its latest forward (per task in
     ``LayerStats.per_task``)."""
     return {name: m.last_stats for name, m in moe_layers(model) if m.last_stats is not None}
+
+
+@contextlib.contextmanager
+def no_stats(model: nn.Module):
+    """Within the block, forwards of ``model``'s MoE layers outside training (no gradient, not ``train()``)
+    compute no routing statistics and leave `routing_stats` as it was: for decoding, where a one-token
+    forward would otherwise spend a third of its time on them. Training forwards are unaffected."""
+    layers = [m for _, m in moe_layers(model)]
+    before = [m.record_stats for m in layers]
+    for m in layers:
+        m.record_stats = False
+    try:
+        yield model
+    finally:
+        for m, b in zip(layers, before):
+            m.record_stats = b
 
 
 def set_grad_buffers(model: nn.Module, enabled: bool | None) -> int:
