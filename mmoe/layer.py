@@ -344,16 +344,21 @@ class MoE(nn.Module):
         y = None
         for e in sorted(by_expert):
             tj = by_expert[e]
-            if len(tj) == 1:
+            if len(tj) == 1:  # one row: slices, no index tensors
                 (t, j), = tj
                 out = self.experts.expert_forward(e, h[t:t + 1])
                 out = out * w[t:t + 1, j:j + 1].to(out.dtype)
-                tok = torch.tensor([t], device=h.device)
-            else:
-                tok = torch.tensor([t for t, _ in tj], device=h.device)
-                slot = torch.tensor([j for _, j in tj], device=h.device)
-                out = self.experts.expert_forward(e, h.index_select(0, tok))
-                out = out * w[tok, slot].unsqueeze(-1).to(out.dtype)
+                if T == 1:
+                    y = out if y is None else y + out.to(y.dtype)
+                    continue
+                if y is None:
+                    y = torch.zeros(T, out.shape[-1], dtype=out.dtype, device=h.device)
+                y[t:t + 1] += out.to(y.dtype)
+                continue
+            tok = torch.tensor([t for t, _ in tj], device=h.device)
+            slot = torch.tensor([j for _, j in tj], device=h.device)
+            out = self.experts.expert_forward(e, h.index_select(0, tok))
+            out = out * w[tok, slot].unsqueeze(-1).to(out.dtype)
             if y is None:
                 y = torch.zeros(T, out.shape[-1], dtype=out.dtype, device=h.device)
             y.index_add_(0, tok, out.to(y.dtype))
