@@ -323,9 +323,11 @@ class MoE(nn.Module):
 
     # ------------------------------------------------------------------ few rows (decoding)
     def _few_rows_ok(self, T: int, task: int) -> bool:
-        """Whether a forward of ``T`` rows may take `_few_rows_forward`: no gradient, no training, one task,
+        """Whether a forward of ``T`` rows may take `_few_rows_forward`: on CPU (on CUDA its host read of the
+        choices would stall the launch queue; not measured there), no gradient, no training, one task,
         dropless, no expert parallelism, and an estimator whose forward value needs no slot outputs."""
-        return (not self.training and not torch.is_grad_enabled() and self.ep_group is None
+        return (self.experts.w1.device.type == "cpu" and not self.training and not torch.is_grad_enabled()
+                and self.ep_group is None
                 and self.cfg.dense_backprop in ("none", "default") and self.capacity(T, task) is None)
 
     def _few_rows_forward(self, x: Tensor, h: Tensor, r: Routing, parts, shape: torch.Size) -> Tensor:
