@@ -58,7 +58,9 @@ class LayerStats:
     task: int = 0
     aux: dict[str, float] = field(default_factory=dict)
     per_task: dict[int, LayerStats] = field(default_factory=dict)
-    # router-specific statistics (the soft router: mean max / entropy of its dispatch and combine weights)
+    # further statistics: top-k routers ``weight_sum``, the mean over rows of the sum of a row's combine
+    # weights (before capacity; 1 with ``normalize_topk``, about k/E at initialisation without); the soft
+    # router: mean max / entropy of its dispatch and combine weights
     extra: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -569,6 +571,9 @@ class MoE(nn.Module):
             if cfg.score_func == "sigmoid":
                 p = p / p.sum(-1, keepdim=True).clamp_min(1e-12)
             ent_rows = -(p * p.clamp_min(1e-12).log()).sum(-1)  # [T]
+            # the scale the routed experts' output gets: ~k/E for raw softmax top-k at initialisation, 1 renormalised
+            w_out = r.weights.detach().float()
+            wsum_rows = (w_out if r.scale is None else w_out * r.scale.detach().float()).sum(-1)  # [T]
             n_tok = T // heads
             hit = torch.zeros(n_tok, E, dtype=torch.bool, device=plan.token.device)
             hit[plan.token // heads, plan.expert] = True
@@ -582,6 +587,7 @@ class MoE(nn.Module):
                     n_routed = int(routed.sum())
                     dropped_frac = (n_routed - int(kept.sum())) / max(n_routed, 1)
                 ent = ent_rows if rows is None else ent_rows[rows]
+                wsum = wsum_rows if rows is None else wsum_rows[rows]
                 act = act_tok if rows is None else act_tok[rows[::heads] // heads]
                 return LayerStats(
                     tokens_per_expert=routed.detach(),
@@ -592,6 +598,7 @@ class MoE(nn.Module):
                     num_rows=int(ent.numel()),
                     task=task,
                     aux={k: float(v.detach()) for k, v in a.items()},
+                    extra={"weight_sum": float(wsum.mean()) if wsum.numel() else 0.0},
                 )
 
             if row_task is None:
@@ -610,6 +617,7 @@ class MoE(nn.Module):
                     task=-1,
                     aux={k: float(v.detach()) for k, v in aux.items()},
                     per_task=per,
+                    extra={"weight_sum": float(wsum_rows.mean()) if T else 0.0},
                 )
             self.last_stats = s
 

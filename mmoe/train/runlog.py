@@ -402,7 +402,7 @@ class RunLogger:
 
 def _layer_scalars(d: Mapping[str, Any]) -> dict[str, float]:
     out: dict[str, float] = {}
-    for key in ("dropped_frac", "entropy", "activation"):
+    for key in ("dropped_frac", "entropy", "activation", "weight_sum"):
         if isinstance(d.get(key), (int, float)):
             out[key] = float(d[key])
     tokens = d.get("tokens_per_expert")

@@ -212,6 +212,40 @@ def test_mh_moe_activation_stat():
     assert moe.last_stats.entropy == pytest.approx(float(-(p * p.log()).sum(-1).mean()), rel=1e-5)
 
 
+@pytest.mark.parametrize("kw", [
+    dict(num_experts=8, top_k=2),  # raw softmax weights: the top-2 probabilities summed, per row
+    dict(num_experts=8, top_k=2, normalize_topk=True),  # renormalised: exactly 1
+    dict(num_experts=8, top_k=1, heads=4),  # MH-MoE: per sub-token row
+    dict(num_experts=6, top_k=2, num_tasks=2),  # per task
+])
+def test_weight_sum_stat_is_the_mean_routed_weight_per_row(kw):
+    torch.manual_seed(0)
+    moe = mmoe.MoE(mmoe.MoEConfig(dim=16, **kw))
+    x = torch.randn(20, 16)
+    task = torch.arange(20) % 2 if kw.get("num_tasks") else None
+    moe(x, task=task) if task is not None else moe(x)
+    r = moe.route(x, task=task) if task is not None else moe.route(x)
+    # reference: plain loops over rows and their top-k probabilities
+    sums = []
+    for row in range(r.indices.shape[0]):
+        chosen = [int(e) for e in r.indices[row] if e >= 0]
+        p = r.probs[row].detach()
+        s = sum(float(p[e]) for e in chosen)
+        sums.append(s / sum(float(p[e]) for e in chosen) if kw.get("normalize_topk") else s)
+    st = moe.last_stats
+    assert st.extra["weight_sum"] == pytest.approx(sum(sums) / len(sums), rel=1e-5)
+    assert st.as_dict()["weight_sum"] == st.extra["weight_sum"]
+    if kw.get("normalize_topk"):
+        assert st.extra["weight_sum"] == pytest.approx(1.0)
+    elif not kw.get("num_tasks"):
+        assert st.extra["weight_sum"] < 1.0 - 1e-3
+    if task is not None:
+        rows = {t: [i for i in range(20) if i % 2 == t] for t in (0, 1)}
+        for t, idx in rows.items():
+            want = sum(sums[i] for i in idx) / len(idx)
+            assert st.per_task[t].extra["weight_sum"] == pytest.approx(want, rel=1e-5)
+
+
 def test_plot_expert_load(tmp_path):
     model = torch.nn.Sequential(*[mmoe.MoE(mmoe.MoEConfig(dim=8, num_experts=6, top_k=2)) for _ in range(3)])
     model(torch.randn(30, 8))

@@ -164,6 +164,8 @@ def test_log_routing_writes_jsonl_png_and_scalars(tmp_path):
     assert acc.Scalars(f"routing/{name}/load_cv")[0].value == pytest.approx(cv, rel=1e-5)
     assert acc.Scalars(f"routing/{name}/entropy")[0].value == pytest.approx(stats[name].entropy, rel=1e-5)
     assert acc.Scalars(f"routing/{name}/dropped_frac")[0].step == 12
+    assert acc.Scalars(f"routing/{name}/weight_sum")[0].value == pytest.approx(stats[name].extra["weight_sum"], rel=1e-5)
+    assert rec["layers"][name]["weight_sum"] == pytest.approx(stats[name].extra["weight_sum"])
 
 
 def test_plot_curves_writes_png(tmp_path):
