@@ -3,7 +3,9 @@ library only at module level: ``mmoe tokenizer --help`` loads no torch):
 
 - ``mmoe tokenizer SOURCE OUT_PREFIX``: train the multilingual SentencePiece tokenizer
   (`language.tokenizer.train_tokenizer`) from text shards or a folder of ``.txt`` files;
-- ``mmoe generate CHECKPOINT --prompt TEXT``: generate text with a trained causal LM (`language.generate`).
+- ``mmoe generate CHECKPOINT --prompt TEXT``: generate text with a trained causal LM (`language.generate`);
+- ``mmoe router-grad RUN``: the dense-backprop estimators' router gradient against the exact one, by
+  micro-batch size (`language.router_grad`).
 """
 
 from __future__ import annotations
@@ -70,5 +72,7 @@ def add_generate_args(parser: argparse.ArgumentParser) -> None:
 
 TOKENIZER = Command(add_tokenizer_args, run_tokenizer,
                     "train a multilingual SentencePiece tokenizer from text shards or .txt files")
+ROUTER_GRAD = Command(lazy("language.router_grad", "add_args"), lazy("language.router_grad", "run"),
+                      "router gradient of the dense-backprop estimators vs the exact dense one, by micro-batch size")
 GENERATE = Command(add_generate_args, lazy("language.generate", "run"),
                    "generate text from a trained language-model checkpoint (greedy or sampled)")

@@ -540,3 +540,34 @@ def test_language_mixture_options_are_validated_per_field(tmp_path):
     with pytest.raises(ValueError, match="language mixing needs the training shards' manifest"):
         task.setup(TaskContext(run_dir=tmp_path, train_data="synthetic"))
     assert task.languages == ["syn0", "syn1"]
+
+
+def test_router_grad_command_on_a_trained_run(trained_run, capsys, tmp_path):
+    """`mmoe router-grad RUN`: one row per estimator and micro-batch, the oracle against itself at 1."""
+    from language import router_grad
+    from mmoe.errors import CLIError
+
+    args = argparse.Namespace(checkpoint=str(trained_run), micro_batch="4,1", batch_size=4, batches=2,
+                              estimators="none,expert_group,dense_oracle", init=False, json=str(tmp_path / "rg.json"))
+    assert router_grad.run(args) == 0
+    out = capsys.readouterr().out
+    lines = [ln for ln in out.splitlines() if ln.startswith("| ") and not ln.startswith("| estimator")]
+    assert [ln.split(" | ")[0:2] for ln in lines] == [["| none", "4"], ["| none", "1"], ["| expert_group", "4"],
+                                                     ["| expert_group", "1"], ["| dense_oracle", "4"],
+                                                     ["| dense_oracle", "1"]]
+    rows = json.loads((tmp_path / "rg.json").read_text())["rows"]
+    assert len(rows) == 6 and all(-1.0 <= r["cos"] <= 1.0 + 1e-9 for r in rows)
+    assert rows[4]["cos"] == pytest.approx(1.0, abs=1e-6) and rows[5]["cos"] == pytest.approx(1.0, abs=1e-6)
+    assert set(rows[0]["layers"]) == {"blocks.0.ffn", "blocks.1.ffn"} and 0.0 < rows[0]["cos"] < 0.9999
+    # the trained run used Default MoE; its config is what the checkpoint keeps
+    args.init, args.json, args.estimators = True, None, "none"
+    assert router_grad.run(args) == 0
+    init_out = capsys.readouterr().out
+    assert "initialisation" in init_out and init_out.splitlines()[-1] != lines[0]
+    for flag, value, want in (("micro_batch", "4,x", "--micro-batch: expected integers"),
+                              ("micro_batch", "0", "expected integers >= 1"),
+                              ("estimators", "none,default", "--estimators: unknown")):
+        bad = argparse.Namespace(**{**vars(args), flag: value})
+        with pytest.raises(CLIError, match=want) as err:
+            router_grad.run(bad)
+        assert "\n" not in str(err.value)
