@@ -59,7 +59,7 @@ class LayerStats:
     aux: dict[str, float] = field(default_factory=dict)
     per_task: dict[int, LayerStats] = field(default_factory=dict)
     # further statistics: top-k routers ``weight_sum``, the mean over rows of the sum of a row's combine
-    # weights (before capacity; 1 with ``normalize_topk``, about k/E at initialisation without); the soft
+    # weights (before capacity; 1 with ``normalize_topk``, a little above k/E at initialisation without); the soft
     # router: mean max / entropy of its dispatch and combine weights
     extra: dict[str, float] = field(default_factory=dict)
 
@@ -571,7 +571,7 @@ class MoE(nn.Module):
             if cfg.score_func == "sigmoid":
                 p = p / p.sum(-1, keepdim=True).clamp_min(1e-12)
             ent_rows = -(p * p.clamp_min(1e-12).log()).sum(-1)  # [T]
-            # the scale the routed experts' output gets: ~k/E for raw softmax top-k at initialisation, 1 renormalised
+            # the scale the routed experts' output gets: a little above k/E for raw softmax top-k at initialisation, 1 renormalised
             w_out = r.weights.detach().float()
             wsum_rows = (w_out if r.scale is None else w_out * r.scale.detach().float()).sum(-1)  # [T]
             n_tok = T // heads
