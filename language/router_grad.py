@@ -18,24 +18,24 @@ import warnings
 from pathlib import Path
 
 
-def _int_list(text: str) -> list[int]:
+def _micro_batches(text: str) -> list[int]:
+    from mmoe.argtypes import int_list
     from mmoe.errors import CLIError
 
     try:
-        out = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise CLIError(f"--micro-batch: expected integers separated by commas, got {text!r}") from None
-    if not out or min(out) < 1:
-        raise CLIError(f"--micro-batch: expected integers >= 1, got {text!r}")
-    return out
+        return int_list(text, example="16,4,1")
+    except argparse.ArgumentTypeError:
+        raise CLIError(f"--micro-batch: expected integers >= 1 separated by commas, got {text!r}") from None
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
+    from mmoe.argtypes import positive_int
+
     parser.add_argument("checkpoint", help="a language-model run folder, its checkpoints folder or one checkpoint")
     parser.add_argument("--micro-batch", default="16,4,1",
                         help="micro-batch sizes in documents, comma-separated (default 16,4,1)")
-    parser.add_argument("--batch-size", type=int, default=16, help="documents per global batch (default 16)")
-    parser.add_argument("--batches", type=int, default=4, help="global batches averaged over (default 4)")
+    parser.add_argument("--batch-size", type=positive_int, default=16, help="documents per global batch (default 16)")
+    parser.add_argument("--batches", type=positive_int, default=4, help="global batches averaged over (default 4)")
     parser.add_argument("--estimators", default="none,expert_group",
                         help="estimators compared with the dense oracle (default none,expert_group)")
     parser.add_argument("--init", action="store_true",
@@ -73,7 +73,7 @@ def _load(args: argparse.Namespace):
 
 def run(args: argparse.Namespace) -> int:
     """Prints one Markdown table row per (estimator, micro-batch); returns the exit status."""
-    import torch
+    from itertools import islice
 
     from mmoe.data import ShardLoader
     from mmoe.errors import CLIError
@@ -81,32 +81,24 @@ def run(args: argparse.Namespace) -> int:
 
     from .tasks import IGNORE_INDEX
 
-    micro = _int_list(args.micro_batch)
+    micro = _micro_batches(args.micro_batch)
     estimators = [e.strip() for e in args.estimators.split(",") if e.strip()]
     bad = [e for e in estimators if e not in ESTIMATORS]
     if bad or not estimators:
         raise CLIError(f"--estimators: unknown {bad or args.estimators!r}; choose from {', '.join(ESTIMATORS)}")
-    if args.batch_size < 1 or args.batches < 1:
-        raise CLIError("--batch-size and --batches must be >= 1")
     lm, cfg, model = _load(args)
     task = lm.task
     loader = ShardLoader(cfg.data.val, split=cfg.data.val_split, batch_size=args.batch_size,
                          decode=task.decode_eval, collate=list, shuffle_buffer=0, epochs=1, drop_last=True)
-    batches = []
-    for b in loader:
-        batches.append(b)
-        if len(batches) == args.batches:
-            break
+    batches = list(islice(loader, args.batches))
     if not batches:
         raise CLIError(f"{cfg.data.val}: fewer than {args.batch_size} validation documents")
 
-    def loss_fn(m, docs):
+    def loss_fn(m, docs):  # the task's own training loss (mean over target tokens), back to a sum
         batch = task.collate(docs)
-        logits = task._forward(m, batch)
-        labels = batch["labels"].reshape(-1)
-        nll = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels,
-                                                ignore_index=IGNORE_INDEX, reduction="sum")
-        return nll, int((labels != IGNORE_INDEX).sum())
+        loss, _, _ = task.loss(m, batch)
+        count = int((batch["labels"] != IGNORE_INDEX).sum())
+        return loss * count, count
 
     model.train()
     rows = router_grad_fidelity(model, batches, loss_fn, estimators=estimators, micro_batches=micro)

@@ -119,8 +119,9 @@ def router_grad_fidelity(model: nn.Module, batches: Sequence[list], loss_fn: Los
                     oracles[i, m] = router_gradient(model, b, loss_fn, estimator="dense_oracle", micro_batch=m)
                 ref = oracles[i, m]
                 g = router_gradient(model, b, loss_fn, estimator=est, micro_batch=m)
-                cos.append(_cos(torch.cat(list(g.values())), torch.cat(list(ref.values()))))
-                err.append(_rel_err(torch.cat(list(g.values())), torch.cat(list(ref.values()))))
+                g_all, ref_all = torch.cat(list(g.values())), torch.cat(list(ref.values()))
+                cos.append(_cos(g_all, ref_all))
+                err.append(_rel_err(g_all, ref_all))
                 for name in g:
                     layer_cos.setdefault(name, []).append(_cos(g[name], ref[name]))
             rows.append({"estimator": est, "micro_batch": int(m), "cos": sum(cos) / len(cos), "cos_min": min(cos),
